@@ -1,0 +1,88 @@
+"""Crash-safe state files.
+
+Robots lose power.  A half-written identity or whitelist must never replace a
+good one, so every state write goes to a temporary file in the same directory,
+is fsynced, renamed over the target and the directory is fsynced too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class StateFileError(Exception):
+    """A state file is missing, unsafe or unreadable; the message says which."""
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never a mix."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, target)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int = 0o600) -> None:
+    """Serialise ``obj`` as stable, human-diffable JSON and write it atomically."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    atomic_write(path, data, mode)
+
+
+def check_private_file(path: str | os.PathLike[str]) -> None:
+    """Refuse a secret file that group or others can read or write.
+
+    Raising (rather than silently chmod-ing) tells the operator their key may
+    already have leaked, which a quiet fix would hide.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise StateFileError(f"{path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise StateFileError(
+            f"{path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"refusing to use it. Check whether the secret leaked, then run: chmod 600 {path}"
+        )
+
+
+def read_private_file(path: str | os.PathLike[str], limit: int = 1 << 16) -> bytes:
+    """Read a secret file after checking its permissions; bounded so a wrong path cannot eat memory."""
+    check_private_file(path)
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise StateFileError(f"{path} is larger than {limit} bytes; not a state file")
+    return data
+
+
+def ensure_state_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the state directory private to its owner (0700) if it does not exist."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return p

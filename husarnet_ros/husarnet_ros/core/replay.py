@@ -83,23 +83,30 @@ class ReplayFilter:
         """Record ``counter`` as received; False if by now it is a replay or too old (lost a race)."""
         if counter < 0 or counter >= self._limit:
             return False
-        nblocks = self._nblocks
+        index = counter >> _BLOCK_BITS_LOG
+        bit = 1 << (counter & _BIT_MASK)
         with self._lock:
-            last = self._last
-            index = counter >> _BLOCK_BITS_LOG
             blocks = self._blocks
+            last = self._last
             if counter > last:
                 current = last >> _BLOCK_BITS_LOG
-                diff = min(index - current, nblocks)
-                for i in range(current + 1, current + diff + 1):
-                    blocks[i % nblocks] = 0
+                if index != current:  # entering new blocks: zero them (at most the whole ring)
+                    nblocks = self._nblocks
+                    if index - current >= nblocks:
+                        blocks[:] = _zeros(nblocks)
+                    else:
+                        for i in range(current + 1, index + 1):
+                            blocks[i % nblocks] = 0
                 self._last = counter
             elif last - counter > self.size:
                 return False
-            slot = index % nblocks
-            bit = 1 << (counter & _BIT_MASK)
+            slot = index % self._nblocks
             old = blocks[slot]
             if old & bit:
                 return False
             blocks[slot] = old | bit
             return True
+
+
+def _zeros(n: int) -> list[int]:
+    return [0] * n

@@ -1,0 +1,321 @@
+"""The data plane's UDP socket: one dual-stack socket with batched send (GSO) and receive (GRO).
+
+Why: Python pays per system call, not per byte.  With ``UDP_SEGMENT`` a run of
+equal-size datagrams to one endpoint leaves in one ``sendmsg`` (the kernel, or
+the NIC, cuts it into datagrams that each fit the path); with ``UDP_GRO`` the
+kernel hands us many datagrams from one sender as one buffer plus their size.
+Both are plain Linux socket options (4.18 / 5.0), used the same way by
+wireguard-go and quic-go.  Where they are missing or refused, the socket falls
+back to one call per datagram, silently and permanently only for the features
+the kernel lacks.
+
+Endpoints are ``(host, port)`` tuples; IPv4 peers reach the dual-stack socket
+as ``::ffff:a.b.c.d`` and are reported as plain ``a.b.c.d`` so the rest of the
+code (and the user) sees one spelling per peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import select
+import socket
+import struct
+import threading
+
+Endpoint = tuple[str, int]
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+UDP_MAX_SEGMENTS = 64  # kernel limit per GSO send (raised to 128 only in recent kernels)
+MAX_GSO_BYTES = 65507  # largest UDP payload of one send on IPv4; IPv6 allows a little more
+RECV_BUFSIZE = 65536 + 2048  # one GRO buffer (up to 64 kB) with slack
+_CMSG_SPACE = socket.CMSG_SPACE(4)
+_U16 = struct.Struct("=H")
+_INT = struct.Struct("=i")
+
+
+def normalize_host(host: str) -> str:
+    """``::ffff:198.18.0.1`` -> ``198.18.0.1``; any other address unchanged."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+def _sockaddr(endpoint: Endpoint) -> tuple[str, int, int, int]:
+    """Destination for the AF_INET6 socket: IPv4 as a mapped address, IPv6 with its %scope resolved."""
+    host, port = endpoint
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in endpoint {endpoint!r}")
+    addr, _, scope = host.partition("%")
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 4:
+        return (f"::ffff:{ip}", port, 0, 0)
+    scope_id = 0
+    if scope:
+        scope_id = int(scope) if scope.isdigit() else socket.if_nametoindex(scope)
+    return (str(ip), port, 0, scope_id)
+
+
+class UdpSocket:
+    """A dual-stack UDP socket (``[::]:port``) with ``send_many`` (GSO) and ``recv_batch`` (GRO).
+
+    One thread may send while another receives.  ``close`` wakes a receiver blocked in
+    ``recv_batch``.
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "::",
+        *,
+        gso: bool = True,
+        gro: bool = True,
+        bufsize: int = 4 << 20,
+    ) -> None:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, bufsize)
+            for opt in (33, 32):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE: above rmem_max when privileged
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, bufsize)
+            sock.bind((host, port))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.local_port: int = sock.getsockname()[1]
+        self.gso = gso and self._probe_gso()
+        self.gro = False
+        if gro:
+            try:
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                self.gro = True
+            except OSError:
+                pass
+        self._addr_cache: dict[Endpoint, tuple[str, int, int, int]] = {}
+        self._peer_cache: dict[tuple[str, int], Endpoint] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def _probe_gso(self) -> bool:
+        try:
+            self.sock.setsockopt(SOL_UDP, UDP_SEGMENT, 0)  # accepted iff the kernel knows UDP_SEGMENT
+            return True
+        except OSError:
+            return False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # --- send -------------------------------------------------------------------
+
+    def _dest(self, endpoint: Endpoint) -> tuple[str, int, int, int]:
+        addr = self._addr_cache.get(endpoint)
+        if addr is None:
+            addr = _sockaddr(endpoint)
+            if len(self._addr_cache) > 4096:
+                self._addr_cache.clear()
+            self._addr_cache[endpoint] = addr
+        return addr
+
+    def _wait_writable(self) -> None:
+        select.select([], [self.sock], [], 1.0)
+
+    def send(self, datagram: bytes, endpoint: Endpoint) -> None:
+        """One datagram; waits (briefly) when the socket buffer is full, never raises on network errors."""
+        addr = self._dest(endpoint)
+        for _ in range(100):
+            try:
+                self.sock.sendto(datagram, addr)
+                return
+            except BlockingIOError:
+                self._wait_writable()
+            except OSError as e:
+                if self._closed or e.errno in _TRANSIENT:
+                    return
+                raise
+
+    def send_many(self, datagrams: list[bytes], endpoint: Endpoint) -> None:
+        """Send datagrams in order; runs of equal size (the last of a run may be shorter) leave in one sendmsg.
+
+        Network errors that concern the path (unreachable, refused, ...) are swallowed like lost packets:
+        the protocol above recovers.  A datagram never becomes larger on the wire than it was given, and
+        GSO segments that do not fit the path are refused by the kernel (EINVAL), then sent one by one.
+        """
+        if not datagrams:
+            return
+        addr = self._dest(endpoint)
+        if not self.gso or len(datagrams) == 1:
+            for d in datagrams:
+                self._sendto(d, addr)
+            return
+        i = 0
+        n = len(datagrams)
+        while i < n:
+            size = len(datagrams[i])
+            j = i + 1
+            total = size
+            limit = min(UDP_MAX_SEGMENTS, MAX_GSO_BYTES // max(size, 1))
+            while j < n and j - i < limit:
+                dl = len(datagrams[j])
+                if dl > size:
+                    break
+                j += 1
+                total += dl
+                if dl < size:
+                    break  # a shorter datagram ends the run
+            if j - i == 1:
+                self._sendto(datagrams[i], addr)
+            else:
+                self._send_gso(datagrams[i:j], size, addr)
+            i = j
+
+    def _sendto(self, d: bytes, addr: tuple[str, int, int, int]) -> None:
+        for _ in range(100):
+            try:
+                self.sock.sendto(d, addr)
+                return
+            except BlockingIOError:
+                self._wait_writable()
+            except OSError as e:
+                if self._closed or e.errno in _TRANSIENT:
+                    return
+                raise
+
+    def _send_gso(self, run: list[bytes], size: int, addr: tuple[str, int, int, int]) -> None:
+        cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
+        buf = b"".join(run)
+        for _ in range(100):
+            try:
+                self.sock.sendmsg([buf], cmsg, 0, addr)
+                return
+            except BlockingIOError:
+                self._wait_writable()
+            except OSError as e:
+                if self._closed:
+                    return
+                if e.errno == errno.EIO:
+                    # The route's device cannot checksum GSO segments: never try again on this socket.
+                    self.gso = False
+                elif e.errno not in (errno.EINVAL, errno.EMSGSIZE):
+                    if e.errno in _TRANSIENT:
+                        return
+                    raise
+                for d in run:  # EINVAL/EMSGSIZE: segment larger than the path allows; let IP decide per datagram
+                    self._sendto(d, addr)
+                return
+
+    # --- receive ----------------------------------------------------------------
+
+    def _peer(self, raw: tuple) -> Endpoint:  # type: ignore[type-arg]
+        key = (raw[0], raw[1])
+        ep = self._peer_cache.get(key)
+        if ep is None:
+            ep = (normalize_host(raw[0]), raw[1])
+            if len(self._peer_cache) > 4096:
+                self._peer_cache.clear()
+            self._peer_cache[key] = ep
+        return ep
+
+    def recv_batch(self, timeout: float | None = None, max_calls: int = 32) -> list[tuple[bytes, Endpoint]]:
+        """Wait up to ``timeout`` for data, then drain up to ``max_calls`` receives without blocking.
+
+        GRO buffers are cut back into the datagrams the sender sent.  Returns [] on timeout and
+        after :meth:`close`.
+        """
+        if self._closed:
+            return []
+        out: list[tuple[bytes, Endpoint]] = []
+        sock = self.sock
+        recvmsg = sock.recvmsg
+        gro = self.gro
+        calls = 0
+        waited = False
+        while calls < max_calls:
+            try:
+                if gro:
+                    data, anc, _flags, raw = recvmsg(RECV_BUFSIZE, _CMSG_SPACE)
+                else:
+                    data, raw = sock.recvfrom(RECV_BUFSIZE)
+                    anc = None
+            except BlockingIOError:
+                if out or waited:
+                    return out
+                if not self._wait_readable(timeout):
+                    return out
+                waited = True
+                continue
+            except OSError as e:
+                if self._closed:
+                    return out
+                if e.errno in _TRANSIENT:  # ICMP error from an earlier send: not about this receive
+                    continue
+                raise
+            calls += 1
+            ep = self._peer(raw)
+            seg = 0
+            if anc:
+                for level, kind, value in anc:
+                    if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+                        seg = _INT.unpack_from(value)[0]
+            n = len(data)
+            if 0 < seg < n:
+                for off in range(0, n, seg):
+                    out.append((data[off : off + seg], ep))
+            else:
+                out.append((data, ep))
+        return out
+
+    def _wait_readable(self, timeout: float | None) -> bool:
+        try:
+            p = select.poll()
+            p.register(self.sock.fileno(), select.POLLIN)
+            p.register(self._wake_r, select.POLLIN)
+            ready = p.poll(-1 if timeout is None else max(0, int(timeout * 1000)))
+        except (OSError, ValueError):
+            return False
+        return bool(ready) and not self._closed
+
+    def close(self) -> None:
+        """Close the socket and wake any receiver; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+            self.sock.close()
+            os.close(self._wake_w)
+            os.close(self._wake_r)
+
+    def __enter__(self) -> UdpSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# Errors about the network path, not about our code: the datagram is as good as lost.
+_TRANSIENT = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETDOWN,
+        errno.EPERM,  # nftables/iptables reject on output
+        errno.EACCES,
+        errno.EADDRNOTAVAIL,
+        errno.ENOBUFS,
+        errno.EMSGSIZE,
+    }
+)

@@ -48,6 +48,7 @@ IMPORT_TO_ROSDEP = {
     "pyroute2": "python3-pyroute2",
     "cryptography": "python3-cryptography",
     "yaml": "python3-yaml",
+    "numpy": "python3-numpy",
     "pytest": "python3-pytest",
     "hypothesis": "python3-hypothesis",
 }

@@ -26,6 +26,13 @@ in flight.  The primitives are the ``cryptography`` package's X25519 and
 ChaCha20-Poly1305 and ``hashlib``'s BLAKE2s; only the Noise state machine
 (MixHash, MixKey, HKDF, Split) is written here, exactly as the Noise spec
 (revision 34) defines it, and it is interop-tested against ``noiseprotocol``.
+
+Known property of the Ed25519 -> X25519 binding: the conversion ignores the
+sign of the Edwards x coordinate, so the key ``-A`` maps to the same static as
+``A``.  The holder of ``A`` could therefore also present ``-A``, which hashes to
+a different address (valid with probability ~1/1300) that nobody else can own,
+because no one knows a seed for ``-A``.  It cannot take over anyone else's
+address; closing it fully would need an Ed25519 signature in the payload.
 """
 
 from __future__ import annotations

@@ -155,3 +155,20 @@ def test_wrong_prologue_does_not_interoperate(alice: Identity, bob: Identity) ->
     with pytest.raises(hs.HandshakeError) as exc:
         hs.consume_initiation(bob, init)
     assert exc.value.reason == "decrypt"
+
+
+def test_negated_ed25519_key_cannot_claim_the_original_address(alice: Identity, bob: Identity) -> None:
+    """Ed25519->X25519 ignores the x sign, so -A shares A's static; it must still never yield A's address."""
+    from husarnet_ros.core.identity import address_from_pubkey, ed25519_pub_to_x25519
+
+    negated = alice.public_key[:31] + bytes([alice.public_key[31] ^ 0x80])
+    assert ed25519_pub_to_x25519(negated) == alice.x25519_public
+    theirs = _noise(True, alice.x25519_private, bob.x25519_public)
+    init = _frame_init(theirs.write_message(negated + TS + bytes(4)), 1, bob)
+    try:
+        state = hs.consume_initiation(bob, init)
+    except hs.HandshakeError as exc:
+        assert exc.reason == "bad_id"
+        assert address_from_pubkey(negated) is None
+    else:  # about 1 in 1300 keys: a second address that only alice can use, never alice's own
+        assert state.peer_address == address_from_pubkey(negated) != alice.address

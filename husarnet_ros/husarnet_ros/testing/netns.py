@@ -421,7 +421,9 @@ class Daemon:
         return reply
 
     def status(self) -> dict:
-        return self.control("status")
+        """StatusInfo fields (address as text, plus udp_port)."""
+        reply = self.control("status")
+        return dict(reply.get("status", reply))
 
     def counters(self) -> dict[str, int]:
         reply = self.control("counters")

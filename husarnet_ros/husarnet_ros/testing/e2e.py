@@ -1,0 +1,192 @@
+"""Shared steps of the end-to-end tests and the demo: start daemons that trust each other, read counters,
+check that nothing leaked.
+
+Why a module: the security tests, ``make demo`` and the bench all need "two (or more) daemons that
+whitelist each other and found a path", and all must judge results from the control socket (counters,
+path state), never from log text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .netns import Daemon, Host, Lab, LabError, Topology, wait_until
+
+# Protocol timers shrunk for tests (keepalive 1 s, probe 2.5 s, base reconnect 0.1 s ...).
+TIMERS_SCALE = 0.1
+PORT = 5582
+
+# Reasons that must stay at zero on a clean network (DESIGN.md 4.10).
+SECURITY_DROPS = ("malformed", "bad_mac", "replay", "not_whitelisted", "bad_inner_src", "bad_id", "unknown_peer")
+
+
+def daemon_available() -> str | None:
+    """None when ``python -m husarnet_ros.daemon`` exists, else the reason the e2e tests must skip."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("husarnet_ros.daemon") is None:
+            return "husarnet_ros.daemon has not landed yet"
+    except ImportError as exc:  # pragma: no cover
+        return f"husarnet_ros.daemon cannot be found: {exc}"
+    return None
+
+
+def base_available() -> str | None:
+    """None when the base server module exists, else the reason base-dependent tests must skip."""
+    import importlib.util
+
+    for mod in ("husarnet_ros.base.__main__", "husarnet_ros.base.server"):
+        with contextlib.suppress(ImportError):
+            if importlib.util.find_spec(mod) is not None:
+                return None
+    return "the base server (python -m husarnet_ros.base) has not landed yet"
+
+
+def endpoint(ip: str, port: int = PORT) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def start_mesh(
+    lab: Lab,
+    hosts: dict[str, Host],
+    *,
+    static: dict[str, str] | None = None,
+    trust: Iterable[tuple[str, str]] | None = None,
+    timers_scale: float = TIMERS_SCALE,
+    extra: dict[str, dict] | None = None,
+) -> dict[str, Daemon]:
+    """Start one daemon per host.
+
+    ``static`` maps a host name to the underlay IP others should use as its static endpoint (hosts
+    without an entry are announced by address only). ``trust`` lists ordered pairs (a, b) meaning "a
+    whitelists b" (default: everybody trusts everybody). ``extra`` adds per-host daemon options.
+    """
+    static = static or {}
+    extra = extra or {}
+    names = list(hosts)
+    addrs = {n: lab.daemon_address(lab.tmp / f"state-{n}") for n in names}
+    pairs = set(trust) if trust is not None else {(a, b) for a in names for b in names if a != b}
+    daemons: dict[str, Daemon] = {}
+    for n in names:
+        peers = []
+        for other in names:
+            if other == n or (n, other) not in pairs:
+                continue
+            peers.append(f"{addrs[other]}@{endpoint(static[other])}" if other in static else addrs[other])
+        opts: dict = {
+            "whitelist": [addrs[o] for o in names if (n, o) in pairs],
+            "peer": peers,
+            "timers_scale": timers_scale,
+            "udp_port": PORT,
+        }
+        opts.update(extra.get(n, {}))
+        daemons[n] = lab.start_daemon(hosts[n], lab.tmp / f"state-{n}", **opts)
+    return daemons
+
+
+def drops(d: Daemon) -> dict[str, int]:
+    """The security drop counters of a daemon (only those, so a diff reads clearly in a failure)."""
+    c = d.counters()
+    return {k: int(c.get(k, 0)) for k in SECURITY_DROPS}
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {
+        k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after) if after.get(k, 0) != before.get(k, 0)
+    }
+
+
+def tun_exists(lab: Lab, host: Host, name: str = "hnet0") -> bool:
+    return lab.run(host, ["ip", "link", "show", name], check=False).returncode == 0
+
+
+def stop_all_and_check(lab: Lab, daemons: Iterable[Daemon]) -> list[str]:
+    """Stop daemons with SIGTERM; return problems: non-zero exit, TUN device left behind."""
+    problems = []
+    for d in daemons:
+        code = d.stop()
+        if code != 0:
+            problems.append(f"daemon in {d.host.name} exited with {code}:\n{d.tail(15)}")
+        if tun_exists(lab, d.host):
+            problems.append(f"hnet0 left behind in {d.host.name}")
+    return problems
+
+
+def assert_lab_clean(lab: Lab) -> None:
+    """After cleanup: no namespace with our prefix, no process we started alive, nothing reported leaked."""
+    lab.cleanup()
+    left = lab.existing_namespaces()
+    alive = [p for p in lab.procs if p.alive]
+    if left or alive or lab.leaks:
+        raise AssertionError(f"lab leaked: namespaces={left} processes={alive} leaks={lab.leaks}")
+
+
+@dataclass
+class BaseServer:
+    """A base server process in the lab (rendezvous + relay)."""
+
+    proc: object
+    address: str  # "198.18.0.1:5582" style, what nodes pass to --base
+    pubkey: str
+
+
+def start_base(
+    lab: Lab, topo: Topology, *, timers_scale: float = TIMERS_SCALE, tcp_port: int = 443, udp_port: int = PORT
+) -> BaseServer:
+    """Start ``python -m husarnet_ros.base`` in the base namespace and return how nodes reach it.
+
+    The base's public key is read from its state dir (the ``id`` file, Husarnet format) so nodes can pin it.
+    """
+    state = lab.tmp / "state-base"
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = [
+        sys.executable,
+        "-m",
+        "husarnet_ros.base",
+        "--state-dir",
+        str(state),
+        "--bind",
+        topo.BASE_IP,
+        "--tcp-port",
+        str(tcp_port),
+        "--udp-port",
+        str(udp_port),
+        "--timers-scale",
+        str(timers_scale),
+    ]
+    proc = lab.spawn(topo.base, argv, log=lab.tmp / "base.log")
+    idfile = state / "id"
+    if not wait_until(lambda: idfile.exists() and idfile.stat().st_size > 0, 15, alive=proc):
+        raise LabError(f"base server did not write {idfile}:\n{proc.tail()}")
+    pub = idfile.read_text().split()[1]
+    ok = wait_until(lambda: _tcp_open(lab, topo, topo.BASE_IP, tcp_port), 15, alive=proc)
+    if not ok:
+        raise LabError(f"base server not listening on {topo.BASE_IP}:{tcp_port}:\n{proc.tail()}")
+    return BaseServer(proc, f"{topo.BASE_IP}:{tcp_port}:{udp_port}", pub)
+
+
+def _tcp_open(lab: Lab, topo: Topology, ip: str, port: int) -> bool:
+    res = lab.run(topo.base, ["ss", "-ltnH", f"sport = :{port}"], check=False)
+    return ip in res.stdout or "*" in res.stdout or "[::]" in res.stdout
+
+
+__all__ = [
+    "PORT",
+    "SECURITY_DROPS",
+    "TIMERS_SCALE",
+    "BaseServer",
+    "assert_lab_clean",
+    "base_available",
+    "daemon_available",
+    "delta",
+    "drops",
+    "endpoint",
+    "start_base",
+    "start_mesh",
+    "stop_all_and_check",
+    "tun_exists",
+]

@@ -315,7 +315,7 @@ class BeaconService:
         try:
             # pyroute2's sync API runs its own asyncio loop, which cannot nest in ours: use a worker thread.
             ifaces = await self.loop.run_in_executor(self._executor, self._list_interfaces)
-        except Exception as exc:
+        except Exception as exc:  # a netlink hiccup: keep the previous view
             log.warning("LAN discovery: cannot list interfaces: %s", exc)
             ifaces = None
         if self._closed:
@@ -324,7 +324,7 @@ class BeaconService:
             if ifaces is not None:
                 self.apply_interfaces(ifaces)
             self.send_now()
-        except Exception:
+        except Exception:  # discovery must never kill the control loop
             log.exception("LAN discovery tick failed")
         self._timer = self.loop.call_later(self.interval, self._tick)
 
@@ -465,6 +465,6 @@ class BeaconService:
         c.inc("beacon_accepted")
         try:
             self.on_beacon(beacon.address, beacon.public_key, (host, beacon.port))
-        except Exception:
+        except Exception:  # a consumer bug must not stop discovery
             log.exception("on_beacon callback failed")
         return True

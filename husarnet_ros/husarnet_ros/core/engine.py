@@ -790,10 +790,11 @@ class Engine:
         kp = Keypair(km, now, peer, timers=self.timers, clock=self._clock)
         with peer.lock:
             self._index.set(kp.local_index, kp)  # replaces the PendingHandshake at the same index
-            dropped = [k for k in (peer.previous, peer.next) if k is not None]
+            # A responder keypair in ``next`` (simultaneous handshakes) is kept: the other side may
+            # already be sending on it, and it is promoted if it gets confirmed.
+            dropped = [peer.previous] if peer.previous is not None else []
             peer.previous = peer.current
             peer.current = kp
-            peer.next = None
             peer.handshake = None
             peer.session_started = now
             peer.paths.on_authenticated(src, self.path_kind(src), now, rtt=now - owner.sent_at)
@@ -909,6 +910,9 @@ class Engine:
         now = self._clock()
         with peer.lock:
             peer.paths.add_candidate(src, self.path_kind(src), "hello", now)
+        if not hello.flags & HELLO_FLAG_REPLY:
+            # The sender is about to initiate; do not race it with our own initiation.
+            peer.next_attempt = max(peer.next_attempt, now + self.timers.rekey_timeout)
         if not hello.flags & HELLO_FLAG_REPLY and now - peer.hello_replied_at >= self.timers.rekey_timeout / 2:
             peer.hello_replied_at = now
             reply = build_hello(self.identity, hello.address, self._hello_timestamp(), HELLO_FLAG_REPLY)

@@ -1,0 +1,115 @@
+"""Path rules: classification, preference lan > direct > relay, roaming and expiry."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from husarnet_ros.core.path import KIND_DIRECT, KIND_LAN, KIND_NONE, KIND_RELAY, MAX_CANDIDATES, PathSet, classify
+from husarnet_ros.core.transport import RelayEndpoint, format_endpoint, normalize_endpoint, parse_endpoint
+
+LAN = [ipaddress.ip_network("198.18.1.0/24"), ipaddress.ip_network("fd00:1::/64")]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "beacon", "kind"),
+    [
+        (("198.18.1.7", 5582), False, KIND_LAN),
+        (("198.18.2.7", 5582), False, KIND_DIRECT),
+        (("fd00:1::9", 5582), False, KIND_LAN),
+        (("fd00:2::9", 5582), False, KIND_DIRECT),
+        (("fe80::1%eth0", 5582), False, KIND_LAN),
+        (("198.18.2.7", 5582), True, KIND_LAN),
+        (RelayEndpoint("198.18.0.1:443", bytes(16)), False, KIND_RELAY),
+    ],
+)
+def test_classify(endpoint, beacon, kind):
+    assert classify(endpoint, LAN, from_beacon=beacon) == kind
+
+
+def test_candidates_are_not_used_until_validated():
+    ps = PathSet()
+    ps.add_candidate(("198.18.2.1", 1), KIND_DIRECT, "static", 0.0)
+    assert ps.current is None and ps.kind == KIND_NONE and ps.endpoint is None
+    assert ps.on_authenticated(("198.18.2.1", 1), KIND_DIRECT, 1.0) is True
+    assert ps.endpoint == ("198.18.2.1", 1) and ps.kind == KIND_DIRECT
+
+
+def test_preference_lan_over_direct_over_relay():
+    ps = PathSet()
+    relay = RelayEndpoint("base:443", bytes(16))
+    ps.on_authenticated(relay, KIND_RELAY, 1.0)
+    assert ps.kind == KIND_RELAY
+    ps.on_authenticated(("198.18.2.1", 1), KIND_DIRECT, 2.0)
+    assert ps.kind == KIND_DIRECT
+    # More recent relay traffic does not downgrade a live direct path.
+    ps.on_authenticated(relay, KIND_RELAY, 10.0)
+    assert ps.kind == KIND_DIRECT
+    ps.on_authenticated(("198.18.1.1", 1), KIND_LAN, 11.0)
+    assert ps.kind == KIND_LAN
+
+
+def test_probe_reply_validates_with_rtt():
+    ps = PathSet()
+    ep = ("198.18.2.1", 1)
+    ps.add_candidate(ep, KIND_DIRECT, "base", 0.0)
+    ps.start_probe(ep, b"n" * 8, 1.0)
+    p = ps.on_probe_reply(ep, b"n" * 8, KIND_DIRECT, 1.25)
+    assert p is not None and p.validated and p.rtt == pytest.approx(0.25)
+    assert ps.endpoint == ep
+
+
+def test_roaming_follows_same_kind_after_a_second_but_not_flapping():
+    ps = PathSet()
+    a, b = ("198.18.2.1", 1), ("198.18.3.1", 2)
+    ps.on_authenticated(a, KIND_DIRECT, 1.0)
+    ps.on_authenticated(b, KIND_DIRECT, 1.2)
+    assert ps.endpoint == a  # both alive: stay
+    ps.on_authenticated(b, KIND_DIRECT, 5.0)
+    assert ps.endpoint == b  # a went quiet: roam
+
+
+def test_expiry_falls_back_and_to_none():
+    ps = PathSet()
+    a = ("198.18.1.1", 1)
+    relay = RelayEndpoint("base:443", bytes(16))
+    ps.on_authenticated(a, KIND_LAN, 1.0)
+    ps.on_authenticated(relay, KIND_RELAY, 50.0)
+    assert ps.kind == KIND_LAN
+    assert ps.expire(100.0, 75.0) is True
+    assert ps.kind == KIND_RELAY
+    ps.expire(200.0, 75.0)
+    assert ps.kind == KIND_NONE and ps.current is None
+
+
+def test_candidates_bounded():
+    ps = PathSet()
+    for i in range(3 * MAX_CANDIDATES):
+        ps.add_candidate((f"198.18.4.{i}", 1), KIND_DIRECT, "base", float(i))
+    assert len(ps.paths) == MAX_CANDIDATES
+    assert ("198.18.4.0", 1) not in ps.paths  # oldest unvalidated hints go first
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoint"),
+    [
+        ("198.18.0.2:5582", ("198.18.0.2", 5582)),
+        ("[fd00::2]:5582", ("fd00::2", 5582)),
+        ("[fe80::1%eth0]:1", ("fe80::1%eth0", 1)),
+        ("[::ffff:198.18.0.3]:7", ("198.18.0.3", 7)),
+    ],
+)
+def test_endpoint_parse_format_round_trip(text, endpoint):
+    assert parse_endpoint(text) == endpoint
+    assert parse_endpoint(format_endpoint(endpoint)) == endpoint
+
+
+@pytest.mark.parametrize("bad", ["198.18.0.2", "fd00::2:5582", "[fd00::2]5582", "host:1", "1.2.3.4:0", "1.2.3.4:70000"])
+def test_endpoint_parse_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_endpoint(bad)
+
+
+def test_normalize_maps_ipv4_mapped():
+    assert normalize_endpoint("::ffff:198.18.0.9", 1) == ("198.18.0.9", 1)

@@ -293,15 +293,15 @@ def test_forged_inner_source_dropped(lab):
 def test_whitelist_removal_tears_session_down(lab):
     _lb, a, b = two(lab)
     connect(a, b)
-    assert b.peer(a).current is not None
+    peer_obj = b.peer(a)
+    assert peer_obj.current is not None
+    assert [v for v in b.engine._index._table.values() if getattr(v, "owner", None) is peer_obj]
     t0 = time.monotonic()
     assert b.engine.whitelist.remove(a.address)
     assert wait_for(lambda: b.peer(a) is None or b.peer(a).current is None, 1.0)
     assert time.monotonic() - t0 < 1.0
     assert not b.secure_with(a)
-    assert not any(
-        isinstance(v, object) and getattr(v, "owner", None) is not None for v in b.engine._index._table.values()
-    )
+    assert not [v for v in b.engine._index._table.values() if getattr(v, "owner", None) is peer_obj]
     n = len(b.got)
     sent_before = b.transport.sent
     for _ in range(5):

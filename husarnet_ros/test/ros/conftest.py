@@ -91,16 +91,16 @@ class Spinner:
         self.executor.add_node(node)
         return node
 
-    def call(self, node: Any, srv_type: Any, name: str, timeout: float = 10.0, **fields: Any) -> Any:
-        """Call service ``name`` with a request built from ``fields``; fail the test on timeout."""
+    def call(self, node: Any, srv_type: Any, name: str, wait: float = 10.0, **fields: Any) -> Any:
+        """Call service ``name`` with a request built from ``fields``; fail the test after ``wait`` s."""
         client = node.create_client(srv_type, name)
         try:
-            assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
+            assert client.wait_for_service(timeout_sec=wait), f"service {name} not available"
             fut = client.call_async(srv_type.Request(**fields))
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + wait
             while not fut.done() and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert fut.done(), f"service {name} did not answer within {timeout} s"
+            assert fut.done(), f"service {name} did not answer within {wait} s"
             return fut.result()
         finally:
             node.destroy_client(client)

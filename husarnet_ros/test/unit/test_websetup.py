@@ -550,3 +550,126 @@ def test_socket_ignores_non_overlay_sources(lab: Lab, tmp_path: Path) -> None:
     asyncio.run(main())
     assert server.counters.get("not_overlay") == 1
     assert server.counters.get("accepted") == 0
+
+
+# --- underlay packets addressed to our overlay address (root) -------------------------------------
+
+_NETNS_SERVER = """
+import asyncio, fcntl, json, os, struct, sys
+from pathlib import Path
+from husarnet_ros.core import websetup_proto as wp
+from husarnet_ros.core.identity import parse_address
+from husarnet_ros.core.websetup import WebsetupServer
+from husarnet_ros.core.whitelist import Whitelist
+
+state, bind_device = Path(sys.argv[1]), sys.argv[2] == "1"
+# Attach to the persistent TUN standing in for hnet0 (carrier up while we hold it).
+tun = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH", b"hnetf", 0x0001 | 0x1000))  # TUNSETIFF, IFF_TUN|IFF_NO_PI
+server = WebsetupServer(state, Whitelist(state / "whitelist.json"), websetup_whitelist=["fc94::66"])
+src, dst = parse_address("fc94::66"), parse_address("fc94::1")
+
+def udp6(payload, counter_port):
+    udp_len = 8 + len(payload)
+    pseudo = src + dst + struct.pack(">I3xB", udp_len, 17)
+    data = pseudo + struct.pack(">HHHH", counter_port, 5580, udp_len, 0) + payload
+    if len(data) % 2:
+        data += b"\\0"
+    total = sum(struct.unpack(">%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    csum = (~total & 0xFFFF) or 0xFFFF
+    udp = struct.pack(">HHHH", counter_port, 5580, udp_len, csum) + payload
+    return struct.pack(">IHBB", 6 << 28, udp_len, 17, 64) + src + dst + udp
+
+async def main():
+    await server.start("fc94::1", 5580, interface="hnetf" if bind_device else None)
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)  # the underlay sender is done
+    await asyncio.sleep(0.5)
+    print(json.dumps(server.status()["counters"]), flush=True)
+    secret = server.secret
+    for i in range(3):  # now the same kind of request arriving through the overlay device
+        os.write(tun, udp6(wp.build_command(secret, src, 100 + i, "ping"), 40000 + i))
+    await asyncio.sleep(0.5)
+    server.close()
+
+asyncio.run(main())
+print(json.dumps(server.status()["counters"]), flush=True)
+"""
+
+_NETNS_SENDER = """
+import socket, sys
+from husarnet_ros.core.identity import parse_address
+from husarnet_ros.core.websetup import read_secret
+from husarnet_ros.core import websetup_proto as wp
+secret = read_secret(sys.argv[1])
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("fc94::66", 0))
+for i in range(3):
+    s.sendto(wp.build_command(secret, parse_address("fc94::66"), i + 1, "ping"), ("fc94::1", 5580))
+"""
+
+
+def _run(*cmd: str) -> None:
+    import subprocess
+
+    subprocess.run(cmd, check=True, capture_output=True, timeout=20)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("bind_device", [False, True])
+def test_underlay_packets_to_overlay_address_ignored(tmp_path: Path, bind_device: bool) -> None:
+    """A LAN host that routes fc94::/16 at us with a forged overlay source reaches a socket that is only bound
+    to our fc94 address (weak host model: the control case); bound to the overlay device it does not, while
+    requests arriving through the device (the TUN) still work."""
+    import subprocess
+    import sys
+
+    ns_a, ns_b = f"wsF{os.getpid()}a", f"wsF{os.getpid()}b"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    state = tmp_path / "state"
+    try:
+        _run("ip", "netns", "add", ns_a)
+        _run("ip", "netns", "add", ns_b)
+        _run("ip", "link", "add", "wsfa0", "netns", ns_a, "type", "veth", "peer", "name", "wsfb0", "netns", ns_b)
+        for ns, dev, addr in ((ns_a, "wsfa0", "fd00:f5::1/64"), (ns_b, "wsfb0", "fd00:f5::2/64")):
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _run("ip", "-n", ns, "addr", "add", addr, "dev", dev, "nodad")
+            _run("ip", "-n", ns, "link", "set", dev, "up")
+        _run("ip", "-n", ns_a, "tuntap", "add", "dev", "hnetf", "mode", "tun")
+        _run("ip", "-n", ns_a, "addr", "add", "fc94::1/16", "dev", "hnetf", "nodad")
+        _run("ip", "-n", ns_a, "link", "set", "hnetf", "up")
+        _run("ip", "-n", ns_b, "addr", "add", "fc94::66/128", "dev", "lo", "nodad")
+        _run("ip", "-n", ns_b, "route", "add", "fc94::/16", "via", "fd00:f5::1")
+        # Let the veth link and neighbour discovery settle before the one-shot datagrams.
+        _run("ip", "netns", "exec", ns_b, "ping", "-c", "1", "-w", "5", "fd00:f5::1")
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns_a, sys.executable, "-c", _NETNS_SERVER, str(state), "1" if bind_device else "0"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+        )  # fmt: skip
+        try:
+            assert server.stdout is not None and server.stdin is not None
+            assert server.stdout.readline().strip() == "ready"
+            subprocess.run(
+                ["ip", "netns", "exec", ns_b, sys.executable, "-c", _NETNS_SENDER, str(state)],
+                check=True, env=env, timeout=20, capture_output=True,
+            )  # fmt: skip
+            server.stdin.write("go\n")
+            server.stdin.flush()
+            after_underlay = json.loads(server.stdout.readline())
+            after_tun = json.loads(server.stdout.readline())
+        finally:
+            server.wait(timeout=20)
+            for f in (server.stdin, server.stdout):
+                if f:
+                    f.close()
+        if bind_device:
+            assert after_underlay["accepted"] == 0, after_underlay
+        else:  # the control: without the device binding the forged underlay requests are applied
+            assert after_underlay["accepted"] == 3, after_underlay
+        assert after_tun["accepted"] - after_underlay["accepted"] == 3, after_tun
+    finally:
+        for ns in (ns_a, ns_b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)

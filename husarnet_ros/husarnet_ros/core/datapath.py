@@ -32,7 +32,7 @@ from .constants import OVERLAY_PREFIX, Timers
 from .counters import Counters
 from .peer import IndexTable, Peer
 from .session import Keypair, SessionDrop
-from .transport import AnyEndpoint
+from .transport import AnyEndpoint, RelayEndpoint
 from .wire import (
     DATA_MIN_LEN,
     INNER_BASE_FIRST,
@@ -218,6 +218,8 @@ class Datapath:
                 continue
             if kp is peer.next:
                 self._confirm(peer, kp)
+            if isinstance(src, RelayEndpoint) and src.peer_address != peer.address:
+                src = RelayEndpoint(src.base_key, peer.address)  # the key, not the base's stamp, names the sender
             # Authenticated and past the replay window: only now may the peer's endpoint move.
             cur = peer.paths.current
             if cur is None or cur.endpoint != src or now - cur.last_auth_rx > 0.5:

@@ -152,9 +152,9 @@ def parse_peer_spec(spec: str) -> tuple[bytes, Endpoint | None]:
         raise ValueError(f"peer {spec!r}: {exc}") from None
 
 
-def _interface_networks(exclude: str) -> list[Network]:
-    """Directly connected subnets of this host (for classifying 'lan' paths); [] if netlink is unavailable."""
-    nets: list[Network] = []
+def _interface_addresses(exclude: str) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    """Addresses (with prefix) of this host's interfaces except ``exclude`` and loopback; [] without netlink."""
+    out: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
     try:
         from pyroute2 import IPRoute
 
@@ -166,10 +166,11 @@ def _interface_networks(exclude: str) -> list[Network]:
                 addr = msg.get_attr("IFA_ADDRESS")
                 if addr:
                     with contextlib.suppress(ValueError):
-                        nets.append(ipaddress.ip_network(f"{addr}/{msg['prefixlen']}", strict=False))
+                        out.append(ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}"))
     except Exception as exc:
-        log.debug("cannot list local networks: %s", exc)
-    return nets
+        # Classification degrades to 'direct' and no LAN endpoints are reported; never fails the engine.
+        log.debug("cannot list local addresses: %s", exc)
+    return out
 
 
 class Engine:
@@ -207,6 +208,9 @@ class Engine:
         self._listeners: list[Callable[[str], None]] = []
         self._static: dict[bytes, Endpoint | None] = {}
         self._local_networks: list[Network] = []
+        self._local_endpoints: list[Endpoint] = []
+        self._bases: dict[str, Any] = {}  # base key -> BaseClient
+        self._base_tasks: list[asyncio.Task] = []
         self._beacon_endpoints: set[Endpoint] = set()
         self._beacons: Any = None
         self._control_backlog = 0
@@ -286,7 +290,14 @@ class Engine:
         if nets is not None:
             self._local_networks = list(nets)
         elif isinstance(self._transport, UdpTransport):
-            self._local_networks = _interface_networks(cfg.interface_name)
+            self._refresh_local(_interface_addresses(cfg.interface_name))
+        for spec in cfg.base_servers:
+            from .base_client import parse_base_spec
+
+            try:
+                parse_base_spec(spec)
+            except ValueError as exc:
+                raise EngineError(str(exc)) from None
         self._datapath = Datapath(
             self.address,
             self._peers,
@@ -375,6 +386,10 @@ class Engine:
         self.whitelist.add_listener(self._on_whitelist_change)
         if self.config.lan_discovery and isinstance(self._transport, UdpTransport):
             self._start_beacons()
+        for spec in self.config.base_servers:
+            self._start_base(spec)
+        if self._bases:
+            self.set_relay_sender(self._relay_via_base)
         self._tick_task = asyncio.get_running_loop().create_task(self._ticker())
 
     def _start_beacons(self) -> None:
@@ -395,6 +410,77 @@ class Engine:
             # LAN discovery is optional: a node without multicast still works through static peers and the base.
             log.warning("LAN discovery disabled: %s", exc)
             self._beacons = None
+
+    def _start_base(self, spec: str) -> None:
+        from .base_client import BaseClient
+
+        assert self._transport is not None
+        transport = self._transport
+        client: Any = None
+
+        def on_state(state: str) -> None:
+            self._on_base_state()
+
+        def on_peer_info(address: bytes, public_key: bytes, endpoints: list[Endpoint], punch: bool) -> None:
+            relay = RelayEndpoint(client.key, address)
+            self._learn(address, [*endpoints, relay], public_key, "base")
+
+        def on_relayed(src: bytes, datagram: bytes) -> None:
+            # The base stamped ``src`` from its authenticated login; the datagram is still end-to-end sealed.
+            self._on_datagram(datagram, RelayEndpoint(client.key, src))
+
+        client = BaseClient(
+            self.identity,
+            spec,
+            self.config.state_dir,
+            loop=asyncio.get_running_loop(),
+            timers=self.timers,
+            counters=self.counters,
+            send_udp=transport.send,
+            on_peer_info=on_peer_info,
+            on_relayed=on_relayed,
+            lan_endpoints=lambda: list(self._local_endpoints),
+            hostname=self.config.hostname,
+            on_state=on_state,
+            index=self._index,
+            clock=self._clock,
+            wallclock=self._wallclock,
+        )
+        self._bases[client.key] = client
+        self._base_tasks.append(asyncio.get_running_loop().create_task(client.run()))
+
+    def _on_base_state(self) -> None:
+        best = ("none", "")
+        rank = {"none": 0, "tcp": 1, "udp": 2}
+        for c in self._bases.values():
+            if rank.get(c.state, 0) > rank[best[0]]:
+                best = (c.state, c.address_text)
+        self.set_base_status(*best)
+        if best[0] != "none":
+            # (Re)connected: ask about every whitelisted peer we have no session with.
+            for peer in list(self._peers.values()):
+                if peer.current is None:
+                    self._query_bases(peer, self._clock(), force=True)
+
+    def _relay_via_base(self, datagram: bytes, endpoint: RelayEndpoint) -> None:
+        client = self._bases.get(endpoint.base_key)
+        if client is None or not client.relay(endpoint.peer_address, datagram):
+            self.counters.inc("no_path")
+
+    def _query_bases(self, peer: Peer, now: float, *, force: bool = False) -> None:
+        """Ask the base(s) for a peer's key and endpoints (they also tell the peer to punch towards us)."""
+        if not self._bases or (not force and now - peer.last_query < self.timers.probe_interval / 5):
+            return
+        peer.last_query = now
+        for client in self._bases.values():
+            client.query(peer.address)
+
+    def _refresh_local(self, addrs: list) -> None:
+        self._local_networks = [a.network for a in addrs]
+        port = self._transport.local_port if self._transport is not None else 0
+        self._local_endpoints = [
+            (str(a.ip), port) for a in addrs if not a.ip.is_link_local and not a.ip.is_loopback and port
+        ]
 
     def stop(self) -> None:
         """Stop everything; idempotent and safe from any thread except the engine's own."""
@@ -439,6 +525,10 @@ class Engine:
             with contextlib.suppress(Exception):
                 self._beacons.close()
             self._beacons = None
+        for client in self._bases.values():
+            with contextlib.suppress(Exception):
+                client.close()
+        self._relay_sender = None
         for peer in self._peers.values():
             for _nonce, (_t, fut) in list(peer.pings.items()):
                 if not fut.done():
@@ -723,7 +813,8 @@ class Engine:
         if peer.handshake_started is not None or now < peer.next_attempt:
             return
         if not peer.paths.paths:
-            return  # nowhere to send: wait for the base or a beacon
+            self._query_bases(peer, now)  # nowhere to send yet: ask the base, or wait for a beacon
+            return
         peer.handshake_started = now
         self._attempt(peer, now)
 
@@ -787,6 +878,7 @@ class Engine:
             self.counters.inc("not_whitelisted")
             return
         now = self._clock()
+        src = _named_by_key(src, peer.address)
         kp = Keypair(km, now, peer, timers=self.timers, clock=self._clock)
         with peer.lock:
             self._index.set(kp.local_index, kp)  # replaces the PendingHandshake at the same index
@@ -864,6 +956,7 @@ class Engine:
             return
         peer.last_init_timestamp = st.timestamp
         peer.public_key = st.peer_public_key
+        src = _named_by_key(src, addr)
         placeholder = object()
         idx = self._index.reserve(placeholder)
         try:
@@ -908,6 +1001,7 @@ class Engine:
         peer.last_hello_ts = hello.timestamp_ms
         peer.public_key = hello.public_key
         now = self._clock()
+        src = _named_by_key(src, hello.address)
         with peer.lock:
             peer.paths.add_candidate(src, self.path_kind(src), "hello", now)
         if not hello.flags & HELLO_FLAG_REPLY:
@@ -983,9 +1077,12 @@ class Engine:
                     log.exception("timers for %s failed", format_address(peer.address))
             if isinstance(self._transport, UdpTransport) and now - last_nets >= self.timers.probe_interval:
                 last_nets = now
-                self._local_networks = await asyncio.get_running_loop().run_in_executor(
-                    None, _interface_networks, self.config.interface_name
+                addrs = await asyncio.get_running_loop().run_in_executor(
+                    None, _interface_addresses, self.config.interface_name
                 )
+                self._refresh_local(addrs)
+                for client in self._bases.values():
+                    client.update_endpoints()
 
     def _peer_timers(self, peer: Peer, now: float) -> None:
         t = self.timers
@@ -1021,10 +1118,13 @@ class Engine:
                 self._attempt(peer, now)
             return
         kp = peer.current
-        wanted = peer.static or (self.whitelist is not None and self.whitelist.enabled and peer.paths.paths)
+        wanted = peer.static or (self.whitelist is not None and self.whitelist.enabled)
         if kp is None:
-            if (wanted or peer.staged) and peer.next is None and peer.paths.paths:
-                self._start_handshake(peer)
+            if (wanted or peer.staged) and peer.next is None:
+                if peer.paths.paths:
+                    self._start_handshake(peer)
+                else:
+                    self._query_bases(peer, now)
             return
         # Rekey: the initiator after rekey_after_time; either side before the key is rejected.
         age = now - kp.created
@@ -1079,6 +1179,13 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _named_by_key(src: AnyEndpoint, address: bytes) -> AnyEndpoint:
+    """A relayed source names the peer the *keys* authenticated, not whatever the base stamped."""
+    if isinstance(src, RelayEndpoint) and src.peer_address != address:
+        return RelayEndpoint(src.base_key, address)
+    return src
 
 
 def _hs_reason(exc: Exception) -> str:

@@ -135,7 +135,8 @@ class UdpTransport:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-            sock.bind((bind_host, port))
+            # An IPv4 bind address goes through the dual-stack socket as IPv4-mapped.
+            sock.bind((f"::ffff:{bind_host}" if "." in bind_host else bind_host, port))
             sock.setblocking(False)
         except OSError as exc:
             sock.close()

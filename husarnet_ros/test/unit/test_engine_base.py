@@ -1,0 +1,186 @@
+"""Engines meeting through a real base server on loopback: rendezvous, relay, and upgrade to direct.
+
+The base server runs in-process on 127.0.0.1 (TCP and UDP, ephemeral ports).
+In the relay tests the engines sit on the in-memory network, which cannot
+reach the base's UDP port, so the base relays over TCP: that is exactly the
+"direct UDP blocked" case.  Then a direct hint appears and the pair must
+upgrade to direct only after an authenticated probe on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from husarnet_ros.base.server import BaseConfig, BaseServer
+from husarnet_ros.core.constants import Timers
+from husarnet_ros.core.engine import Engine, EngineConfig
+from husarnet_ros.core.identity import Identity, format_address
+from husarnet_ros.core.memnet import MemoryNetwork
+from husarnet_ros.core.transport import UdpTransport
+
+TIMERS = Timers(
+    rekey_timeout=0.3,
+    keepalive_timeout=1.0,
+    probe_interval=1.0,
+    path_timeout=3.0,
+    rekey_attempt_time=20.0,
+    base_reconnect_min=0.1,
+    base_reconnect_max=1.0,
+)
+
+
+def packet(src: bytes, dst: bytes, payload: bytes) -> bytes:
+    return struct.pack(">IHBB", 6 << 28, len(payload), 59, 64) + src + dst + payload
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return bool(cond())
+
+
+class BaseThread:
+    """A BaseServer on its own asyncio loop thread, bound to 127.0.0.1."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = BaseServer(BaseConfig(state_dir=state_dir, bind="127.0.0.1", tcp_port=0, udp_port=0))
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-base", daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+
+    @property
+    def spec(self) -> str:
+        key = self.server.public_key.hex()
+        return f"127.0.0.1:{self.server.tcp_port}:{self.server.udp_port}#{key}"
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def base(tmp_path):
+    b = BaseThread(tmp_path / "base")
+    yield b
+    b.close()
+
+
+def make_engine(tmp: Path, name: str, ident: Identity, other: Identity, base_spec: str, transport) -> Engine:
+    cfg = EngineConfig(
+        state_dir=tmp / name,
+        use_tun=False,
+        lan_discovery=False,
+        base_servers=[base_spec],
+        whitelist=[format_address(other.address)],
+        timers=TIMERS,
+    )
+    return Engine(cfg, identity=ident, transport=transport)
+
+
+def info(engine: Engine, addr: bytes):
+    return next((p for p in engine.peers() if p.address == addr), None)
+
+
+def test_relay_then_upgrade_to_direct(tmp_path, base):
+    ia, ib = Identity.generate(), Identity.generate()
+    net = MemoryNetwork(seed=2)
+    ep_a, ep_b = ("198.18.0.1", 5582), ("198.18.0.2", 5582)
+    a = make_engine(tmp_path, "a", ia, ib, base.spec, net.transport(ep_a))
+    b = make_engine(tmp_path, "b", ib, ia, base.spec, net.transport(ep_b))
+    got_b: list[bytes] = []
+    got_a: list[bytes] = []
+    b.on_packet = got_b.append
+    a.on_packet = got_a.append
+    try:
+        a.start()
+        b.start()
+        assert wait_for(lambda: a.status().base == "tcp" and b.status().base == "tcp")
+        # No static endpoints, no LAN: the base introduces them and relays (its UDP is unreachable here).
+        assert wait_for(lambda: (i := info(a, ib.address)) is not None and i.is_secure and i.path == "relay", 15)
+        deadline = time.monotonic() + 10
+        while not got_b:
+            assert time.monotonic() < deadline
+            a.inject_packet(packet(ia.address, ib.address, b"via-relay"))
+            time.sleep(0.1)
+        assert got_b[0][40:] == b"via-relay" and got_b[0][8:24] == ia.address
+        b.inject_packet(packet(ib.address, ia.address, b"back-via-relay"))
+        assert wait_for(lambda: any(p[40:] == b"back-via-relay" for p in got_a))
+        assert a.ping(ib.address, 3.0) > 0
+        # A direct hint appears (e.g. from a LAN beacon): used only after an authenticated probe succeeds.
+        a.add_candidates(ib.address, [ep_b], source="base")
+        assert wait_for(lambda: info(a, ib.address).path == "direct", 10)
+        assert info(a, ib.address).endpoint == "198.18.0.2:5582"
+        n = len(got_b)
+        a.inject_packet(packet(ia.address, ib.address, b"direct-now"))
+        assert wait_for(lambda: len(got_b) > n and got_b[-1][40:] == b"direct-now")
+        assert a.counters.get("bad_mac") == 0 and b.counters.get("bad_mac") == 0
+    finally:
+        a.stop()
+        b.stop()
+        net.close()
+
+
+def test_rendezvous_over_loopback_udp(tmp_path, base):
+    """Real UDP sockets on loopback; the base learns each node's UDP mapping and hands it to the other."""
+    ia, ib = Identity.generate(), Identity.generate()
+    ta, tb = UdpTransport(0, bind_host="127.0.0.1"), UdpTransport(0, bind_host="127.0.0.1")
+    for t in (ta, tb):
+        t.local_networks = []  # report no LAN endpoints: keep every datagram on loopback
+    a = make_engine(tmp_path, "a", ia, ib, base.spec, ta)
+    b = make_engine(tmp_path, "b", ib, ia, base.spec, tb)
+    got_b: list[bytes] = []
+    b.on_packet = got_b.append
+    try:
+        a.start()
+        b.start()
+        assert wait_for(lambda: a.status().base == "udp" and b.status().base == "udp", 15)
+        assert wait_for(lambda: (i := info(a, ib.address)) is not None and i.is_secure and i.path == "direct", 15)
+        assert info(a, ib.address).endpoint == f"127.0.0.1:{tb.local_port}"
+        deadline = time.monotonic() + 10
+        while not got_b:
+            assert time.monotonic() < deadline
+            a.inject_packet(packet(ia.address, ib.address, b"hi-over-udp"))
+            time.sleep(0.1)
+        assert got_b[0][40:] == b"hi-over-udp"
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_base_down_keeps_direct_session(tmp_path):
+    ia, ib = Identity.generate(), Identity.generate()
+    bt = BaseThread(tmp_path / "base")
+    ta, tb = UdpTransport(0, bind_host="127.0.0.1"), UdpTransport(0, bind_host="127.0.0.1")
+    for t in (ta, tb):
+        t.local_networks = []
+    a = make_engine(tmp_path, "a", ia, ib, bt.spec, ta)
+    b = make_engine(tmp_path, "b", ib, ia, bt.spec, tb)
+    got_b: list[bytes] = []
+    b.on_packet = got_b.append
+    try:
+        a.start()
+        b.start()
+        assert wait_for(lambda: (i := info(a, ib.address)) is not None and i.is_secure and i.path == "direct", 15)
+        bt.close()
+        assert wait_for(lambda: a.status().base == "none", 10)
+        for i in range(10):
+            a.inject_packet(packet(ia.address, ib.address, b"p%d" % i))
+        assert wait_for(lambda: len([p for p in got_b if p[40:41] == b"p"]) == 10)
+    finally:
+        a.stop()
+        b.stop()
+        bt.close()

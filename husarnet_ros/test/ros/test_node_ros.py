@@ -436,3 +436,22 @@ def test_two_nodes_connect_and_ping_over_loopback(
         for n in (a, b):
             n._release()
             n.destroy_node()
+
+
+def test_config_file_defaults_are_the_node_defaults(ros_context: Any) -> None:
+    """config/husarnet.yaml loaded by rcl gives every parameter its declared default."""
+    from husarnet_ros.node import PARAMETERS
+
+    config = Path(__file__).resolve().parents[2] / "config" / "husarnet.yaml"
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, args=["--ros-args", "--params-file", str(config)])
+    n = HusarnetNode(context=ctx)
+    try:
+        for spec in PARAMETERS:
+            value = n.get_parameter(spec.name).value
+            if spec.type == Parameter.Type.STRING_ARRAY.value:
+                value = list(value)
+            assert value == spec.default, spec.name
+    finally:
+        n.destroy_node()
+        ctx.try_shutdown()

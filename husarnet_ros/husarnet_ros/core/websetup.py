@@ -361,23 +361,26 @@ class WebsetupServer:
     def secret(self) -> bytes:
         return self._state.secret
 
+    # These readers take no lock: a request holds the lock while hooks run, and a hook may wait for the
+    # engine's loop, which may be asking for status at that moment.  The containers they read are
+    # replaced, never mutated in place, so a plain read sees a whole old or a whole new value.
     def hosts(self) -> dict[str, bytes]:
         """Host names added through websetup (hostname -> address)."""
-        with self._lock:
-            return dict(self._state.hosts)
+        return dict(self._state.hosts)
 
     def status(self) -> dict[str, Any]:
+        """For the node's status: whether it listens, where, who may send, the last command, counters."""
         snap = self.counters.snapshot()
-        with self._lock:
-            return {
-                "enabled": True,
-                "listening": self._transport is not None,
-                "address": self._bound[0] if self._bound else "",
-                "port": self._bound[1] if self._bound else WEBSETUP_PORT,
-                "websetup_whitelist": [format_address(a) for a in self._state.whitelist],
-                "last_command": dict(self._last_command) if self._last_command else None,
-                "counters": {k: snap.get(k, 0) for k in COUNTER_NAMES},
-            }
+        bound, last = self._bound, self._last_command
+        return {
+            "enabled": True,
+            "listening": self._transport is not None,
+            "address": bound[0] if bound else "",
+            "port": bound[1] if bound else WEBSETUP_PORT,
+            "websetup_whitelist": [format_address(a) for a in self._state.whitelist],
+            "last_command": dict(last) if last else None,
+            "counters": {k: snap.get(k, 0) for k in COUNTER_NAMES},
+        }
 
     # --- the pure part -------------------------------------------------------------------
     def _prefilter(self, src: tuple) -> bytes | None:

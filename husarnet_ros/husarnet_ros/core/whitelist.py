@@ -233,15 +233,14 @@ class Whitelist:
     def enabled(self) -> bool:
         return self._snapshot[0]
 
+    # Readers take no lock (the mapping is replaced, never mutated), so they never wait for an fsync.
     def entries(self) -> dict[bytes, str]:
         """The listed addresses (static and persisted) with their hostnames ("" when none)."""
-        with self._lock:
-            return dict(self._effective)
+        return dict(self._effective)
 
     def hostnames(self) -> dict[str, bytes]:
         """hostname -> address for every listed entry that has a hostname."""
-        with self._lock:
-            return {n: a for a, n in self._effective.items() if n}
+        return {n: a for a, n in self._effective.items() if n}
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "count": len(self._snapshot[1]), "path": str(self.path)}

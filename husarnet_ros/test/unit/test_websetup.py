@@ -673,3 +673,21 @@ def test_underlay_packets_to_overlay_address_ignored(tmp_path: Path, bind_device
     finally:
         for ns in (ns_a, ns_b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def test_status_never_waits_for_a_running_request(tmp_path: Path) -> None:
+    """A hook may wait for the engine's loop; that loop asking for status meanwhile must not deadlock."""
+    finished: list[bool] = []
+    box: dict[str, WebsetupServer] = {}
+
+    def latency_waiting_for_the_loop() -> dict[bytes, float]:
+        loop_thread = threading.Thread(target=lambda: (box["s"].status(), box["s"].hosts(), lab.whitelist.entries()))
+        loop_thread.start()
+        loop_thread.join(5)
+        finished.append(not loop_thread.is_alive())
+        return {}
+
+    lab = Lab(tmp_path, get_latency=latency_waiting_for_the_loop)
+    box["s"] = lab.server
+    assert lab.send("get-latency").ok
+    assert finished == [True]

@@ -495,6 +495,8 @@ class Engine:
 
     def _teardown(self) -> None:
         """Undo whatever :meth:`_start` did, in reverse order; tolerant of partial starts."""
+        if self._transport is None:
+            self._transport = self._given_transport  # the engine owns a transport it was given
         if self._transport is not None:
             with contextlib.suppress(Exception):
                 self._transport.close()

@@ -1,0 +1,147 @@
+"""Engine start/stop rules and the daemon's command line and control socket (no root needed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from husarnet_ros.core.engine import Engine, EngineConfig, EngineError, parse_peer_spec
+from husarnet_ros.core.identity import Identity, format_address
+from husarnet_ros.core.memnet import MemoryNetwork
+from husarnet_ros.daemon import control, scaled_timers
+
+REPO = Path(__file__).resolve().parents[3]
+PKG = REPO / "husarnet_ros"
+
+
+def test_parse_peer_spec():
+    addr, ep = parse_peer_spec("fc94::1@198.18.0.2:5582")
+    assert addr == bytes.fromhex("fc94" + "00" * 13 + "01") and ep == ("198.18.0.2", 5582)
+    assert parse_peer_spec("[fc94::1]@[fd00::2]:7") == (addr, ("fd00::2", 7))
+    assert parse_peer_spec("fc94::1") == (addr, None)
+    for bad in ("fd00::1@198.18.0.2:1", "fc94::1@198.18.0.2", "fc94::1@host:1", "nonsense"):
+        with pytest.raises(ValueError):
+            parse_peer_spec(bad)
+
+
+def test_bad_identity_file_is_a_clear_error_and_leaves_nothing(tmp_path):
+    before = set(threading.enumerate())
+    (tmp_path / "id").write_text("garbage\n")
+    os.chmod(tmp_path / "id", 0o600)
+    net = MemoryNetwork()
+    t = net.transport(("198.18.0.1", 5582))
+    eng = Engine(EngineConfig(state_dir=tmp_path, use_tun=False, lan_discovery=False), transport=t)
+    with pytest.raises(EngineError, match="identity file"):
+        eng.start()
+    assert t.closed
+    eng.stop()  # harmless after a failed start
+    net.close()
+    assert set(threading.enumerate()) <= before
+    assert (tmp_path / "id").read_text() == "garbage\n"  # never overwritten
+
+
+def test_world_readable_identity_refused(tmp_path):
+    Identity.generate().save(tmp_path / "id")
+    os.chmod(tmp_path / "id", 0o644)
+    eng = Engine(EngineConfig(state_dir=tmp_path, use_tun=False, lan_discovery=False, udp_port=0))
+    with pytest.raises(EngineError, match="identity file"):
+        eng.start()
+
+
+def test_bad_peer_spec_fails_start(tmp_path):
+    eng = Engine(EngineConfig(state_dir=tmp_path, use_tun=False, lan_discovery=False, udp_port=0, peers=["x@y"]))
+    with pytest.raises(EngineError):
+        eng.start()
+
+
+def test_start_creates_identity_and_runs_once(tmp_path):
+    before = set(threading.enumerate())
+    eng = Engine(EngineConfig(state_dir=tmp_path, use_tun=False, lan_discovery=False, udp_port=0))
+    eng.start()
+    try:
+        assert Identity.load(tmp_path / "id").address == eng.address
+        st = eng.status()
+        assert st.address == eng.address and st.base == "none" and st.whitelist_enabled
+        assert "bad_inner_src" in st.counters
+        with pytest.raises(EngineError):
+            eng.start()
+    finally:
+        eng.stop()
+    eng.stop()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not set(threading.enumerate()) <= before:
+        time.sleep(0.01)
+    assert set(threading.enumerate()) <= before
+
+
+def test_scaled_timers():
+    t = scaled_timers(0.1)
+    assert t.rekey_timeout == pytest.approx(0.5) and t.rekey_after_time == pytest.approx(12.0)
+    assert t.reject_after_messages == scaled_timers(1.0).reject_after_messages
+    with pytest.raises(ValueError):
+        scaled_timers(0)
+
+
+def _daemon(*args: str) -> list[str]:
+    return [sys.executable, "-m", "husarnet_ros.daemon", *args]
+
+
+def test_daemon_print_address(tmp_path):
+    out = subprocess.run(
+        _daemon("--state-dir", str(tmp_path), "--print-address"), cwd=PKG, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == format_address(Identity.load(tmp_path / "id").address)
+
+
+def test_daemon_control_socket_and_sigterm(tmp_path):
+    ctl = tmp_path / "ctl"
+    other = Identity.generate()
+    proc = subprocess.Popen(
+        _daemon(
+            "--state-dir", str(tmp_path / "s"), "--no-tun", "--udp-port", "0", "--no-lan-discovery",
+            "--control", str(ctl), "--timers-scale", "0.1", "--log-level", "WARNING",
+        ),
+        cwd=PKG,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "ready" in line, proc.stderr.read() if proc.poll() is not None else line
+        assert oct(ctl.stat().st_mode & 0o777) == "0o600"
+        st = control(ctl, "status")
+        assert st["ok"] and st["status"]["address"].startswith("fc94:") and st["status"]["udp_port"] > 0
+        assert control(ctl, "whitelist_add", address=other.address_str, hostname="robot2") == {
+            "ok": True,
+            "changed": True,
+        }
+        peers = control(ctl, "peers")["peers"]
+        assert [(p["address"], p["hostname"], p["is_whitelisted"], p["path"]) for p in peers] == [
+            (other.address_str, "robot2", True, "none")
+        ]
+        wl = control(ctl, "whitelist")
+        assert wl["enabled"] is True and wl["entries"] == {other.address_str: "robot2"}
+        assert control(ctl, "whitelist_set_enabled", enabled=False)["changed"] is True
+        assert control(ctl, "whitelist_set_enabled", enabled="no")["ok"] is False
+        assert control(ctl, "whitelist_remove", address=other.address_str)["changed"] is True
+        ping = control(ctl, "ping", address=other.address_str, timeout=0.5)
+        assert ping["ok"] is False and "session" in ping["error"]
+        assert control(ctl, "counters")["counters"]["bad_mac"] == 0
+        assert control(ctl, "nope")["ok"] is False
+        assert control(ctl, "whitelist_add")["ok"] is False  # missing argument
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not ctl.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

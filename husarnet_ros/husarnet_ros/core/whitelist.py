@@ -79,7 +79,10 @@ class Whitelist:
     removes it at the next start.  A non-empty hostname set at runtime wins over
     the configured one (it is the later decision).  Removing a static entry
     writes a tombstone, so a removal survives restarts until :meth:`add`.
-    ``enabled_default`` is used until :meth:`set_enabled` is called once.
+    Enabled or not: the most recent decision wins.  A runtime :meth:`set_enabled`
+    is persisted together with the configured ``enabled_default`` it overrode;
+    it holds across restarts until the configured value changes (then the
+    configuration is the newer decision).
     """
 
     def __init__(self, path: str | os.PathLike[str], static: Iterable[str] = (), enabled_default: bool = True) -> None:
@@ -128,7 +131,7 @@ class Whitelist:
             raise self._fail(f"not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise self._fail("not a JSON object")
-        unknown = set(obj) - {"format", "entries", "removed", "enabled"}
+        unknown = set(obj) - {"format", "entries", "removed", "enabled", "enabled_config"}
         if unknown:
             raise self._fail(f"unknown keys {sorted(unknown)}")
         if obj.get("format") != FILE_FORMAT:
@@ -138,8 +141,14 @@ class Whitelist:
         enabled = obj.get("enabled")
         if not isinstance(raw_entries, dict) or not isinstance(raw_removed, list):
             raise self._fail("'entries' must be an object and 'removed' a list")
+        enabled_config = obj.get("enabled_config")
         if enabled is not None and not isinstance(enabled, bool):
             raise self._fail("'enabled' must be true or false")
+        if enabled_config is not None and not isinstance(enabled_config, bool):
+            raise self._fail("'enabled_config' must be true or false")
+        if enabled_config is not None and enabled_config != self._enabled_default:
+            log.info("whitelist: the configured enabled=%s is newer than the runtime choice", self._enabled_default)
+            enabled = None
         if len(raw_entries) > MAX_ENTRIES or len(raw_removed) > MAX_ENTRIES:
             raise self._fail(f"more than {MAX_ENTRIES} entries")
         entries: dict[bytes, str] = {}
@@ -175,6 +184,7 @@ class Whitelist:
         }
         if enabled is not None:
             obj["enabled"] = enabled
+            obj["enabled_config"] = self._enabled_default
         atomic_write_json(self.path, obj)
 
     def _compute(self, entries: dict[bytes, str], removed: set[bytes], warn: bool = False) -> dict[bytes, str]:

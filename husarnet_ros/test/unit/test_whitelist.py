@@ -58,15 +58,21 @@ def test_disabled_allows_every_valid_identity_only(path: Path) -> None:
     assert wl.is_allowed(A) and not wl.is_allowed(B)  # list kept while disabled
 
 
-def test_enabled_default_false_until_explicit_choice(path: Path) -> None:
+def test_enabled_most_recent_decision_wins(path: Path) -> None:
     wl = Whitelist(path, enabled_default=False)
     assert not wl.enabled
     assert not path.exists()  # nothing decided yet, nothing written
     wl.set_enabled(True)
-    # The persisted choice now beats the configured default.
+    # The runtime choice survives a restart with the same configuration...
     assert Whitelist(path, enabled_default=False).enabled
-    wl.set_enabled(False)
+    assert Whitelist(path, enabled_default=False).enabled
+    # ...until the configured value changes: then the configuration is the newer decision.
+    changed_config = Whitelist(path, enabled_default=True)
+    assert changed_config.enabled
+    changed_config.set_enabled(False)
     assert not Whitelist(path, enabled_default=True).enabled
+    assert not Whitelist(path, enabled_default=False).enabled  # config changed again: config wins
+    assert Whitelist(path, enabled_default=False).set_enabled(True)
 
 
 def test_set_enabled_reports_change(path: Path) -> None:

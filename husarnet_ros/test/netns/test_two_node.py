@@ -1,0 +1,176 @@
+"""Two daemons in two network namespaces joined by one veth: ping6 and a 50 MB TCP transfer over fc94.
+
+A deliberately tiny fixture of its own (the richer lab is ``husarnet_ros.testing.netns``): two
+namespaces named with this PID, a veth created directly inside them (198.18.x.x), and cleanup
+that stops only the daemons this test started and deletes only its own namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from husarnet_ros.daemon import control
+
+pytestmark = pytest.mark.netns
+
+PKG = Path(__file__).resolve().parents[2]
+PREFIX = f"hrd{os.getpid()}"
+NS_A, NS_B = f"{PREFIX}a", f"{PREFIX}b"
+IP_A, IP_B = "198.18.77.1", "198.18.77.2"
+TRANSFER = 50 * 1024 * 1024
+
+
+def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=timeout, cwd=PKG)
+
+
+def in_ns(ns: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return sh("ip", "netns", "exec", ns, *args, **kw)
+
+
+SERVER = r"""
+import hashlib, socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7000)); s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    h.update(b); n += len(b)
+c.sendall(f"{n} {h.hexdigest()}".encode()); c.close()
+"""
+
+CLIENT = r"""
+import hashlib, random, socket, sys
+size = int(sys.argv[2])
+rng = random.Random(1234)
+data = rng.randbytes(size)
+c = socket.create_connection((sys.argv[1], 7000), timeout=60)
+c.sendall(data); c.shutdown(socket.SHUT_WR)
+reply = b""
+while True:
+    b = c.recv(4096)
+    if not b:
+        break
+    reply += b
+print(len(data), hashlib.sha256(data).hexdigest())
+print(reply.decode())
+"""
+
+
+@pytest.fixture
+def namespaces():
+    created: list[str] = []
+    try:
+        for ns in (NS_A, NS_B):
+            sh("ip", "netns", "add", ns)
+            created.append(ns)
+            in_ns(ns, "ip", "link", "set", "lo", "up")
+        sh("ip", "link", "add", "veth0", "netns", NS_A, "type", "veth", "peer", "name", "veth0", "netns", NS_B)
+        for ns, ip in ((NS_A, IP_A), (NS_B, IP_B)):
+            in_ns(ns, "ip", "addr", "add", f"{ip}/24", "dev", "veth0")
+            in_ns(ns, "ip", "link", "set", "veth0", "up")
+        yield
+    finally:
+        for ns in created:
+            sh("ip", "netns", "del", ns, check=False)
+
+
+class Daemon:
+    def __init__(self, ns: str, state: Path, args: list[str]) -> None:
+        self.ns = ns
+        self.ctl = state / "ctl"
+        cmd = [
+            "ip", "netns", "exec", ns, sys.executable, "-m", "husarnet_ros.daemon",
+            "--state-dir", str(state), "--control", str(self.ctl), "--no-lan-discovery",
+            "--timers-scale", "0.2", "--log-level", "WARNING", *args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=PKG, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        line = self.proc.stdout.readline()
+        if "ready" not in line:
+            self.proc.kill()
+            raise AssertionError(f"daemon in {ns} did not start: {line} {self.proc.stderr.read()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                return -9
+        return self.proc.returncode
+
+
+def print_address(state: Path) -> str:
+    out = sh(sys.executable, "-m", "husarnet_ros.daemon", "--state-dir", str(state), "--print-address", timeout=60)
+    return out.stdout.strip()
+
+
+def test_two_daemons_ping6_and_50mb_tcp(tmp_path, namespaces):
+    sa, sb = tmp_path / "a", tmp_path / "b"
+    addr_a, addr_b = print_address(sa), print_address(sb)
+    assert addr_a.startswith("fc94:") and addr_b.startswith("fc94:")
+    daemons: list[Daemon] = []
+    try:
+        daemons.append(Daemon(NS_A, sa, ["--peer", f"{addr_b}@{IP_B}:5582", "--whitelist", addr_b]))
+        daemons.append(Daemon(NS_B, sb, ["--whitelist", addr_a]))
+        a, b = daemons
+        # The TUN is up with the address and the /16 route.
+        link = in_ns(NS_A, "ip", "-6", "addr", "show", "dev", "hnet0").stdout
+        assert addr_a in link and "/16" in link
+        ok = False
+        for _ in range(10):
+            if in_ns(NS_A, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", addr_b, check=False).returncode == 0:
+                ok = True
+                break
+        assert ok, control(a.ctl, "counters")
+        assert in_ns(NS_B, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", addr_a, check=False).returncode == 0
+        peers = control(a.ctl, "peers")["peers"]
+        assert [(p["address"], p["path"], p["is_secure"]) for p in peers] == [(addr_b, "lan", True)]
+        assert control(b.ctl, "ping", address=addr_a)["ok"]
+        # 50 MB over TCP through the overlay, checksummed on both ends.
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", NS_B, sys.executable, "-c", SERVER, addr_b],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert server.stdout.readline().strip() == "listening"
+            out = in_ns(NS_A, sys.executable, "-c", CLIENT, addr_b, str(TRANSFER), timeout=600)
+            sent, received = out.stdout.strip().splitlines()
+            assert sent == received, (sent, received)
+            assert sent.split()[0] == str(TRANSFER)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        counters = control(b.ctl, "counters")["counters"]
+        assert counters["rx_bytes"] >= TRANSFER
+        for reason in ("bad_mac", "bad_inner_src", "not_whitelisted"):
+            assert counters[reason] == 0, counters
+        # Clean exit removes the devices.
+        for d in daemons:
+            assert d.stop() == 0
+        for ns in (NS_A, NS_B):
+            assert in_ns(ns, "ip", "link", "show", "hnet0", check=False).returncode != 0
+    finally:
+        for d in daemons:
+            d.stop()
+    sh("ip", "netns", "del", NS_A)
+    sh("ip", "netns", "del", NS_B)
+    names = sh("ip", "netns", "list").stdout
+    assert NS_A not in names and NS_B not in names

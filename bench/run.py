@@ -1,0 +1,255 @@
+"""make bench: raw veth vs wireguard-go vs this overlay, side by side, in one run on the same namespaces.
+
+Two namespaces joined by a veth (198.18.0.1 <-> 198.18.0.2, fd00:1::/64).  For each column:
+
+* TCP throughput, 1 and 4 streams (iperf3, 10 s; ``--quick`` 3 s);
+* UDP datagrams/s delivered at 64 and 1200 bytes (iperf3 -u -b 0);
+* ping average and p99 (10 ms interval);
+* CPU seconds per GB moved by the tunnel processes (both ends, utime+stime from /proc/<pid>/stat,
+  over the 1-stream TCP run);
+* set-up time (process start to first answered ping) for the tunnels;
+* ratio to wireguard-go.
+
+``--loss P`` adds P % random loss (nft numgen, input hook of both namespaces, per datagram: GSO/TSO/GRO
+turned off on the veth so a batch is never dropped as one).  ``--fastpath`` adds the standalone
+prototype of issue #6 (bench/fastpath_proto.py) as a column.  Results: a table on stdout and
+bench/results/latest.json.  Needs root.  Numbers on a shared 2-core machine are noisy: the load average
+is recorded with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as c
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def measure(pair: c.Pair, dst: str, pids: list[int], seconds: float, pings: int) -> dict[str, Any]:
+    """Every metric for one column; a metric that fails records its error instead of a number."""
+    lab, a = pair.lab, pair.a
+    r: dict[str, Any] = {}
+
+    def attempt(name: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as e:  # one failed metric must not lose the others
+            r[f"{name}_error"] = str(e)[:300]
+            c.log(f"  {name}: {e}")
+
+    def do_ping() -> None:
+        r["ping_avg_ms"], r["ping_p99_ms"], r["ping_loss"] = c.ping(lab, a, dst, pings)
+
+    def do_tcp1() -> None:
+        cpu0 = c.cpu_seconds(pids)
+        gbps, nbytes = c.tcp_result(c.iperf(lab, a, dst, seconds))
+        cpu = c.cpu_seconds(pids) - cpu0
+        r["tcp1_gbps"] = gbps
+        if pids and nbytes:
+            r["cpu_s_per_gb"] = cpu / (nbytes / 1e9)
+            r["cpu_util_cores"] = cpu / seconds
+
+    def do_tcp4() -> None:
+        r["tcp4_gbps"], _ = c.tcp_result(c.iperf(lab, a, dst, seconds, streams=4))
+
+    def do_udp(size: int) -> Callable[[], None]:
+        def run() -> None:
+            r[f"udp{size}_pps"] = c.udp_pps(c.iperf(lab, a, dst, min(seconds, 5), udp_len=size))
+
+        return run
+
+    attempt("ping", do_ping)
+    attempt("tcp1", do_tcp1)
+    attempt("tcp4", do_tcp4)
+    attempt("udp64", do_udp(64))
+    attempt("udp1200", do_udp(1200))
+    return r
+
+
+def column_raw(pair: c.Pair, args: argparse.Namespace) -> dict[str, Any]:
+    return measure(pair, c.B6, [], args.seconds, args.pings)
+
+
+def column_wireguard(pair: c.Pair, args: argparse.Namespace) -> dict[str, Any]:
+    why = c.have_wireguard_go()
+    if why:
+        return {"skipped": why}
+    t0 = time.monotonic()
+    try:
+        procs = c.start_wireguard_go(pair)
+    except Exception as e:
+        return {"skipped": f"wireguard-go could not start: {e}"}
+    try:
+        setup = c.wait_ping(pair.lab, pair.a, c.WG_B, 15)
+        if setup is None:
+            return {"skipped": "wireguard-go tunnel did not pass a ping in 15 s:\n" + procs[0].tail()}
+        ready = time.monotonic() - t0
+        r = measure(pair, c.WG_B, [p.pid for p in procs], args.seconds, args.pings)
+        r["setup_s"] = ready
+        return r
+    finally:
+        c.stop_procs(procs)
+
+
+def column_overlay(pair: c.Pair, args: argparse.Namespace) -> dict[str, Any]:
+    lab = pair.lab
+    try:
+        import husarnet_ros.daemon  # noqa: F401
+    except Exception as e:
+        return {"skipped": f"husarnet_ros.daemon not importable yet ({e})"}
+    daemons = []
+    try:
+        t0 = time.monotonic()
+        sa, sb = lab.tmp / "ov-a", lab.tmp / "ov-b"
+        addr_a, addr_b = lab.daemon_address(sa), lab.daemon_address(sb)
+        common = {"udp_port": 5582, "no_lan_discovery": True, "interface": "hnet0"}
+        daemons.append(lab.start_daemon(pair.a, sa, peer=[f"{addr_b}@{c.B4}:5582"], whitelist=[addr_b], **common))
+        daemons.append(lab.start_daemon(pair.b, sb, peer=[f"{addr_a}@{c.A4}:5582"], whitelist=[addr_a], **common))
+        setup = c.wait_ping(lab, pair.a, addr_b, 20)
+        if setup is None:
+            tail = "\n".join(d.tail(15) for d in daemons)
+            return {"skipped": f"overlay did not pass a ping in 20 s; daemon logs:\n{tail}"}
+        ready = time.monotonic() - t0
+        r = measure(pair, addr_b, [p for d in daemons for p in c.descendants(d.proc.pid)], args.seconds, args.pings)
+        r["setup_s"] = ready
+        r["counters_a"] = {k: v for k, v in daemons[0].counters().items() if v}
+        return r
+    except Exception as e:
+        return {"skipped": f"overlay could not run: {e}"}
+    finally:
+        for d in daemons:
+            d.stop()
+
+
+def column_fastpath(pair: c.Pair, args: argparse.Namespace) -> dict[str, Any]:
+    import fastpath_proto as fp
+
+    procs = fp.start(pair, workers=args.workers)
+    try:
+        if c.wait_ping(pair.lab, pair.a, fp.FP_B, 15) is None:
+            return {"skipped": "fastpath prototype did not pass a ping:\n" + procs[0].tail()}
+        r = measure(pair, fp.FP_B, [p.pid for p in procs], args.seconds, args.pings)
+        r["profile"] = fp.stop(procs)
+        return r
+    finally:
+        fp.stop(procs)
+
+
+COLUMNS: dict[str, Callable[[c.Pair, argparse.Namespace], dict[str, Any]]] = {
+    "raw veth": column_raw,
+    "wireguard-go": column_wireguard,
+    "husarnet_ros": column_overlay,  # the daemon's set-up time includes identity load and the handshake
+    "fastpath proto": column_fastpath,
+}
+
+ROWS = [
+    ("tcp1_gbps", "TCP 1 stream (Gbit/s)", "{:.2f}"),
+    ("tcp4_gbps", "TCP 4 streams (Gbit/s)", "{:.2f}"),
+    ("udp64_pps", "UDP 64 B delivered (kpps)", "k"),
+    ("udp1200_pps", "UDP 1200 B delivered (kpps)", "k"),
+    ("ping_avg_ms", "ping avg (ms)", "{:.3f}"),
+    ("ping_p99_ms", "ping p99 (ms)", "{:.3f}"),
+    ("cpu_s_per_gb", "tunnel CPU s per GB", "{:.2f}"),
+    ("cpu_util_cores", "tunnel CPU (cores busy)", "{:.2f}"),
+    ("setup_s", "set-up to first ping (s)", "{:.2f}"),
+]
+
+
+def fmt(v: Any, spec: str) -> str:
+    if not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v / 1000:.1f}" if spec == "k" else spec.format(v)
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    names = list(results)
+    w0 = max(len(r[1]) for r in ROWS) + 2
+    widths = [max(14, len(n) + 2) for n in names]
+    lines = ["".ljust(w0) + "".join(n.rjust(w) for n, w in zip(names, widths, strict=True))]
+    wg = results.get("wireguard-go", {})
+    for key, label, spec in ROWS:
+        lines.append(
+            label.ljust(w0)
+            + "".join(fmt(results[n].get(key), spec).rjust(w) for n, w in zip(names, widths, strict=True))
+        )
+        if key in ("tcp1_gbps", "tcp4_gbps", "udp1200_pps") and isinstance(wg.get(key), (int, float)) and wg[key]:
+            ratios = []
+            for n in names:
+                v = results[n].get(key)
+                ratios.append(f"x{v / wg[key]:.2f}" if isinstance(v, (int, float)) else "-")
+            lines.append(
+                ("  ratio to wireguard-go").ljust(w0) + "".join(x.rjust(w) for x, w in zip(ratios, widths, strict=True))
+            )
+    for n in names:
+        if "skipped" in results[n]:
+            lines.append(f"note: {n} skipped: {results[n]['skipped'].strip().splitlines()[0]}")
+        errs = {k: v for k, v in results[n].items() if k.endswith("_error")}
+        for k, v in errs.items():
+            lines.append(f"note: {n} {k[:-6]} failed: {v.splitlines()[0] if v else ''}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="3 s per throughput test instead of 10, fewer pings")
+    p.add_argument("--loss", type=float, default=0.0, metavar="PERCENT", help="random loss on the veth path, both ways")
+    p.add_argument("--only", action="append", choices=["raw", "wireguard", "overlay", "fastpath"], help="repeatable")
+    p.add_argument("--fastpath", action="store_true", help="also run the issue #6 prototype column")
+    p.add_argument("--workers", type=int, default=2, help="fastpath prototype threads per direction")
+    p.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    args = p.parse_args(argv)
+    args.seconds = 3 if args.quick else 10
+    args.pings = 50 if args.quick else 200
+    if os.geteuid() != 0:
+        print("make bench needs root (network namespaces, TUN devices)", file=sys.stderr)
+        return 2
+    keys = {"raw": "raw veth", "wireguard": "wireguard-go", "overlay": "husarnet_ros", "fastpath": "fastpath proto"}
+    wanted = [keys[k] for k in args.only] if args.only else ["raw veth", "wireguard-go", "husarnet_ros"]
+    if args.fastpath and "fastpath proto" not in wanted:
+        wanted.append("fastpath proto")
+    info = c.machine_info()
+    results: dict[str, dict[str, Any]] = {}
+    with c.Lab(tag="bench") as lab:
+        pair = c.make_pair(lab)
+        if args.loss:
+            c.set_offloads(pair, on=False)
+            c.add_loss(pair, args.loss)
+        c.start_iperf_server(lab, pair.b)
+        for name in wanted:
+            c.log(f"measuring {name} ({args.seconds} s per throughput test, loss {args.loss} %)")
+            results[name] = COLUMNS[name](pair, args)
+            c.log(f"  {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in results[name].items() if isinstance(v, float)))
+    info["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    out = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds_per_test": args.seconds,
+        "loss_percent": args.loss,
+        "machine": info,
+        "results": results,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    print(
+        f"\nloss {args.loss} %, {args.seconds} s per test, "
+        f"load average {info.get('loadavg_start')} -> {info['loadavg_end']}"
+    )
+    print(table(results))
+    print(f"\nwritten: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -550,11 +550,16 @@ class Lab:
         other_addr4: str | None = None,
         other_addr6: str | None = None,
         mtu: int | None = None,
+        onlink: Sequence[str] = (),
     ) -> str:
         """Connect ``host`` to a bridge (or directly to another host) with a veth; return host's ifname.
 
         The veth is created inside ``host`` with its peer end inside ``other``; nothing appears in the
         root namespace, so nothing can leak there.
+
+        ``onlink`` lists networks routed straight out of this link. With a host address (``/32``,
+        ``/128``) this models the Internet: hosts reach each other on one switch, yet none shares a
+        connected subnet with another, so a node classifies their paths as 'direct', not 'lan'.
         """
         for a in (addr4, addr6, other_addr4, other_addr6):
             if a is not None:
@@ -572,6 +577,9 @@ class Lab:
         self.run(host, ["ip", "link", "set", ifname, "up"])
         self._addr(host, ifname, addr4, addr6)
         self._addr(other, peer_if, other_addr4, other_addr6)
+        for net in onlink:
+            check_test_address(net)
+            self.run(host, ["ip", "-6" if ":" in net else "-4", "route", "add", net, "dev", ifname])
         return ifname
 
     def _addr(self, ns: Netns, iface: str, addr4: str | None, addr6: str | None) -> None:
@@ -600,6 +608,7 @@ class Lab:
         outside_addr4: str,
         host_addr4: str | None = None,
         nat: bool = True,
+        outside_onlink: Sequence[str] = (),
     ) -> Host:
         """A router namespace forwarding between ``inside`` and ``outside``, with nft ``masquerade random``.
 
@@ -607,7 +616,7 @@ class Lab:
         ``host_addr4`` is that host's address and its default route points at the router).
         """
         r = self.host(name)
-        out_if = self.link(r, outside, outside_addr4)
+        out_if = self.link(r, outside, outside_addr4, onlink=outside_onlink)
         if isinstance(inside, Bridge):
             self.link(r, inside, inside_addr4)
         else:
@@ -939,6 +948,9 @@ class Topology:
     MALLORY_LAN_IP = "198.18.3.66"
 
 
+WAN_ONLINK = ("198.18.0.0/24", "fd00::/64")
+
+
 def reference_topology(lab: Lab) -> Topology:
     """Build the plan's topology.
 
@@ -951,12 +963,14 @@ def reference_topology(lab: Lab) -> Topology:
                                               +--- peerD 198.18.3.3 / fd00:3::3   (no route to base)
 
     wan also carries fd00::/64 (base fd00::1, mallory fd00::66). natA/natB masquerade (random ports).
+    WAN hosts hold /32 (/128) addresses with an on-link route, like hosts on the Internet: they share a
+    switch but no connected subnet, so paths between them are 'direct', never 'lan'.
     mallory has rp_filter off so it can spoof sources.
     """
     wan = lab.bridge("wan")
     lan = lab.bridge("lan")
     base = lab.host("base")
-    lab.link(base, wan, f"{Topology.BASE_IP}/24", "fd00::1/64")
+    lab.link(base, wan, f"{Topology.BASE_IP}/32", "fd00::1/128", onlink=WAN_ONLINK)
     peer_a = lab.host("peerA")
     peer_b = lab.host("peerB")
     nat_a = lab.router(
@@ -964,23 +978,25 @@ def reference_topology(lab: Lab) -> Topology:
         peer_a,
         wan,
         inside_addr4="198.18.1.1/24",
-        outside_addr4=f"{Topology.NAT_A_IP}/24",
+        outside_addr4=f"{Topology.NAT_A_IP}/32",
         host_addr4=f"{Topology.PEER_A_IP}/24",
+        outside_onlink=WAN_ONLINK[:1],
     )
     nat_b = lab.router(
         "natB",
         peer_b,
         wan,
         inside_addr4="198.18.2.1/24",
-        outside_addr4=f"{Topology.NAT_B_IP}/24",
+        outside_addr4=f"{Topology.NAT_B_IP}/32",
         host_addr4=f"{Topology.PEER_B_IP}/24",
+        outside_onlink=WAN_ONLINK[:1],
     )
     peer_c = lab.host("peerC")
     peer_d = lab.host("peerD")
     lab.link(peer_c, lan, f"{Topology.PEER_C_IP}/24", "fd00:3::2/64")
     lab.link(peer_d, lan, f"{Topology.PEER_D_IP}/24", "fd00:3::3/64")
     mallory = lab.host("mallory")
-    lab.link(mallory, wan, f"{Topology.MALLORY_WAN_IP}/24", "fd00::66/64")
+    lab.link(mallory, wan, f"{Topology.MALLORY_WAN_IP}/32", "fd00::66/128", onlink=WAN_ONLINK)
     lab.link(mallory, lan, f"{Topology.MALLORY_LAN_IP}/24", "fd00:3::66/64")
     for key in ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"):
         lab.set_sysctl(mallory, key, "0")

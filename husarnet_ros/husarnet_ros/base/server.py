@@ -36,6 +36,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -817,6 +818,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     config = config_from_args(args)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # one fd per node: take everything we are allowed
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.print_key:
         ident = Identity.load_or_create(ensure_state_dir(config.state_dir) / "id")
         print(ident.public_key.hex())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,10 @@ class SharedUdp(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         src = (addr[0], addr[1])
@@ -133,6 +138,7 @@ class SimNode:
         self.client: BaseClient | None = None
         self.task: asyncio.Task[None] | None = None
         self.client_kwargs = client_kwargs
+        self._changed: asyncio.Event | None = None
 
     @property
     def address(self) -> bytes:
@@ -156,8 +162,13 @@ class SimNode:
         else:
             self.relayed.append((src, datagram))
 
+    def _on_state(self, _state: str) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
         if self.udp is None:
             self.udp = await SharedUdp.open(self.index, self.host)
         self.client = BaseClient(
@@ -173,6 +184,7 @@ class SimNode:
             lan_endpoints=lambda: self.lan,
             hostname=self.hostname,
             index=self.index,
+            on_state=self._on_state,
             **self.client_kwargs,
         )
         self.task = loop.create_task(self.client.run())
@@ -188,7 +200,17 @@ class SimNode:
         return True
 
     async def wait_state(self, *states: str, timeout: float = 10.0) -> bool:
-        return await self.wait(lambda: self.client is not None and self.client.state in states, timeout)
+        """Wait (without polling) until the client's state is one of ``states``."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while not (self.client is not None and self.client.state in states):
+            left = end - loop.time()
+            if left <= 0 or self._changed is None:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return True
 
     async def close(self) -> None:
         if self.client is not None:

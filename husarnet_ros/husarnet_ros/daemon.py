@@ -3,6 +3,7 @@
     python -m husarnet_ros.daemon --state-dir DIR [--interface hnet0] [--udp-port 5582] [--hostname NAME]
         [--peer SPEC]... [--whitelist ADDR[=HOSTNAME]]... [--no-whitelist] [--base HOST:PORT[#PUBKEY]]...
         [--no-lan-discovery] [--mtu N] [--control PATH] [--timers-scale F] [--hosts-file PATH] [--log-level L]
+        [--no-offload] [--no-tun]
     python -m husarnet_ros.daemon --state-dir DIR --print-address
 
 The control socket speaks one JSON object per line each way:
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timers-scale", type=float, default=1.0, help="multiply every protocol interval")
     p.add_argument("--hosts-file", default=None, help="hosts file to keep peer names in (default: none)")
     p.add_argument("--no-tun", action="store_true", help="no TUN device (control-plane experiments only)")
+    p.add_argument("--no-offload", action="store_true", help="plain TUN packets (no TSO/GRO super-packets)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -84,6 +86,7 @@ def status_to_json(engine: Engine) -> dict[str, Any]:
     d = dataclasses.asdict(s)
     d["address"] = format_address(s.address)
     d["udp_port"] = engine.local_port
+    d["offload"] = engine.offload_active
     return d
 
 
@@ -91,7 +94,7 @@ def handle_command(engine: Engine, req: dict[str, Any]) -> dict[str, Any]:
     """Run one control request.
 
     Commands and replies (besides ``ok``):
-    ``status`` -> ``status`` (StatusInfo fields, address as text, plus ``udp_port``);
+    ``status`` -> ``status`` (StatusInfo fields, address as text, plus ``udp_port`` and ``offload``);
     ``peers`` -> ``peers`` (list of PeerInfo fields, address as text);
     ``counters`` -> ``counters``;
     ``whitelist_add`` {address, hostname?} -> ``changed``;
@@ -227,6 +230,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         whitelist=list(args.whitelist),
         hosts_file=args.hosts_file,
         use_tun=not args.no_tun,
+        offload=not args.no_offload,
         timers=scaled_timers(args.timers_scale),
     )
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from .constants import OVERLAY_PREFIX, Timers
 from .counters import Counters
+from .offload import OffloadError, split_for_send
 from .peer import IndexTable, Peer
 from .session import Keypair, SessionDrop
 from .transport import AnyEndpoint, RelayEndpoint
@@ -293,16 +294,32 @@ class Datapath:
 
     def _tun_loop(self) -> None:
         tun = self._tun
+        vnet = tun.vnet_hdr
+        mtu = tun.mtu
         while True:
             try:
-                packets = tun.read_many(64)
+                reads = tun.read_many(64)
             except Exception:  # TunError once closed
                 return
-            if packets:
-                try:
-                    self.send_packets(packets)
-                except Exception:
-                    log.exception("sending a TUN batch failed")
+            if not reads:
+                continue
+            if vnet:
+                # TSO: one read may be a 64 kB super-packet; cut it into MTU-sized packets with checksums.
+                packets: list[bytes] = []
+                bad = 0
+                for buf in reads:
+                    try:
+                        packets.extend(split_for_send(buf, True, mtu))
+                    except OffloadError:
+                        bad += 1
+                if bad:
+                    self.counters.inc("malformed", bad)
+            else:
+                packets = reads
+            try:
+                self.send_packets(packets)
+            except Exception:
+                log.exception("sending a TUN batch failed")
 
     def stop_tun(self) -> None:
         """Close the TUN (wakes the reader) and join the thread."""

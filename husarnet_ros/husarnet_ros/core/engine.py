@@ -39,6 +39,7 @@ from .counters import Counters
 from .datapath import Datapath
 from .fsutil import StateFileError, ensure_state_dir
 from .identity import Identity, format_address, parse_address
+from .offload import Coalescer
 from .path import KIND_NONE, KIND_RELAY, Network, classify
 from .peer import IndexTable, Peer, PendingHandshake
 from .session import Keypair
@@ -65,6 +66,8 @@ from .wire import (
 )
 
 log = logging.getLogger(__name__)
+
+_DATA_WORD = MSG_DATA.to_bytes(4, "little")
 
 #: Hello flag: "this Hello answers yours" (never answered again, so Hellos cannot ping-pong).
 HELLO_FLAG_REPLY = 1
@@ -99,6 +102,7 @@ class EngineConfig:
     hosts_file: str | None = None
     use_tun: bool = True
     timers: Timers = field(default_factory=Timers)
+    offload: bool = True  # TUN virtio-net headers (TSO/GRO super-packets) when the kernel allows
 
 
 @dataclass(frozen=True)
@@ -314,9 +318,16 @@ class Engine:
             from .tun import TunDevice, TunError
 
             try:
-                self._tun = TunDevice.open(cfg.interface_name, self.address, cfg.mtu)
+                self._tun = TunDevice.open(cfg.interface_name, self.address, cfg.mtu, vnet_hdr=cfg.offload)
             except TunError as exc:
-                raise EngineError(str(exc)) from None
+                if not cfg.offload:
+                    raise EngineError(str(exc)) from None
+                # A device that refuses virtio-net headers (or its offloads) still works packet by packet.
+                log.info("TUN offload unavailable (%s); using plain packets", exc)
+                try:
+                    self._tun = TunDevice.open(cfg.interface_name, self.address, cfg.mtu)
+                except TunError as exc2:
+                    raise EngineError(str(exc2)) from None
         # Control loop.
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -324,7 +335,10 @@ class Engine:
         self._loop_thread.start()
         ready.wait()
         self._call(self._setup_on_loop).result(timeout=10)
-        self._transport.start(self._on_datagram)
+        if isinstance(self._transport, UdpTransport):
+            self._transport.start(self._on_datagram, self._on_batch)
+        else:
+            self._transport.start(self._on_datagram)
         if self._tun is not None:
             self._datapath.start_tun(self._tun)
         log.info("engine up: %s on UDP %d", format_address(self.address), self._transport.local_port)
@@ -634,6 +648,11 @@ class Engine:
             self._post(self._notify, "status")
 
     @property
+    def offload_active(self) -> bool:
+        """True if the TUN runs with virtio-net headers (TSO on read, GRO on write)."""
+        return bool(self._tun is not None and self._tun.vnet_hdr)
+
+    @property
     def local_port(self) -> int:
         return self._transport.local_port if self._transport is not None else 0
 
@@ -693,6 +712,17 @@ class Engine:
             return
         self._control_backlog += 1
         self._post(self._on_control, word, data, src)
+
+    def _on_batch(self, batch: list[tuple[bytes, Endpoint]]) -> None:
+        """A GRO batch from the UDP socket: Data messages opened together, the rest one by one."""
+        data = [item for item in batch if item[0][:4] == _DATA_WORD]
+        if data:
+            assert self._datapath is not None
+            self._datapath.receive_many(data)
+        if len(data) != len(batch):
+            for d, src in batch:
+                if d[:4] != _DATA_WORD:
+                    self._on_datagram(d, src)
 
     def _on_control(self, word: int, data: bytes, src: AnyEndpoint) -> None:
         self._control_backlog -= 1
@@ -1157,6 +1187,12 @@ class Engine:
         """Inbound IPv6 packets: to the TUN, or to ``on_packet`` in memory mode."""
         tun = self._tun
         if tun is not None:
+            if tun.vnet_hdr:
+                # GRO: consecutive segments of one TCP flow become one super-packet write.
+                co = Coalescer(vnet=True)
+                for p in packets:
+                    co.add(p)
+                packets = co.flush()
             for p in packets:
                 try:
                     tun.write(p)

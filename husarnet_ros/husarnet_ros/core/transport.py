@@ -15,18 +15,12 @@ through the transport.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
-import os
-import select
-import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
-
-from .constants import MAX_DATAGRAM
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +41,7 @@ class RelayEndpoint:
 AnyEndpoint = Endpoint | RelayEndpoint
 
 OnDatagram = Callable[[bytes, Endpoint], None]
+OnBatch = Callable[[list[tuple[bytes, Endpoint]]], None]
 
 
 @runtime_checkable
@@ -121,29 +116,24 @@ def format_endpoint(endpoint: AnyEndpoint | None) -> str:
 
 
 class UdpTransport:
-    """One dual-stack UDP socket bound to ``[::]:port`` with a receive thread.
+    """The real underlay: one dual-stack UDP socket (:class:`~husarnet_ros.core.udp.UdpSocket`) and a receive thread.
 
-    The receive thread drains the socket in batches and calls ``on_datagram``
-    for each datagram; it never blocks on anything but the socket, and
-    :meth:`close` wakes it through a pipe so shutdown is immediate.
+    Sending uses the socket's batch call (UDP GSO where the kernel has it);
+    the receive thread takes GRO batches and hands them to ``on_batch`` (or
+    each datagram to ``on_datagram``).  :meth:`close` wakes the thread, so
+    shutdown is immediate.
     """
 
-    def __init__(self, port: int, *, bind_host: str = "::", rcvbuf: int = 4 << 20, sndbuf: int = 4 << 20) -> None:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    def __init__(self, port: int, *, bind_host: str = "::") -> None:
+        from .udp import UdpSocket
+
+        # An IPv4 bind address goes through the dual-stack socket as IPv4-mapped.
+        host = f"::ffff:{bind_host}" if "." in bind_host else bind_host
         try:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-            # An IPv4 bind address goes through the dual-stack socket as IPv4-mapped.
-            sock.bind((f"::ffff:{bind_host}" if "." in bind_host else bind_host, port))
-            sock.setblocking(False)
+            self._sock = UdpSocket(port, host)
         except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"cannot bind UDP port {port}: {exc.strerror}") from None
-        self._sock = sock
-        self.local_port: int = sock.getsockname()[1]
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            raise OSError(exc.errno, f"cannot bind UDP port {port}: {exc.strerror or exc}") from None
+        self.local_port: int = self._sock.local_port
         self._thread: threading.Thread | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -151,82 +141,53 @@ class UdpTransport:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    @staticmethod
-    def _sockaddr(endpoint: Endpoint) -> tuple[str, int]:
-        host, port = endpoint
-        if ":" not in host:  # IPv4 through the dual-stack socket
-            return (f"::ffff:{host}", port)
-        return (host, port)
-
     def send(self, datagram: bytes, endpoint: Endpoint) -> None:
-        """Send one datagram; a full socket buffer or an unreachable network is a drop, not an error."""
+        """Send one datagram; an unreachable network or a bad endpoint is a drop, not an error."""
         if self._closed:
             return
         try:
-            self._sock.sendto(datagram, self._sockaddr(endpoint))
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:
+            self._sock.send(datagram, endpoint)
+        except (OSError, ValueError) as exc:
             log.debug("send to %s failed: %s", endpoint, exc)
 
     def send_many(self, datagrams: list[bytes], endpoint: Endpoint) -> None:
-        """Send a batch to one endpoint (a later UDP GSO implementation slots in here)."""
-        addr = self._sockaddr(endpoint)
-        sendto = self._sock.sendto
-        for d in datagrams:
-            try:
-                sendto(d, addr)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                log.debug("send to %s failed: %s", endpoint, exc)
-                return
+        """Send a batch to one endpoint (equal-size runs leave in one GSO call)."""
+        if self._closed:
+            return
+        try:
+            self._sock.send_many(datagrams, endpoint)
+        except (OSError, ValueError) as exc:
+            log.debug("send to %s failed: %s", endpoint, exc)
 
-    def start(self, on_datagram: OnDatagram) -> None:
-        """Start the receive thread; ``on_datagram(data, (host, port))`` runs on it."""
+    def start(self, on_datagram: OnDatagram, on_batch: OnBatch | None = None) -> None:
+        """Start the receive thread; it calls ``on_batch(list)`` if given, else ``on_datagram(data, ep)``."""
         if self._thread is not None:
             raise RuntimeError("transport already started")
         self._thread = threading.Thread(
-            target=self._run, args=(on_datagram,), name=f"udp-rx:{self.local_port}", daemon=True
+            target=self._run, args=(on_datagram, on_batch), name=f"udp-rx:{self.local_port}", daemon=True
         )
         self._thread.start()
 
-    def _run(self, on_datagram: OnDatagram) -> None:
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        recvfrom = self._sock.recvfrom
-        cache: dict[tuple, Endpoint] = {}
+    def _run(self, on_datagram: OnDatagram, on_batch: OnBatch | None) -> None:
+        recv_batch = self._sock.recv_batch
         while not self._closed:
             try:
-                poller.poll()
-            except InterruptedError:
-                continue
-            for _ in range(256):
+                batch = recv_batch(None)
+            except OSError as exc:
                 if self._closed:
                     return
-                try:
-                    data, addr = recvfrom(MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:  # ICMP errors surface here (ECONNREFUSED); ignore them
-                    log.debug("recv error: %s", exc)
-                    continue
-                key = addr[:2] if addr[3] == 0 else addr
-                ep = cache.get(key)
-                if ep is None:
-                    host = addr[0] if addr[3] == 0 or "%" in addr[0] else f"{addr[0]}%{addr[3]}"
-                    try:
-                        ep = normalize_endpoint(host, addr[1])
-                    except ValueError:
-                        continue
-                    if len(cache) > 4096:
-                        cache.clear()
-                    cache[key] = ep
-                try:
-                    on_datagram(data, ep)
-                except Exception:  # a bug in one handler must not kill the receive thread
-                    log.exception("datagram handler failed")
+                log.warning("UDP receive failed: %s", exc)
+                continue
+            if not batch:
+                continue
+            try:
+                if on_batch is not None:
+                    on_batch(batch)
+                else:
+                    for data, ep in batch:
+                        on_datagram(data, ep)
+            except Exception:  # a bug in one handler must not kill the receive thread
+                log.exception("datagram handler failed")
 
     def close(self) -> None:
         """Stop the receive thread and close the socket; idempotent."""
@@ -234,10 +195,6 @@ class UdpTransport:
             if self._closed:
                 return
             self._closed = True
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
+        self._sock.close()  # wakes the receiver
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        self._sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)

@@ -121,15 +121,18 @@ def print_address(state: Path) -> str:
     return out.stdout.strip()
 
 
-def test_two_daemons_ping6_and_50mb_tcp(tmp_path, namespaces):
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
+def test_two_daemons_ping6_and_50mb_tcp(tmp_path, namespaces, offload):
+    extra = [] if offload else ["--no-offload"]
     sa, sb = tmp_path / "a", tmp_path / "b"
     addr_a, addr_b = print_address(sa), print_address(sb)
     assert addr_a.startswith("fc94:") and addr_b.startswith("fc94:")
     daemons: list[Daemon] = []
     try:
-        daemons.append(Daemon(NS_A, sa, ["--peer", f"{addr_b}@{IP_B}:5582", "--whitelist", addr_b]))
-        daemons.append(Daemon(NS_B, sb, ["--whitelist", addr_a]))
+        daemons.append(Daemon(NS_A, sa, ["--peer", f"{addr_b}@{IP_B}:5582", "--whitelist", addr_b, *extra]))
+        daemons.append(Daemon(NS_B, sb, ["--whitelist", addr_a, *extra]))
         a, b = daemons
+        assert control(a.ctl, "status")["status"]["offload"] is offload
         # The TUN is up with the address and the /16 route.
         link = in_ns(NS_A, "ip", "-6", "addr", "show", "dev", "hnet0").stdout
         assert addr_a in link and "/16" in link

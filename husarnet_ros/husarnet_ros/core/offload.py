@@ -302,21 +302,24 @@ def _split_udp(pkt: memoryview, h: VnetHdr, limit: int) -> list[bytes]:
 class _Group:
     """An open run of in-order segments of one TCP flow, to become one GSO super-packet."""
 
-    __slots__ = ("ack", "doff", "gso", "head", "length", "next_seq", "payloads", "psh")
+    __slots__ = ("ackdoff", "count", "doff", "gso", "head", "length", "next_seq", "opts", "payloads", "pre", "psh")
 
-    def __init__(self, head: bytes, doff: int, seq: int, ack: bytes, plen: int, psh: bool) -> None:
+    def __init__(self, head: bytes, doff: int, seq: int, plen: int, psh: bool) -> None:
         self.head = head
         self.doff = doff
-        self.ack = ack
+        self.pre = head[:4]  # version, traffic class, flow label
+        self.ackdoff = head[48:53]  # acknowledgment number and data offset
+        self.opts = head[60 : IPV6_HDR_LEN + doff]
         self.gso = plen
         self.payloads = [memoryview(head)[IPV6_HDR_LEN + doff :]]
+        self.count = 1
         self.next_seq = (seq + plen) & 0xFFFFFFFF
         self.length = len(head)
         self.psh = psh
 
     def build(self) -> bytes:
         head = self.head
-        if len(self.payloads) == 1:
+        if self.count == 1:
             return PLAIN_VNET_HDR + head
         doff = self.doff
         hdrs = IPV6_HDR_LEN + doff
@@ -348,7 +351,8 @@ class Coalescer:
     ``GSO_TCPV6`` super-packet.  Everything else (other protocols, extension headers, fragments,
     SYN/FIN/RST, pure ACKs) passes through unchanged with a plain header.  Packets of one flow keep
     their order.  With ``vnet=False`` (a TUN without virtio-net headers) it returns the packets as they
-    came.  Not thread-safe: one per receive thread.
+    came.  Not thread-safe: one per receive thread.  This is the receive hot path (one call per
+    packet), hence the flat code.
     """
 
     def __init__(self, vnet: bool = True, max_packet: int = MAX_PACKET, max_segments: int = MAX_SEGMENTS) -> None:
@@ -365,57 +369,51 @@ class Coalescer:
 
     def add(self, packet: bytes) -> None:
         """Queue one IPv6 packet (already authenticated and checked by the caller)."""
-        out = self._out
-        if not self.vnet:
-            out.append(packet)
-            return
         n = len(packet)
-        if n < IPV6_HDR_LEN + TCP_MIN_HDR_LEN or packet[6] != IPPROTO_TCP or packet[0] >> 4 != 6:
-            out.append(PLAIN_VNET_HDR + packet)
+        if n < 60 or packet[6] != IPPROTO_TCP or packet[0] >> 4 != 6 or not self.vnet:
+            self._out.append(PLAIN_VNET_HDR + packet if self.vnet else packet)
             return
-        doff = (packet[52] >> 4) * 4
+        doff = (packet[52] >> 4) << 2
         plen = n - IPV6_HDR_LEN - doff
         key = packet[8:44]  # addresses and ports
-        flags = packet[53]
         if (
-            doff < TCP_MIN_HDR_LEN
-            or plen <= 0
-            or (flags & ~TCP_PSH) != TCP_ACK
+            plen <= 0
+            or doff < TCP_MIN_HDR_LEN
+            or packet[53] & ~TCP_PSH != TCP_ACK
             or (packet[4] << 8 | packet[5]) != n - IPV6_HDR_LEN
         ):
             # Not coalescable; also ends the flow's open run so the flow keeps its order.
             self._open.pop(key, None)
-            out.append(PLAIN_VNET_HDR + packet)
+            self._out.append(PLAIN_VNET_HDR + packet)
             return
-        seq = (packet[44] << 24) | (packet[45] << 16) | (packet[46] << 8) | packet[47]
-        ack = packet[48:52]
-        psh = bool(flags & TCP_PSH)
-        g = self._open.get(key)
+        seq = int.from_bytes(packet[44:48], "big")
+        psh = packet[53] & TCP_PSH
+        opened = self._open
+        g = opened.get(key)
         if g is not None:
-            head = g.head
             if (
                 seq == g.next_seq
-                and ack == g.ack
-                and doff == g.doff
                 and plen <= g.gso
+                and packet[48:53] == g.ackdoff
+                and packet[:4] == g.pre
+                and packet[7] == g.head[7]  # hop limit
+                and (doff == TCP_MIN_HDR_LEN or packet[60 : IPV6_HDR_LEN + doff] == g.opts)
                 and g.length + plen <= self.max_packet
-                and len(g.payloads) < self.max_segments
-                and packet[:4] == head[:4]
-                and packet[7] == head[7]
-                and (doff == TCP_MIN_HDR_LEN or packet[60 : IPV6_HDR_LEN + doff] == head[60 : IPV6_HDR_LEN + doff])
+                and g.count < self.max_segments
             ):
                 g.payloads.append(memoryview(packet)[IPV6_HDR_LEN + doff :])
+                g.count += 1
                 g.length += plen
                 g.next_seq = (seq + plen) & 0xFFFFFFFF
                 if psh or plen < g.gso:
-                    g.psh = psh
-                    del self._open[key]  # nothing may follow a PSH or a short segment
+                    g.psh = bool(psh)
+                    del opened[key]  # nothing may follow a PSH or a short segment
                 return
-            del self._open[key]
-        g = _Group(packet, doff, seq, ack, plen, psh)
-        out.append(g)
+            del opened[key]
+        g = _Group(packet, doff, seq, plen, bool(psh))
+        self._out.append(g)
         if not psh:
-            self._open[key] = g
+            opened[key] = g
 
     def flush(self) -> list[bytes]:
         """The queued packets as TUN writes (virtio-net header + packet when ``vnet``), in order."""

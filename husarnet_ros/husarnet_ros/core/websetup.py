@@ -478,7 +478,7 @@ class WebsetupServer:
             self._state.save()
         try:
             changed = self.whitelist.add(addr, hostname)
-        except ValueError:
+        except Exception:  # bad name, full list or a failed write: take the provenance back
             if not was_listed:
                 self._state.added_whitelist.discard(addr)
                 self._state.save()

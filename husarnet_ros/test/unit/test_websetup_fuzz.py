@@ -163,3 +163,33 @@ def _fuzz_server(tmp_path: Path) -> WebsetupServer:
             tmp_path, Whitelist(tmp_path / "whitelist.json"), websetup_whitelist=["fc94::10"], clock=_FastClock()
         )
     return _servers[tmp_path]
+
+
+_arg_text = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(["fc94::a", "fc94::b", "fd00::1", "robot1", "Robot1", "bad name", "0", "99999", "ab" * 32]),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=commands, args=st.lists(_arg_text, max_size=3))
+def test_authenticated_random_arguments_always_get_a_reply(tmp_path: Path, command: str, args: list[str]) -> None:
+    """Whatever an authenticated sender puts in the arguments, the answer is a reply, never an exception."""
+    server = _fuzz_server(tmp_path)
+    if command == "change-secret":
+        return  # would change the key under the other examples; covered in test_websetup.py
+    counter = _next_counter(tmp_path)
+    msg = wp.build_command(server.secret, CLIENT, counter, command, args)
+    out = server.handle(msg, ("fc94::10", 40000, 0, 0))
+    assert out is not None
+    reply = wp.parse_reply(out, server.secret, CLIENT)
+    assert reply.counter == counter and reply.command == command
+    assert all(len(a) == 16 and a[:2] == b"\xfc\x94" for a in server.whitelist.entries())
+
+
+_counters: dict[Path, int] = {}
+
+
+def _next_counter(tmp_path: Path) -> int:
+    _counters[tmp_path] = _counters.get(tmp_path, 0) + 1
+    return _counters[tmp_path]

@@ -134,12 +134,14 @@ class Node:
         self.ep = ep
         self.address = ident.address
         self.got: list[bytes] = []
+        self.got_at: list[float] = []  # time.monotonic() of each delivery, parallel to ``got``
         self._got_lock = threading.Lock()
         engine.on_packet = self._on_packet
 
     def _on_packet(self, p: bytes) -> None:
         with self._got_lock:
             self.got.append(bytes(p))
+            self.got_at.append(time.monotonic())
 
     def send(self, dst: Node, payload: bytes) -> None:
         self.engine.inject_packet(packet(self.address, dst.address, payload))
@@ -147,6 +149,11 @@ class Node:
     def payloads(self, prefix: bytes = b"") -> list[bytes]:
         with self._got_lock:
             return [p[40:] for p in self.got if p[40:].startswith(prefix)]
+
+    def delivered_after(self, t: float, prefix: bytes = b"") -> list[bytes]:
+        """Payloads delivered at or after monotonic time ``t``."""
+        with self._got_lock:
+            return [p[40:] for p, at in zip(self.got, self.got_at) if at >= t and p[40:].startswith(prefix)]
 
     def counter(self, name: str) -> int:
         return self.engine.counters.get(name)

@@ -1,0 +1,175 @@
+"""husarnet-ros commands that need no ROS node: usage errors, genid, ip from a state dir, formatting."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from husarnet_ros import cli
+from husarnet_ros.core.identity import Identity
+
+PKG = Path(__file__).resolve().parents[2]
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["frobnicate"], ["whitelist"], ["whitelist", "add"], ["wait"], ["wait", "peer"], ["--timeout", "x", "status"]],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(argv, capsys)
+    assert code == cli.EXIT_USAGE
+    assert "usage" in err
+
+
+def test_genid_prints_a_valid_identity(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["genid"], capsys)
+    assert code == 0
+    ident = Identity.parse(out)
+    assert out.split()[0] == ident.address_str
+    _, out2, _ = run(["genid"], capsys)
+    assert Identity.parse(out2).address != ident.address
+
+
+def test_genid_out_is_private_and_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "id"
+    code, stdout, err = run(["genid", "--out", str(out)], capsys)
+    assert code == 0 and stdout == ""
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    first = Identity.load(out)
+    assert first.address_str in err
+    code, _, err = run(["genid", "--out", str(out)], capsys)
+    assert code == cli.EXIT_FAILED and "--force" in err
+    assert Identity.load(out).address == first.address
+    code, _, _ = run(["genid", "--out", str(out), "--force"], capsys)
+    assert code == 0 and Identity.load(out).address != first.address
+
+
+def test_ip_from_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ident = Identity.generate()
+    ident.save(tmp_path / "id")
+    code, out, _ = run(["ip", "--state-dir", str(tmp_path)], capsys)
+    assert code == 0 and out.strip() == ident.address_str
+    code, _, err = run(["ip", "--state-dir", str(tmp_path / "missing")], capsys)
+    assert code == cli.EXIT_FAILED and "identity" in err
+
+
+def test_setup_tun_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["setup-tun"], capsys)
+    assert code == cli.EXIT_USAGE and "--user" in err
+    code, _, err = run(["setup-tun", "--user", "no-such-user-hnet"], capsys)
+    assert code == cli.EXIT_USAGE and "no such user" in err
+
+
+def test_websetup_without_secret_or_state(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.delenv("HUSARNET_WEBSETUP_SECRET", raising=False)
+    code, _, err = run(["websetup", "send", "fc94::1", "ping"], capsys)
+    assert code == cli.EXIT_USAGE and "secret" in err
+    monkeypatch.setenv("HUSARNET_WEBSETUP_SECRET", "abcd")
+    code, _, err = run(["websetup", "send", "fc94::1", "ping"], capsys)
+    assert code == cli.EXIT_USAGE and "32 bytes" in err
+    code, _, err = run(["websetup", "secret", "--state-dir", str(tmp_path)], capsys)
+    assert code == cli.EXIT_FAILED and "start the node" in err
+
+
+def test_websetup_secret_file_must_be_private(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "secret"
+    f.write_text("00" * 32)
+    f.chmod(0o644)
+    code, _, err = run(["websetup", "send", "fc94::1", "ping", "--secret-file", str(f)], capsys)
+    assert code == cli.EXIT_FAILED and "chmod 600" in err
+
+
+def kv(d: dict) -> list:
+    return [SimpleNamespace(key=k, value=str(v)) for k, v in d.items()]
+
+
+def fake_status(**over: object) -> SimpleNamespace:
+    base = {
+        "address": "fc94::1",
+        "hostname": "robot1",
+        "interface_name": "hnet0",
+        "base_connection": "udp",
+        "base_address": "base.example.org:443",
+        "whitelist_enabled": True,
+        "dds_env_file": "/var/lib/husarnet_ros/dds/dds.env",
+        "dds_restart_needed": False,
+        "websetup_enabled": True,
+        "websetup_port": 5580,
+        "websetup": kv({"last_command": "ping"}),
+        "counters": kv({"bad_mac": 3, "rx_bytes": 100, "replay": 0}),
+    }
+    base.update(over)
+    return SimpleNamespace(**base)
+
+
+def fake_peer(**over: object) -> SimpleNamespace:
+    p = {
+        "address": "fc94::2",
+        "hostname": "laptop",
+        "path": "direct",
+        "endpoint": "198.18.0.2:5582",
+        "rtt_ms": 12.5,
+        "is_whitelisted": True,
+        "is_secure": True,
+        "last_seen": SimpleNamespace(sec=1000, nanosec=0),
+        "rx_bytes": 2048,
+        "tx_bytes": 10,
+        "session_age": 5.0,
+        "cipher": "chacha20-poly1305",
+    }
+    p.update(over)
+    return SimpleNamespace(**p)
+
+
+def test_status_formatting_and_json_shape() -> None:
+    peers = SimpleNamespace(peers=[fake_peer(), fake_peer(address="fc94::3", hostname="", path="none", rtt_ms=-1.0)])
+    d = cli.status_dict(fake_status(dds_restart_needed=True), peers)
+    json.dumps(d)  # serialisable
+    assert d["counters"] == {"bad_mac": 3, "rx_bytes": 100, "replay": 0}
+    assert d["peers"][1]["rtt_ms"] is None
+    text = cli.format_status(d, now=1010)
+    assert "fc94::1" in text and "udp (base.example.org:443)" in text
+    assert "RESTART NEEDED" in text
+    assert "bad_mac=3" in text and "replay" not in text.split("drops")[1].splitlines()[0]
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("PEER"))
+    assert "PATH" in header and "RTT" in header
+    assert any("laptop" in line and "12.5 ms" in line and "10 s ago" in line for line in lines)
+    assert any("fc94::3" in line and " none " in line for line in lines)
+    empty = cli.format_status(cli.status_dict(fake_status(), SimpleNamespace(peers=[])))
+    assert "no peers" in empty
+
+
+def test_entry_point_runs_without_ros_environment(tmp_path: Path) -> None:
+    """genid works in a bare environment (as under sudo): the CLI imports rclpy only when needed."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PKG)}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from husarnet_ros.cli import main; code = main(['genid']); "
+            "sys.exit(code or 10 * ('rclpy' in sys.modules))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert Identity.parse(r.stdout)

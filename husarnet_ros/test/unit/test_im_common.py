@@ -153,7 +153,9 @@ class Node:
     def delivered_after(self, t: float, prefix: bytes = b"") -> list[bytes]:
         """Payloads delivered at or after monotonic time ``t``."""
         with self._got_lock:
-            return [p[40:] for p, at in zip(self.got, self.got_at) if at >= t and p[40:].startswith(prefix)]
+            return [
+                p[40:] for p, at in zip(self.got, self.got_at, strict=True) if at >= t and p[40:].startswith(prefix)
+            ]
 
     def counter(self, name: str) -> int:
         return self.engine.counters.get(name)

@@ -93,8 +93,12 @@ class HostsFile:
     # --- reading --------------------------------------------------------------
     def _target(self) -> Path:
         """The file we really write: the symlink's final target, so a symlinked hosts file stays a symlink."""
-        target = Path(os.path.realpath(self.path))
-        if target.exists() and not stat.S_ISREG(target.stat().st_mode):
+        try:
+            target = Path(os.path.realpath(self.path, strict=False))
+            mode = target.stat().st_mode if target.exists() else None
+        except OSError as exc:  # symlink loop, permission denied on a directory, ...
+            raise HostsError(f"cannot resolve {self.path}: {exc}") from exc
+        if mode is not None and not stat.S_ISREG(mode):
             raise HostsError(f"{self.path} (resolved to {target}) is not a regular file; refusing to write it")
         return target
 

@@ -171,3 +171,11 @@ def test_hosts_sync_follows_whitelist_and_sources(tmp_path: Path) -> None:
     assert "robot1" not in HostsFile(path).read_block()
     sync.close()
     assert path.read_bytes() == ORIGINAL
+
+
+def test_symlink_loop_is_a_clear_error(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(HostsError):
+        HostsFile(a).update({"robot1": A})

@@ -72,6 +72,9 @@ def validate_hostname(name: str, *, allow_reserved: bool = False) -> str:
             raise ValueError(f"hostname contains {bad!r}; only letters, digits, '-' and '.' are allowed")
         if label[0] == "-" or label[-1] == "-":
             raise ValueError("a hostname label may not start or end with '-'")
+    if name.rsplit(".", 1)[-1].isdigit():
+        # "123" or "1.2.3.4" would be read as an IPv4 address by inet_aton-style resolvers (RFC 1123 2.1).
+        raise ValueError("the last label of a hostname may not be all digits (it would look like an IPv4 address)")
     if not allow_reserved and name.lower() in RESERVED_HOSTNAMES:
         raise ValueError(f"hostname {name!r} is reserved for this node's own address")
     return name

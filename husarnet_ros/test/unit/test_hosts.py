@@ -22,7 +22,17 @@ ORIGINAL = b"127.0.0.1\tlocalhost\n# a comment with trailing spaces   \n::1 ip6-
 
 @pytest.mark.parametrize(
     "name",
-    ["robot1", "Robot-1", "a", "a.b.c", "x" * 63, ".".join(["y" * 63] * 3) + "." + "z" * 61, "123", "xn--bcher-kva"],
+    [
+        "robot1",
+        "Robot-1",
+        "a",
+        "a.b.c",
+        "x" * 63,
+        ".".join(["y" * 63] * 3) + "." + "z" * 61,
+        "1robot",
+        "123.robot",
+        "xn--bcher-kva",
+    ],
 )
 def test_valid_hostnames_preserved(name: str) -> None:
     assert validate_hostname(name) == name
@@ -45,6 +55,8 @@ def test_valid_hostnames_preserved(name: str) -> None:
         ("rob_ot", "'_'"),
         ("röbot", "'ö'"),
         ("robot#1", "'#'"),
+        ("123", "all digits"),
+        ("198.18.0.66", "all digits"),
         ("husarnet-local", "reserved"),
         ("HUSARNET-LOCAL", "reserved"),
     ],

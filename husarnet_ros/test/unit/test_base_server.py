@@ -550,3 +550,25 @@ def test_cli_sigterm_and_sigusr1(tmp_path) -> None:
         proc.stderr.close()
     key = subprocess.run([*cmd[:5], "--print-key"], env=env, capture_output=True, text=True, check=True)
     assert bytes.fromhex(key.stdout.strip()) == Identity.load(tmp_path / "b" / "id").public_key
+
+
+def test_global_handshake_budget(tmp_path) -> None:
+    async def main():
+        srv = await start_server(tmp_path, handshake_rate=3.0)
+        try:
+            closed = 0
+            hellos = [build_hello(Identity.generate(), None, 1) for _ in range(6)]
+            srv._hs_bucket.tokens, srv._hs_bucket.last = 3.0, srv.clock()
+            for hello in hellos:  # far faster than 3/s
+                r, w = await raw_connect(srv)
+                w.write(frame(hello))
+                try:
+                    await asyncio.wait_for(read_frame(r), 2)
+                except asyncio.IncompleteReadError:
+                    closed += 1
+                w.close()
+            assert srv.counters["hellos"] == 3 and srv.counters["rate_limited"] == 3 and closed == 3
+        finally:
+            await srv.close()
+
+    run(main())

@@ -879,6 +879,13 @@ class Engine:
             self.send_datagrams([msg], ep)
         self.counters.inc("handshakes_sent")
 
+    def _ahead_of_us(self, tai64n: bytes) -> bool:
+        """True if a peer's TAI64N timestamp is further in the future than any sane clock skew."""
+        return tai64n > hs.tai64n(self._wallclock() + self.timers.rekey_attempt_time)
+
+    def _ahead_of_us_ms(self, ms: int) -> bool:
+        return ms > (self._wallclock() + self.timers.rekey_attempt_time) * 1000
+
     def _hello_timestamp(self) -> int:
         ts = max(int(self._wallclock() * 1000), self._last_hello_ts + 1)
         self._last_hello_ts = ts
@@ -925,6 +932,10 @@ class Engine:
         for k in dropped:
             self._index.remove(k.local_index, k)
         peer.last_rx = now
+        if self._ahead_of_us(peer.last_init_timestamp):
+            # The peer just proved it is alive with its current clock: forget the far-future mark
+            # so its own initiations are accepted again (older captured ones stay rejected).
+            peer.last_init_timestamp = hs.tai64n(self._wallclock())
         self.counters.inc("handshakes_completed")
         # Key confirmation: the responder switches to this keypair only once it receives on it.
         assert self._datapath is not None
@@ -984,7 +995,13 @@ class Engine:
             c.inc("bad_id")  # same address, different key: a hash collision attempt
             return
         if st.timestamp <= peer.last_init_timestamp:
-            c.inc("replay")
+            c.inc("replay")  # never answered: it may be a replay
+            if self._ahead_of_us(peer.last_init_timestamp):
+                # The newest timestamp we hold for this peer is in our future: its clock was ahead and
+                # has been corrected (e.g. after a restart), so its fresh initiations look old.  Prove
+                # liveness our way instead: our own initiation to its known endpoints, which only the
+                # real peer can answer.  A live session is not touched until that completes.
+                self._start_handshake(peer)
             return
         peer.last_init_timestamp = st.timestamp
         peer.public_key = st.peer_public_key
@@ -1027,7 +1044,7 @@ class Engine:
         if peer.public_key is not None and peer.public_key != hello.public_key:
             c.inc("bad_id")
             return
-        if hello.timestamp_ms <= peer.last_hello_ts:
+        if hello.timestamp_ms <= peer.last_hello_ts and not self._ahead_of_us_ms(peer.last_hello_ts):
             c.inc("replay")
             return
         peer.last_hello_ts = hello.timestamp_ms

@@ -21,10 +21,10 @@ import contextlib
 import ipaddress
 import os
 import re
+import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +41,11 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 
 from husarnet_msgs.msg import Peer, PeerArray, Status
 from husarnet_msgs.srv import AddToWhitelist, ListWhitelist, PingPeer, RemoveFromWhitelist, SetWhitelistEnabled
@@ -848,8 +849,19 @@ def _system_hostname() -> str:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point ``husarnet_node`` (``ros2 run husarnet_ros husarnet_node``)."""
-    rclpy.init(args=args)
+    """Entry point ``husarnet_node`` (``ros2 run husarnet_ros husarnet_node``).
+
+    SIGINT and SIGTERM are handled here rather than by rclpy, so the engine is
+    stopped (device removed, threads joined) while the ROS context is still
+    valid, and the process exits 0 after a clean stop.
+    """
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     node = HusarnetNode()
     executor = MultiThreadedExecutor(num_threads=3)
     executor.add_node(node)
@@ -859,21 +871,20 @@ def main(args: list[str] | None = None) -> int:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 node.get_logger().fatal("autostart: configure failed (see above)")
                 code = 1
-            elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+            elif not stop.is_set() and node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
                 node.get_logger().fatal("autostart: activate failed (see above)")
                 code = 1
-        if code == 0:
-            executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        while code == 0 and not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.2)
     finally:
         # Never leave the device or threads behind, however we got here.
         node._release()
+        node.get_logger().info("stopped")
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
-        if rclpy.ok():
-            rclpy.try_shutdown()
-        time.sleep(0)
+        rclpy.try_shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return code
 
 

@@ -196,7 +196,6 @@ class Engine:
         self.counters = Counters()
         self.whitelist: Whitelist | None = None
         self.on_packet: Callable[[bytes], None] | None = None
-        self.websetup_status: dict = {}
         self.dds_restart_needed = False
         self._given_transport = transport
         self._transport: Transport | None = None
@@ -214,6 +213,8 @@ class Engine:
         self._local_networks: list[Network] = []
         self._local_endpoints: list[Endpoint] = []
         self._bases: dict[str, Any] = {}  # base key -> BaseClient
+        self._hosts: Any = None  # hosts.HostsSync
+        self._websetup: Any = None  # websetup.WebsetupServer
         self._base_tasks: list[asyncio.Task] = []
         self._beacon_endpoints: set[Endpoint] = set()
         self._beacons: Any = None
@@ -328,6 +329,18 @@ class Engine:
                     self._tun = TunDevice.open(cfg.interface_name, self.address, cfg.mtu)
                 except TunError as exc2:
                     raise EngineError(str(exc2)) from None
+        # Hosts file block (own names + whitelist hostnames + websetup names).
+        if cfg.hosts_file:
+            from .hosts import HostsError, HostsFile, HostsSync
+
+            try:
+                # The whitelist's names are fed as the first source (so they win over websetup's), by our
+                # own listener, so a stopped engine never rewrites the block.
+                self._hosts = HostsSync(HostsFile(cfg.hosts_file), self.address, cfg.hostname, None)
+                self._hosts.set_source("whitelist", self.whitelist.hostnames())
+            except (HostsError, ValueError, OSError) as exc:
+                self._hosts = None
+                raise EngineError(f"hosts file {cfg.hosts_file}: {exc}") from None
         # Control loop.
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -335,6 +348,8 @@ class Engine:
         self._loop_thread.start()
         ready.wait()
         self._call(self._setup_on_loop).result(timeout=10)
+        if cfg.websetup_enabled and self._tun is not None:
+            asyncio.run_coroutine_threadsafe(self._start_websetup(), self._loop).result(timeout=10)
         if isinstance(self._transport, UdpTransport):
             self._transport.start(self._on_datagram, self._on_batch)
         else:
@@ -405,6 +420,32 @@ class Engine:
         if self._bases:
             self.set_relay_sender(self._relay_via_base)
         self._tick_task = asyncio.get_running_loop().create_task(self._ticker())
+
+    async def _start_websetup(self) -> None:
+        """Websetup on UDP 5580 of our overlay address only (DESIGN.md 4.8)."""
+        from .websetup import WebsetupServer
+
+        try:
+            from .. import __version__ as version
+        except ImportError:
+            version = ""
+        server = WebsetupServer(
+            self.config.state_dir,
+            self.whitelist,
+            websetup_whitelist=self.config.websetup_whitelist,
+            hosts_hook=self._hosts.source_hook("websetup") if self._hosts is not None else None,
+            get_latency=lambda: {p.address: p.rtt_ms for p in self.peers() if p.is_secure},
+            version=str(version),
+            counters=Counters(),
+            clock=self._clock,
+            wallclock=self._wallclock,
+        )
+        try:
+            await server.start(format_address(self.address), interface=self._tun.name)
+        except OSError as exc:
+            # Management is optional; the overlay works without it.  Status shows listening=False.
+            log.warning("websetup not listening: %s", exc)
+        self._websetup = server
 
     def _start_beacons(self) -> None:
         try:
@@ -533,6 +574,12 @@ class Engine:
         for peer in list(self._peers.values()):
             self._clear_sessions(peer)
         self._loop_thread = None
+        if self._hosts is not None:
+            try:
+                self._hosts.close()  # names must not point at a dead overlay
+            except Exception as exc:
+                log.warning("hosts file block not removed: %s", exc)
+            self._hosts = None
 
     def _shutdown_on_loop(self) -> None:
         if self._tick_task is not None:
@@ -545,6 +592,9 @@ class Engine:
             with contextlib.suppress(Exception):
                 client.close()
         self._relay_sender = None
+        if self._websetup is not None:
+            with contextlib.suppress(Exception):
+                self._websetup.close()
         for peer in self._peers.values():
             for _nonce, (_t, fut) in list(peer.pings.items()):
                 if not fut.done():
@@ -591,7 +641,7 @@ class Engine:
             base_address=self._base_status[1],
             whitelist_enabled=wl.enabled if wl is not None else self.config.whitelist_enabled,
             counters=self.counters.snapshot(),
-            websetup=dict(self.websetup_status),
+            websetup=self._websetup.status() if self._websetup is not None else {"enabled": False},
             dds_restart_needed=self.dds_restart_needed,
         )
 
@@ -812,6 +862,11 @@ class Engine:
             for peer in list(self._peers.values()):
                 if not self.is_allowed(peer.address):
                     self._forget(peer)
+        if self._hosts is not None and self._state == "running":
+            try:
+                self._hosts.set_source("whitelist", self.whitelist.hostnames())
+            except Exception as exc:
+                log.error("hosts file not updated after a whitelist change: %s", exc)
         self._notify("whitelist")
         self._notify("peers")
 

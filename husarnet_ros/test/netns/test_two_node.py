@@ -132,7 +132,9 @@ def test_two_daemons_ping6_and_50mb_tcp(tmp_path, namespaces, offload):
         daemons.append(Daemon(NS_A, sa, ["--peer", f"{addr_b}@{IP_B}:5582", "--whitelist", addr_b, *extra]))
         daemons.append(Daemon(NS_B, sb, ["--whitelist", addr_a, *extra]))
         a, b = daemons
-        assert control(a.ctl, "status")["status"]["offload"] is offload
+        status = control(a.ctl, "status")["status"]
+        assert status["offload"] is offload
+        assert status["websetup"]["listening"] is True and status["websetup"]["address"] == addr_a
         # The TUN is up with the address and the /16 route.
         link = in_ns(NS_A, "ip", "-6", "addr", "show", "dev", "hnet0").stdout
         assert addr_a in link and "/16" in link

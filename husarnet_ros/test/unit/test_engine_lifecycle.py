@@ -145,3 +145,33 @@ def test_daemon_control_socket_and_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_hosts_file_block_follows_whitelist_and_is_removed_on_stop(tmp_path):
+    hosts = tmp_path / "hosts"
+    original = "127.0.0.1\tlocalhost\n"
+    hosts.write_text(original)
+    other = Identity.generate()
+    cfg = EngineConfig(
+        state_dir=tmp_path / "s", use_tun=False, lan_discovery=False, udp_port=0, hostname="robot1",
+        hosts_file=str(hosts),
+    )  # fmt: skip
+    eng = Engine(cfg)
+    eng.start()
+    try:
+        text = hosts.read_text()
+        assert text.startswith(original)
+        me = format_address(eng.address)
+        assert f"{me}\trobot1" in text and f"{me}\thusarnet-local" in text
+        eng.whitelist.add(other.address, "robot2")
+        deadline = time.monotonic() + 2
+        while "robot2" not in hosts.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert f"{other.address_str}\trobot2" in hosts.read_text()
+        assert eng.status().websetup == {"enabled": False}  # no TUN: no overlay address to listen on
+    finally:
+        eng.stop()
+    assert hosts.read_text() == original
+    eng.whitelist.add(Identity.generate().address, "robot3")  # a stopped engine never rewrites the file
+    time.sleep(0.05)
+    assert hosts.read_text() == original

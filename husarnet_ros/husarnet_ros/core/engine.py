@@ -458,6 +458,7 @@ class Engine:
                 on_beacon=self._on_beacon,
                 exclude_ifaces=(self.config.interface_name,),
                 counters=self.counters,
+                interval=max(0.5, min(5.0, self.timers.probe_interval / 5)),
                 wallclock=self._wallclock,
             )
             self._beacons.start()

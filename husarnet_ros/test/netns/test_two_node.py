@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,12 +89,12 @@ def namespaces():
 
 
 class Daemon:
-    def __init__(self, ns: str, state: Path, args: list[str]) -> None:
+    def __init__(self, ns: str, state: Path, args: list[str], *, lan: bool = False) -> None:
         self.ns = ns
         self.ctl = state / "ctl"
         cmd = [
             "ip", "netns", "exec", ns, sys.executable, "-m", "husarnet_ros.daemon",
-            "--state-dir", str(state), "--control", str(self.ctl), "--no-lan-discovery",
+            "--state-dir", str(state), "--control", str(self.ctl), *([] if lan else ["--no-lan-discovery"]),
             "--timers-scale", "0.2", "--log-level", "WARNING", *args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
@@ -179,3 +180,29 @@ def test_two_daemons_ping6_and_50mb_tcp(tmp_path, namespaces, offload):
     sh("ip", "netns", "del", NS_B)
     names = sh("ip", "netns", "list").stdout
     assert NS_A not in names and NS_B not in names
+
+
+def test_lan_discovery_without_base_or_static_peers(tmp_path, namespaces):
+    """A field with no internet: only multicast beacons introduce the two whitelisted robots."""
+    sa, sb = tmp_path / "a", tmp_path / "b"
+    addr_a, addr_b = print_address(sa), print_address(sb)
+    daemons: list[Daemon] = []
+    try:
+        daemons.append(Daemon(NS_A, sa, ["--whitelist", addr_b], lan=True))
+        daemons.append(Daemon(NS_B, sb, ["--whitelist", addr_a], lan=True))
+        a, _b = daemons
+        deadline = time.monotonic() + 30
+        peers: list = []
+        while time.monotonic() < deadline:
+            peers = control(a.ctl, "peers")["peers"]
+            if peers and peers[0]["is_secure"]:
+                break
+            time.sleep(0.2)
+        assert [(p["address"], p["path"], p["is_secure"]) for p in peers] == [(addr_b, "lan", True)], peers
+        assert peers[0]["endpoint"] == f"{IP_B}:5582"
+        assert in_ns(NS_A, "ping", "-6", "-c", "2", "-W", "2", addr_b, check=False).returncode == 0
+        for d in daemons:
+            assert d.stop() == 0
+    finally:
+        for d in daemons:
+            d.stop()

@@ -154,24 +154,27 @@ def split_for_send(buf: bytes | bytearray | memoryview, vnet: bool, mss_limit: i
         if len(buf) > mss_limit:
             raise OffloadError(f"packet of {len(buf)} bytes exceeds the MTU {mss_limit}")
         return [bytes(buf)]
-    h = parse_vnet_hdr(buf)
+    if len(buf) < VNET_HDR_LEN:
+        raise OffloadError(f"virtio-net header needs {VNET_HDR_LEN} bytes, got {len(buf)}")
+    # Plain tuple unpack, not VnetHdr: this runs once per TUN read (also for every small packet).
+    flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(buf, 0)
     pkt = memoryview(buf)[VNET_HDR_LEN:]
     if len(pkt) < IPV6_HDR_LEN or pkt[0] >> 4 != 6:
         if len(pkt) and pkt[0] >> 4 == 4:
             raise OffloadError("IPv4 packet: the overlay carries IPv6 only")
         raise OffloadError("not an IPv6 packet")
-    gso = h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
     if gso == VIRTIO_NET_HDR_GSO_NONE:
         if len(pkt) > mss_limit:
             raise OffloadError(f"packet of {len(pkt)} bytes exceeds the MTU {mss_limit}")
-        if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            return [_complete_checksum(pkt, h.csum_start, h.csum_offset)]
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            return [_complete_checksum(pkt, csum_start, csum_offset)]
         return [bytes(pkt)]
     if gso == VIRTIO_NET_HDR_GSO_TCPV6:
-        return _split_tcp(pkt, h, mss_limit)
+        return _split_tcp(pkt, gso_size, csum_start, mss_limit)
     if gso == VIRTIO_NET_HDR_GSO_UDP_L4:
-        return _split_udp(pkt, h, mss_limit)
-    raise OffloadError(f"unsupported gso_type {h.gso_type}")
+        return _split_udp(pkt, gso_size, csum_start, mss_limit)
+    raise OffloadError(f"unsupported gso_type {gso_type}")
 
 
 def _complete_checksum(pkt: memoryview, start: int, offset: int) -> bytes:
@@ -211,8 +214,8 @@ def _chunk_sums(payload: memoryview, seg: int) -> list[int]:
     return sums
 
 
-def _split_tcp(pkt: memoryview, h: VnetHdr, limit: int) -> list[bytes]:
-    l4 = h.csum_start or IPV6_HDR_LEN
+def _split_tcp(pkt: memoryview, gso_size: int, csum_start: int, limit: int) -> list[bytes]:
+    l4 = csum_start or IPV6_HDR_LEN
     n = len(pkt)
     if l4 < IPV6_HDR_LEN or l4 + TCP_MIN_HDR_LEN > n:
         raise OffloadError("TSO packet: TCP header outside the packet")
@@ -222,9 +225,9 @@ def _split_tcp(pkt: memoryview, h: VnetHdr, limit: int) -> list[bytes]:
     hdrs = l4 + doff
     if doff < TCP_MIN_HDR_LEN or hdrs > n:
         raise OffloadError("TSO packet: bad TCP data offset")
-    seg = min(h.gso_size, limit - hdrs)
+    seg = min(gso_size, limit - hdrs)
     if seg <= 0:
-        raise OffloadError(f"TSO segment size {h.gso_size} does not fit MTU {limit}")
+        raise OffloadError(f"TSO segment size {gso_size} does not fit MTU {limit}")
     payload = pkt[hdrs:]
     # Fixed parts, summed once: addresses + protocol, ports, ack, data offset, window, urgent,
     # options.  Per segment only seq, flags and length change, and a field's contribution to a
@@ -266,18 +269,18 @@ def _split_tcp(pkt: memoryview, h: VnetHdr, limit: int) -> list[bytes]:
     return out
 
 
-def _split_udp(pkt: memoryview, h: VnetHdr, limit: int) -> list[bytes]:
-    l4 = h.csum_start or IPV6_HDR_LEN
+def _split_udp(pkt: memoryview, gso_size: int, csum_start: int, limit: int) -> list[bytes]:
+    l4 = csum_start or IPV6_HDR_LEN
     n = len(pkt)
     if l4 < IPV6_HDR_LEN or l4 + UDP_HDR_LEN > n:
         raise OffloadError("USO packet: UDP header outside the packet")
     if l4 == IPV6_HDR_LEN and pkt[6] != IPPROTO_UDP:
         raise OffloadError("USO packet that is not UDP")
     hdrs = l4 + UDP_HDR_LEN
-    seg = h.gso_size
+    seg = gso_size
     if seg <= 0 or hdrs + seg > limit:
         # UDP datagrams cannot be re-cut: the application chose the size.
-        raise OffloadError(f"USO segment size {h.gso_size} does not fit MTU {limit}")
+        raise OffloadError(f"USO segment size {gso_size} does not fit MTU {limit}")
     ip = bytearray(pkt[:l4])
     uh = bytearray(pkt[l4:hdrs])
     addr_sum = int.from_bytes(pkt[8:40], "big") + IPPROTO_UDP

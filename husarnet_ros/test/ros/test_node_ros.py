@@ -6,11 +6,13 @@ interface name in the root namespace, UDP on loopback only, no LAN discovery and
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy", reason="rclpy not importable")
 pytest.importorskip("husarnet_msgs.msg", reason="husarnet_msgs not built (scripts/build_ros.sh)")
 
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 
@@ -361,7 +363,29 @@ def test_activate_publishes_and_deactivate_removes_the_device(
         listener.create_subscription(PeerArray, "/husarnet/peers", late.append, LATCHED_QOS)
         waiter(lambda: late, 5, "latched peers for a late subscriber")
 
-        r = spinner.call(listener, PingPeer, "/husarnet/ping", address=PEER2.address_str, timeout=0.5)
+        # On change, not only periodically: with a 60 s period, a whitelist change still shows at once,
+        # and a ROS process started with the old DDS profile makes the status ask for a restart.
+        [r] = n.set_parameters([Parameter("publish_period", value=60.0)])
+        assert r.successful
+        env = dict(os.environ, FASTDDS_DEFAULT_PROFILES_FILE=str(n.dds_files.fastdds))
+        old_process = subprocess.Popen(["sleep", "60"], env=env)
+        try:
+            time.sleep(0.05)  # the profile must change strictly after the process started
+            statuses.clear()
+            r = spinner.call(listener, AddToWhitelist, "/husarnet/whitelist/add", address=PEER2.address_str)
+            assert r.success, r.message
+            waiter(lambda: any(PEER2.address_str in {p.address for p in m.peers} for m in got), 5, "peers on change")
+            assert dds.peers_in_fastdds_xml(n.dds_files.fastdds.read_bytes())[1:] == sorted(
+                [PEER.address_str, PEER2.address_str], key=lambda a: ipaddress.IPv6Address(a).packed
+            )
+            waiter(lambda: statuses and statuses[-1].dds_restart_needed, 5, "dds_restart_needed in the status")
+            diag = {s.name: s for s in n.diagnostics()}
+            assert diag["husarnet: dds"].level == DiagnosticStatus.WARN
+        finally:
+            old_process.kill()
+            old_process.wait()
+
+        r = spinner.call(listener, PingPeer, "/husarnet/ping", address=Identity.generate().address_str, timeout=0.5)
         assert not r.success and "unknown peer" in r.message
         r = spinner.call(listener, PingPeer, "/husarnet/ping", address="laptop", timeout=0.3)
         assert not r.success  # known but no session: the engine's error, not a hang
@@ -371,7 +395,7 @@ def test_activate_publishes_and_deactivate_removes_the_device(
         assert n.engine is None
         # While inactive the whitelist is still served (from the file).
         r = spinner.call(listener, ListWhitelist, "/husarnet/whitelist/list")
-        assert list(r.addresses) == [PEER.address_str]
+        assert set(r.addresses) == {PEER.address_str, PEER2.address_str}
         assert n.trigger_cleanup() == SUCCESS
         assert n.trigger_shutdown() == SUCCESS
     finally:

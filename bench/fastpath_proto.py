@@ -329,9 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--loss", type=float, default=0.0)
     p.add_argument("--skip-wireguard", action="store_true")
+    p.add_argument("--nice", type=int, default=0, help="niceness increment for the run and everything it starts")
     args = p.parse_args(argv)
     if args.serve:
         return serve(args)
+    if args.nice:
+        os.nice(args.nice)
 
     import common as c
     import run
@@ -358,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             prof = stop(procs)
         results["fastpath proto"]["profile"] = prof
-    print(f"\nloss {args.loss} %, {ns.seconds} s per test, workers {args.workers}, load {os.getloadavg()}")
+    print(
+        f"\nloss {args.loss} %, {ns.seconds} s per test, workers {args.workers}, nice {os.nice(0)}, "
+        f"load {os.getloadavg()}"
+    )
     print(run.table(results))
     print("\nper-stage profile (whole run, both sides):")
     print(profile_table(prof))

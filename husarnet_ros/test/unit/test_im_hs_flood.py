@@ -1,0 +1,199 @@
+"""TESTPLAN row 17 (IM variant): a flood of handshake initiations from random keys and spoofed sources.
+
+Expected: no reply to anything that is not allowed; replies (when the
+whitelist is off) never larger than the requests; peer and index tables
+bounded; and a legitimate peer still completes its handshake *during* the
+flood, within a few rekey-timeouts.
+
+Random keys are cheap here because the address derivation's validity rule
+(``h[0] == 0 and h[1] < 50``, ~1300 tries per key) is replaced by "every key
+is valid" with the same formula; the shared real identities keep their
+addresses.  The initiations are real Noise initiations with a valid mac1
+(B's public key is public), so B must do the Diffie-Hellman work to learn
+they are from strangers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+
+import pytest
+from test_im_common import EP_A, EP_B, EP_C, Lab, connect, identity, pair, spec, wait_for
+
+from husarnet_ros.core import engine as engine_mod
+from husarnet_ros.core import handshake as hs
+from husarnet_ros.core import identity as identity_mod
+from husarnet_ros.core import wire as wire_mod
+from husarnet_ros.core.identity import Identity
+
+FLOOD_KEYS = 300
+#: Legitimate handshake must complete within this while the flood runs.
+LEGIT_DEADLINE = 3.0
+
+
+def _any_key_valid(pub: bytes) -> bytes | None:
+    if len(pub) != 32:
+        return None
+    return bytes.fromhex("fc94") + hashlib.sha256(pub).digest()[3:17]
+
+
+@pytest.fixture
+def cheap_keys(monkeypatch):
+    # Generate the shared identities first, under the real rule (their addresses do not change).
+    for i in range(3):
+        identity(i)
+    for mod in (identity_mod, hs, wire_mod):
+        monkeypatch.setattr(mod, "address_from_pubkey", _any_key_valid)
+
+
+def flood_initiations(target: Identity, n: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ident = Identity.from_seed(rng.randbytes(32))
+        msg, _ = hs.create_initiation(ident, target.public_key, i + 1, hs.tai64n(time.time()), 0)
+        out.append(msg)
+    return out
+
+
+class Flood:
+    """Injects initiations from random spoofed 198.19.x.y sources as fast as the memnet takes them."""
+
+    def __init__(self, lb: Lab, msgs: list[bytes], dst, seed: int) -> None:
+        self.lb, self.msgs, self.dst = lb, msgs, dst
+        self.rng = random.Random(seed)
+        self.count = 0
+        self.bytes = 0
+        self.sources: set = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flood", daemon=True)
+
+    def _run(self) -> None:
+        rng = self.rng
+        net = self.lb.net
+        while not self._stop.is_set():
+            # Saturate without building an unbounded queue in the in-memory network (a real socket buffer is
+            # bounded too): legitimate datagrams are never stuck behind seconds of flood in the "wire".
+            while len(net._heap) > 256 and not self._stop.is_set():
+                time.sleep(0.0005)
+            for _ in range(100):
+                msg = self.msgs[self.count % len(self.msgs)]
+                src = (f"198.19.{rng.randrange(256)}.{rng.randrange(1, 255)}", rng.randrange(1024, 65535))
+                self.sources.add(src)
+                self.lb.net.inject(msg, src, self.dst)
+                self.count += 1
+                self.bytes += len(msg)
+            time.sleep(0)
+
+    def __enter__(self) -> Flood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def settle_idle(sender, receiver) -> None:
+    """``sender`` speaks last and ``receiver`` acknowledges with a keepalive: nothing of the receiver's is pending."""
+    sender.send(receiver, b"last-word")
+    assert wait_for(lambda: receiver.payloads(b"last-word"))
+    p = receiver.peer(sender)
+    assert wait_for(lambda: p.last_tx > p.last_rx_data > p.last_tx_data, 3)
+
+
+def bytes_sent_to(node, sources: set) -> int:
+    return sum(len(d) for ep, d in list(node.transport.sent_log) if ep in sources)
+
+
+def test_flood_from_strangers_gets_silence_and_a_restarting_peer_still_gets_in(tmp_path, cheap_keys):
+    with Lab(tmp_path, log_sent=True) as lb:
+        a, b = pair(lb)
+        connect(a, b)
+        settle_idle(a, b)  # so only A's own initiations (not a renegotiation by B) can bring it back
+        msgs = flood_initiations(b.id, FLOOD_KEYS, seed=17)
+        with Flood(lb, msgs, EP_B, seed=18) as flood:
+            assert wait_for(lambda: flood.count > 3000, 5)
+            # A restarts (loses its keys) in the middle of the flood and must get back in.
+            a2 = lb.restart(a, state_dir=tmp_path / "a2")
+            t0 = time.monotonic()
+            while not b.payloads(b"through-the-flood"):
+                assert time.monotonic() - t0 < LEGIT_DEADLINE, (
+                    f"legitimate peer starved by the flood: flood {flood.count} initiations, "
+                    f"A {a2.engine.counters.snapshot()} B {b.engine.counters.snapshot()}"
+                )
+                a2.send(b, b"through-the-flood")
+                wait_for(lambda: b.payloads(b"through-the-flood"), 0.1)
+            took = time.monotonic() - t0
+        lb.net.quiesce()
+        time.sleep(0.05)
+        assert took < LEGIT_DEADLINE
+        # Silence towards every flood source; tables hold only the real peer.
+        assert bytes_sent_to(b, flood.sources) == 0
+        assert set(b.engine._peers) == {a.address}
+        assert len(b.engine._index) <= 4
+        # Every flood initiation was refused and counted (not_whitelisted after the DH work, or rate_limited
+        # before it), and the DH work was capped: most of the flood never cost a Diffie-Hellman.
+        c = b.engine.counters
+        assert wait_for(lambda: c.get("not_whitelisted") + c.get("rate_limited") >= flood.count, 5)
+        assert c.get("not_whitelisted") < flood.count / 2
+
+
+def test_flood_with_whitelist_disabled_is_bounded_and_replies_are_smaller(tmp_path, cheap_keys, monkeypatch):
+    """Anyone valid may connect, so B answers - but each answer is smaller than its request, state is capped,
+    and the established session keeps carrying data."""
+    monkeypatch.setattr(engine_mod, "MAX_PEERS", 32)
+    with Lab(tmp_path, log_sent=True) as lb:
+        ia, ib = identity(0), identity(1)
+        a = lb.node(ia, EP_A, peers=[spec(ib, EP_B)], whitelist=[ib])
+        b = lb.node(ib, EP_B, whitelist=[], whitelist_enabled=False)
+        lb.start()
+        connect(a, b)
+        settle_idle(a, b)
+        msgs = flood_initiations(b.id, FLOOD_KEYS, seed=27)
+        kp_b = b.current(a)
+        with Flood(lb, msgs, EP_B, seed=28) as flood:
+            assert wait_for(lambda: flood.count > 3000, 5)
+            # The live session is untouched by the flood: data both ways, same keys.
+            for i in range(50):
+                a.send(b, b"fl%03d" % i)
+                b.send(a, b"fl%03d" % i)
+                time.sleep(0.002)
+            assert wait_for(lambda: len(b.payloads(b"fl")) == 50 and len(a.payloads(b"fl")) == 50, 5)
+            assert b.current(a) is kp_b
+        lb.net.quiesce()
+        assert len(b.engine._peers) <= 32
+        assert len(b.engine._index) <= 2 * 32 + 4
+        # Replies to the flood: never more bytes than the requests, to any source.
+        per_src_out: dict = {}
+        for ep, d in list(b.transport.sent_log):
+            if ep in flood.sources:
+                per_src_out[ep] = per_src_out.get(ep, 0) + len(d)
+        assert per_src_out, "B answered no stranger at all, although its whitelist is disabled"
+        assert all(v <= len(msgs[0]) for v in per_src_out.values())  # one request each, at most one smaller reply
+        assert sum(per_src_out.values()) <= flood.bytes
+
+
+def test_a_new_peer_still_gets_in_after_a_flood_filled_the_peer_table(tmp_path, cheap_keys, monkeypatch):
+    """Whitelist disabled: junk identities that never completed a handshake must not lock out a real newcomer."""
+    monkeypatch.setattr(engine_mod, "MAX_PEERS", 32)
+    with Lab(tmp_path, log_sent=True) as lb:
+        ib, ic = identity(1), identity(2)
+        b = lb.node(ib, EP_B, whitelist=[], whitelist_enabled=False, start=True)
+        msgs = flood_initiations(b.id, 100, seed=37)
+        with Flood(lb, msgs, EP_B, seed=38) as flood:
+            assert wait_for(lambda: len(b.engine._peers) >= 32 or flood.count > 3000, 5)
+        lb.net.quiesce()
+        assert len(b.engine._peers) <= 32
+        c = lb.node(ic, EP_C, peers=[spec(ib, EP_B)], whitelist=[ib], start=True)
+        t0 = time.monotonic()
+        while not b.payloads(b"newcomer"):
+            assert time.monotonic() - t0 < LEGIT_DEADLINE, (
+                f"newcomer locked out by {len(b.engine._peers)} half-open junk peers: B {b.engine.counters.snapshot()}"
+            )
+            c.send(b, b"newcomer")
+            wait_for(lambda: b.payloads(b"newcomer"), 0.1)
+        assert len(b.engine._peers) <= 32

@@ -218,7 +218,9 @@ class Engine:
         self._base_tasks: list[asyncio.Task] = []
         self._beacon_endpoints: set[Endpoint] = set()
         self._beacons: Any = None
-        self._control_backlog = 0
+        self._control_posted = 0  # written by receive threads (under _post_lock)
+        self._control_done = 0  # written by the loop only
+        self._post_lock = threading.Lock()
         self._init_tokens = INITIATION_RATE
         self._init_tokens_at = clock()
         self._last_hello_ts = 0
@@ -513,9 +515,10 @@ class Engine:
                 best = (c.state, c.address_text)
         self.set_base_status(*best)
         if best[0] != "none":
-            # (Re)connected: ask about every whitelisted peer we have no session with.
+            # (Re)connected, or the base now knows our UDP mapping: ask again about every peer that has no
+            # session or only a relayed one, so both sides get fresh endpoints and punch towards each other.
             for peer in list(self._peers.values()):
-                if peer.current is None:
+                if peer.current is None or peer.paths.kind in (KIND_RELAY, KIND_NONE):
                     self._query_bases(peer, self._clock(), force=True)
 
     def _relay_via_base(self, datagram: bytes, endpoint: RelayEndpoint) -> None:
@@ -758,10 +761,12 @@ class Engine:
         if word not in (MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_HELLO):
             self.counters.inc("malformed")
             return
-        if self._control_backlog >= MAX_CONTROL_BACKLOG:
+        # Two single-writer counters (receive threads / loop) instead of one shared one: no lost updates.
+        if self._control_posted - self._control_done >= MAX_CONTROL_BACKLOG:
             self.counters.inc("rate_limited")
             return
-        self._control_backlog += 1
+        with self._post_lock:
+            self._control_posted += 1
         self._post(self._on_control, word, data, src)
 
     def _on_batch(self, batch: list[tuple[bytes, Endpoint]]) -> None:
@@ -776,7 +781,7 @@ class Engine:
                     self._on_datagram(d, src)
 
     def _on_control(self, word: int, data: bytes, src: AnyEndpoint) -> None:
-        self._control_backlog -= 1
+        self._control_done += 1
         if self._state not in ("running", "starting"):
             return
         try:
@@ -1192,7 +1197,7 @@ class Engine:
     def _peer_timers(self, peer: Peer, now: float) -> None:
         t = self.timers
         if not self.is_allowed(peer.address):
-            if peer.keypairs() or peer.handshake is not None or peer.address in self._peers:
+            if peer.keypairs() or peer.handshake is not None or peer.handshake_started is not None or not peer.static:
                 self._forget(peer)
             return
         # Reject-after-time: old keys are dropped outright.
@@ -1249,6 +1254,10 @@ class Engine:
             self._datapath.send_plaintext(peer, b"")
         # Paths: re-probe every probe_interval, expire silent ones.
         if now - peer.last_probe_round >= t.probe_interval:
+            if peer.paths.kind in (KIND_RELAY, KIND_NONE):
+                # Still relayed: the endpoints we were given may be stale or incomplete (the base may
+                # not have known a UDP mapping yet); a fresh query also makes the peer punch towards us.
+                self._query_bases(peer, now)
             self._probe_round(peer, now)
         with peer.lock:
             changed = peer.paths.expire(now, t.path_timeout)

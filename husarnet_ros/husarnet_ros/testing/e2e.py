@@ -12,8 +12,9 @@ import contextlib
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
-from .netns import Daemon, Host, Lab, LabError, Topology, wait_until
+from .netns import Daemon, Host, Lab, LabError, Proc, Topology, wait_until
 
 # Protocol timers shrunk for tests (keepalive 1 s, probe 2.5 s, base reconnect 0.1 s ...).
 TIMERS_SCALE = 0.1
@@ -129,26 +130,33 @@ def assert_lab_clean(lab: Lab) -> None:
 class BaseServer:
     """A base server process in the lab (rendezvous + relay)."""
 
-    proc: object
-    address: str  # "198.18.0.1:5582" style, what nodes pass to --base
+    proc: Proc
+    spec: str  # what nodes pass to --base: "198.18.0.1:443:5582#<pubkey hex>" (key pinned)
     pubkey: str
+    state_dir: Path
 
 
 def start_base(
-    lab: Lab, topo: Topology, *, timers_scale: float = TIMERS_SCALE, tcp_port: int = 443, udp_port: int = PORT
+    lab: Lab,
+    topo: Topology,
+    *,
+    timers_scale: float = TIMERS_SCALE,
+    tcp_port: int = 443,
+    udp_port: int = PORT,
+    state_dir: Path | None = None,
 ) -> BaseServer:
-    """Start ``python -m husarnet_ros.base`` in the base namespace and return how nodes reach it.
+    """Start ``python -m husarnet_ros.base`` in the base namespace; wait until its TCP port listens.
 
-    The base's public key is read from its state dir (the ``id`` file, Husarnet format) so nodes can pin it.
+    The key is created first (``--print-key``) so nodes can pin it; the same ``state_dir`` restarts the
+    same base (row 18).
     """
-    state = lab.tmp / "state-base"
+    state = state_dir or lab.tmp / "state-base"
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    common = [sys.executable, "-m", "husarnet_ros.base", "--state-dir", str(state)]
+    res = lab.run(topo.base, [*common, "--print-key"], check=True)
+    pub = res.stdout.strip().split()[-1]
     argv = [
-        sys.executable,
-        "-m",
-        "husarnet_ros.base",
-        "--state-dir",
-        str(state),
+        *common,
         "--bind",
         topo.BASE_IP,
         "--tcp-port",
@@ -158,20 +166,17 @@ def start_base(
         "--timers-scale",
         str(timers_scale),
     ]
-    proc = lab.spawn(topo.base, argv, log=lab.tmp / "base.log")
-    idfile = state / "id"
-    if not wait_until(lambda: idfile.exists() and idfile.stat().st_size > 0, 15, alive=proc):
-        raise LabError(f"base server did not write {idfile}:\n{proc.tail()}")
-    pub = idfile.read_text().split()[1]
-    ok = wait_until(lambda: _tcp_open(lab, topo, topo.BASE_IP, tcp_port), 15, alive=proc)
-    if not ok:
-        raise LabError(f"base server not listening on {topo.BASE_IP}:{tcp_port}:\n{proc.tail()}")
-    return BaseServer(proc, f"{topo.BASE_IP}:{tcp_port}:{udp_port}", pub)
+    proc = lab.spawn(topo.base, argv, log=lab.tmp / f"base-{len(lab.procs)}.log")
 
+    def listening() -> bool:
+        out = lab.run(topo.base, ["ss", "-ltnH"], check=False).stdout
+        return f"{topo.BASE_IP}:{tcp_port}" in out
 
-def _tcp_open(lab: Lab, topo: Topology, ip: str, port: int) -> bool:
-    res = lab.run(topo.base, ["ss", "-ltnH", f"sport = :{port}"], check=False)
-    return ip in res.stdout or "*" in res.stdout or "[::]" in res.stdout
+    if not wait_until(listening, 15, alive=proc):
+        tail = proc.tail()
+        proc.stop()
+        raise LabError(f"base server not listening on {topo.BASE_IP}:{tcp_port}:\n{tail}")
+    return BaseServer(proc, f"{topo.BASE_IP}:{tcp_port}:{udp_port}#{pub}", pub, state)
 
 
 __all__ = [

@@ -608,6 +608,7 @@ class Lab:
         outside_addr4: str,
         host_addr4: str | None = None,
         nat: bool = True,
+        nat_random: bool = True,
         outside_onlink: Sequence[str] = (),
     ) -> Host:
         """A router namespace forwarding between ``inside`` and ``outside``, with nft ``masquerade random``.
@@ -625,17 +626,33 @@ class Lab:
                 self.route(inside, "default", str(ipaddress.ip_interface(inside_addr4).ip))
         self.set_sysctl(r, "net.ipv4.ip_forward", "1")
         if nat:
-            self.masquerade(r, out_if)
+            self.masquerade(r, out_if, random=nat_random)
         return r
 
-    def masquerade(self, router: Netns, out_iface: str) -> None:
-        """Source-NAT everything leaving ``out_iface`` (random port mapping, as a hostile NAT would)."""
+    def masquerade(self, router: Netns, out_iface: str, *, random: bool = True) -> None:
+        """Source-NAT everything leaving ``out_iface``.
+
+        ``random=True`` (nft ``masquerade random``): every new flow gets a random external port, so the
+        mapping depends on the destination (a *symmetric* NAT: hole punching cannot work, a relay must)
+        and ``conntrack -F`` moves the port (NAT rebinding). ``random=False`` keeps the source port when
+        it is free, so one socket keeps one external port for every destination (endpoint-independent
+        mapping, as most home routers): hole punching works.
+
+        Like a home router, the NAT drops unsolicited UDP addressed to itself from outside. This matters:
+        such a packet would otherwise leave an unreplied conntrack entry (peer:port -> nat:port) that
+        collides with the inside host's later outgoing flow to that peer, forcing a new external port
+        and defeating hole punching. Dropped in the input hook, the entry is never confirmed.
+        """
+        flag = " random" if random else ""
         self.nft(
             router,
             f"""
 table ip hrnat {{
   chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;
-    oifname "{out_iface}" masquerade random
+    oifname "{out_iface}" masquerade{flag}
+  }}
+  chain input {{ type filter hook input priority filter; policy accept;
+    iifname "{out_iface}" meta l4proto udp ct state new drop
   }}
 }}""",
         )
@@ -951,7 +968,7 @@ class Topology:
 WAN_ONLINK = ("198.18.0.0/24", "fd00::/64")
 
 
-def reference_topology(lab: Lab) -> Topology:
+def reference_topology(lab: Lab, *, symmetric_nat: bool = False) -> Topology:
     """Build the plan's topology.
 
     ::
@@ -966,6 +983,9 @@ def reference_topology(lab: Lab) -> Topology:
     WAN hosts hold /32 (/128) addresses with an on-link route, like hosts on the Internet: they share a
     switch but no connected subnet, so paths between them are 'direct', never 'lan'.
     mallory has rp_filter off so it can spoof sources.
+
+    NATs keep source ports (endpoint-independent mapping, hole punching works) unless ``symmetric_nat``:
+    then they use ``masquerade random`` (a new random port per flow and after ``conntrack -F``).
     """
     wan = lab.bridge("wan")
     lan = lab.bridge("lan")
@@ -980,6 +1000,7 @@ def reference_topology(lab: Lab) -> Topology:
         inside_addr4="198.18.1.1/24",
         outside_addr4=f"{Topology.NAT_A_IP}/32",
         host_addr4=f"{Topology.PEER_A_IP}/24",
+        nat_random=symmetric_nat,
         outside_onlink=WAN_ONLINK[:1],
     )
     nat_b = lab.router(
@@ -989,6 +1010,7 @@ def reference_topology(lab: Lab) -> Topology:
         inside_addr4="198.18.2.1/24",
         outside_addr4=f"{Topology.NAT_B_IP}/32",
         host_addr4=f"{Topology.PEER_B_IP}/24",
+        nat_random=symmetric_nat,
         outside_onlink=WAN_ONLINK[:1],
     )
     peer_c = lab.host("peerC")

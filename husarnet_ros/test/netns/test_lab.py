@@ -141,7 +141,7 @@ def test_nat_masquerade_seen_from_outside():
 @pytest.mark.netns
 def test_conntrack_flush_changes_the_external_port():
     with Lab() as lab:
-        t = reference_topology(lab)
+        t = reference_topology(lab, symmetric_nat=True)
         srv, cli = _udp_pair(lab, t.base, t.BASE_IP, t.peerA)
         cli.sendto(b"1", (t.BASE_IP, 4000))
         _, (_, port1) = srv.recvfrom(10)
@@ -154,6 +154,27 @@ def test_conntrack_flush_changes_the_external_port():
         assert port2 != port1  # masquerade random: a fresh mapping after the flush
         srv.close()
         cli.close()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_nat_mapping_kind(symmetric):
+    """Port-preserving NAT: one external port for all destinations; symmetric NAT: one per destination."""
+    with Lab() as lab:
+        t = reference_topology(lab, symmetric_nat=symmetric)
+        rec_base = traffic.UdpRecorder.start(lab, t.base, t.BASE_IP, 4000, echo=False)
+        rec_mal = traffic.UdpRecorder.start(lab, t.mallory, t.MALLORY_WAN_IP, 4000, echo=False)
+        cli = lab.socket(t.peerA, socket.AF_INET, socket.SOCK_DGRAM)
+        cli.bind(("0.0.0.0", 5582))
+        cli.sendto(b"1", (t.BASE_IP, 4000))
+        cli.sendto(b"2", (t.MALLORY_WAN_IP, 4000))
+        assert wait_until(lambda: rec_base.received and rec_mal.received, 3)
+        p_base, p_mal = rec_base.received[0][1], rec_mal.received[0][1]
+        cli.close()
+        if symmetric:
+            assert p_base != p_mal
+        else:
+            assert p_base == p_mal == 5582
 
 
 @pytest.mark.netns

@@ -110,9 +110,9 @@ def column_overlay(pair: c.Pair, args: argparse.Namespace) -> dict[str, Any]:
         return {"skipped": f"husarnet_ros.daemon not importable yet ({e})"}
     daemons = []
     try:
-        t0 = time.monotonic()
         sa, sb = lab.tmp / "ov-a", lab.tmp / "ov-b"
-        addr_a, addr_b = lab.daemon_address(sa), lab.daemon_address(sb)
+        addr_a, addr_b = lab.daemon_address(sa), lab.daemon_address(sb)  # identities exist before the clock starts
+        t0 = time.monotonic()
         common = {"udp_port": 5582, "no_lan_discovery": True, "interface": "hnet0"}
         daemons.append(lab.start_daemon(pair.a, sa, peer=[f"{addr_b}@{c.B4}:5582"], whitelist=[addr_b], **common))
         daemons.append(lab.start_daemon(pair.b, sb, peer=[f"{addr_a}@{c.A4}:5582"], whitelist=[addr_a], **common))

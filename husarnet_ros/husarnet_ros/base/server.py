@@ -92,6 +92,8 @@ BASE_COUNTERS = (
     "relayed_tcp",
     "relay_no_peer",
     "tcp_backpressure",
+    "udp_backpressure",
+    "udp_endpoint_moved",
     "udp_pings",
     "hellos",
     "unexpected",
@@ -116,6 +118,7 @@ class BaseConfig:
     login_timeout: float = 10.0
     idle_timeout: float = 3 * 25.0 + KEEPALIVE_TIMEOUT  # no authenticated message for this long: drop
     max_tcp_buffer: int = 1 << 20  # per node; beyond this, datagrams for it are dropped
+    max_udp_buffer: int = 4 << 20  # whole server, when the UDP socket would block
     max_connections: int = 200_000
     handshake_rate: float = 1200.0  # hellos + handshakes per second, whole server (a login costs ~1.2 ms)
     stats_file: Path | None = None
@@ -628,14 +631,21 @@ class BaseServer:
             self.counters.inc(drop.reason)
             return
         # Authenticated and fresh: only now may the node's UDP endpoint move (roaming / NAT rebinding).
+        moved = conn.udp_endpoint is not None and conn.udp_endpoint != src
         conn.udp_endpoint = src
         conn.udp_seen = self.clock()
+        if moved:
+            self.counters.inc("udp_endpoint_moved")
+            conn.send_tcp(bp.build_observed(src))
         self._authenticated(conn, kp)
         self._dispatch(conn, plaintext, src)
 
     def send_udp(self, datagram: bytes, endpoint: Endpoint) -> bool:
         t = self.udp_transport
         if t is None:
+            return False
+        if t.get_write_buffer_size() > self.config.max_udp_buffer:
+            self.counters.inc("udp_backpressure")  # the kernel queue is full: drop rather than buffer unboundedly
             return False
         try:
             t.sendto(datagram, endpoint)

@@ -572,3 +572,30 @@ def test_global_handshake_budget(tmp_path) -> None:
             await srv.close()
 
     run(main())
+
+
+def test_nat_rebinding_moves_the_endpoint_only_on_authenticated_datagrams(tmp_path) -> None:
+    async def main():
+        from husarnet_ros.base.simnode import SharedUdp
+
+        srv = await start_server(tmp_path)
+        a, b = await nodes(srv, tmp_path, "a", "b")
+        try:
+            assert await a.wait_state("udp") and await b.wait_state("udp")
+            old = a.client.observed_endpoint
+            assert srv.nodes[a.address].udp_endpoint == old
+            # The NAT rebinds: the node's datagrams now come from another port.
+            old_udp = a.udp
+            a.udp = await SharedUdp.open(a.index)
+            a.client._send_ping(time.monotonic())
+            new = ("127.0.0.1", a.udp.local_port)
+            assert await a.wait(lambda: srv.nodes[a.address].udp_endpoint == new)
+            assert srv.counters["udp_endpoint_moved"] == 1
+            assert await a.wait(lambda: a.client.observed_endpoint == new)  # OBSERVED over TCP and the pong
+            b.client.relay(a.address, DATAGRAM)
+            assert await a.wait(lambda: a.relayed)  # relayed traffic follows the new mapping
+            old_udp.close()
+        finally:
+            await close_all(srv, a, b)
+
+    run(main())

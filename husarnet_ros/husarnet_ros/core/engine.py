@@ -543,6 +543,8 @@ class Engine:
 
     def stop(self) -> None:
         """Stop everything; idempotent and safe from any thread except the engine's own."""
+        if self._loop_thread is not None and threading.current_thread() is self._loop_thread:
+            raise EngineError("stop() cannot run on the engine's own thread (e.g. inside a listener)")
         with self._lock:
             if self._state in ("stopped", "new"):
                 self._state = "stopped"

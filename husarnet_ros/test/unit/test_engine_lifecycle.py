@@ -175,3 +175,26 @@ def test_hosts_file_block_follows_whitelist_and_is_removed_on_stop(tmp_path):
     eng.whitelist.add(Identity.generate().address, "robot3")  # a stopped engine never rewrites the file
     time.sleep(0.05)
     assert hosts.read_text() == original
+
+
+def test_stop_from_a_listener_is_refused_not_deadlocked(tmp_path):
+    eng = Engine(EngineConfig(state_dir=tmp_path, use_tun=False, lan_discovery=False, udp_port=0))
+    errors: list[Exception] = []
+
+    def listener(kind: str) -> None:
+        try:
+            eng.stop()
+        except EngineError as exc:
+            errors.append(exc)
+
+    eng.add_listener(listener)
+    eng.start()
+    try:
+        eng.whitelist.add(Identity.generate().address)
+        deadline = time.monotonic() + 2
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert errors and "own thread" in str(errors[0])
+        assert eng.status().address == eng.address  # still running
+    finally:
+        eng.stop()

@@ -198,3 +198,22 @@ def test_stop_from_a_listener_is_refused_not_deadlocked(tmp_path):
         assert eng.status().address == eng.address  # still running
     finally:
         eng.stop()
+
+
+def test_start_stop_cycles_leak_no_fds_or_threads(tmp_path):
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    eng = Engine(EngineConfig(state_dir=tmp_path, use_tun=False, lan_discovery=False, udp_port=0))
+    eng.start()  # first start creates the identity and loads libraries; measure from here
+    eng.stop()
+    before_fds, before_threads = fds(), set(threading.enumerate())
+    for _ in range(5):
+        eng = Engine(EngineConfig(state_dir=tmp_path, use_tun=False, lan_discovery=False, udp_port=0))
+        eng.start()
+        eng.stop()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (fds() <= before_fds and set(threading.enumerate()) <= before_threads):
+        time.sleep(0.02)
+    assert fds() <= before_fds, fds() - before_fds
+    assert set(threading.enumerate()) <= before_threads

@@ -396,3 +396,35 @@ def test_stop_leaves_no_threads(tmp_path):
     lb.net.close()
     assert wait_for(lambda: set(threading.enumerate()) <= before, 5), set(threading.enumerate()) - before
     assert len(a.engine._index) == 0 and len(b.engine._index) == 0
+
+
+def test_garbage_datagrams_never_break_the_engine(lab):
+    """Random, truncated and type-prefixed junk from anywhere: counted, never answered, session unharmed."""
+    import random
+
+    lb, a, b = two(lab, capture=True)
+    connect(a, b)
+    rng = random.Random(99)
+    sent_before = b.transport.sent
+    kinds = [b"", b"\x01\x00\x00\x00", b"\x02\x00\x00\x00", b"\x04\x00\x00\x00", b"\x05\x00\x00\x00", b"\x09"]
+    real = a.peer(b).current.seal(packet(a.address, b.address, b"x"))
+    for i in range(600):
+        prefix = rng.choice(kinds)
+        body = rng.randbytes(rng.choice([0, 3, 12, 28, 64, 80, 128, 168, 300]))
+        if i % 50 == 0:
+            body = bytearray(real)
+            body[rng.randrange(len(body))] ^= 1 << rng.randrange(8)  # one flipped bit in a real datagram
+            lb.net.inject(bytes(body), MALLORY, EP_B)
+            continue
+        lb.net.inject(prefix + body, rng.choice([EP_A, MALLORY]), EP_B)
+    lb.net.quiesce()
+    time.sleep(0.3)
+    c = b.engine.counters.snapshot()
+    junk = sum(c[k] for k in ("malformed", "bad_mac", "unknown_peer", "bad_id", "bad_sig") if k in c)
+    assert junk >= 500, c
+    assert b.transport.sent - sent_before <= 20  # only its own keepalives/probes to A, nothing for the junk
+    assert not [c for c in lb.net.captured if c.dst == MALLORY]  # never a word to the sender of junk
+    a.send(b, b"still-alive")
+    assert wait_for(lambda: b"still-alive" in b.payloads())
+    b.send(a, b"and-back")
+    assert wait_for(lambda: b"and-back" in a.payloads())

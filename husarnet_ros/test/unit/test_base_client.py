@@ -7,6 +7,8 @@ import json
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from husarnet_ros.core.base_client import (
     BaseClient,
@@ -16,7 +18,7 @@ from husarnet_ros.core.base_client import (
     parse_base_spec,
 )
 from husarnet_ros.core.constants import Timers
-from husarnet_ros.core.identity import Identity
+from husarnet_ros.core.identity import Identity, address_from_pubkey
 
 
 @pytest.fixture(scope="module")
@@ -156,5 +158,73 @@ def test_hostname_that_cannot_be_sent_is_left_out(tmp_path, ident) -> None:
         assert c._login_hostname() == ""
         c.hostname = "robot-1"
         assert c._login_hostname() == "robot-1"
+    finally:
+        loop.close()
+
+
+# --- fuzz: authenticated but hostile base messages --------------------------------------------------
+@pytest.fixture(scope="module")
+def base_ident() -> Identity:
+    return Identity.generate()
+
+
+def _logged_in_client(tmp_path, ident, base_ident):
+    import time
+
+    from husarnet_ros.core import handshake as hs
+    from husarnet_ros.core.session import Keypair
+
+    got: dict[str, list] = {"info": [], "relayed": []}
+    loop = asyncio.new_event_loop()
+    c = BaseClient(
+        ident,
+        "127.0.0.1:1:2",
+        tmp_path,
+        loop=loop,
+        send_udp=lambda d, ep: None,
+        on_peer_info=lambda *a: got["info"].append(a),
+        on_relayed=lambda *a: got["relayed"].append(a),
+    )
+    c._loop_thread = __import__("threading").get_ident()  # as if run() were running on this thread
+    init, ist = hs.create_initiation(ident, base_ident.public_key, 11, hs.tai64n(time.time()), 0)
+    resp, bkm = hs.create_response(hs.consume_initiation(base_ident, init), 22, 0)
+    kp = Keypair(hs.consume_response(ist, resp), time.monotonic(), c)
+    c._install(kp)
+    c._state = "tcp"
+    c.udp_endpoint = ("127.0.0.1", 2)
+    return c, loop, Keypair(bkm, time.monotonic()), got
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=200), first=st.sampled_from([0x10, 0x12, 0x15, 0x17, 0x19, 0x1A, 0x2F]))
+def test_fuzz_client_control(tmp_path, ident, base_ident, data, first) -> None:
+    c, loop, base_kp, got = _logged_in_client(tmp_path, ident, base_ident)
+    try:
+        plaintext = bytes([first]) + data
+        c._handle_tcp_frame(base_kp.seal(plaintext))
+        c.handle_udp(base_kp.seal(plaintext), c.udp_endpoint)
+        c._handle_tcp_frame(data)
+        c.handle_udp(b"\x04\x00\x00\x00" + data, c.udp_endpoint)
+        for addr, pub, eps, _punch in got["info"]:
+            assert address_from_pubkey(pub) == addr and len(eps) <= 16  # only verified keys reach the engine
+        assert c.state == "tcp"  # nothing hostile changed the connection state
+    finally:
+        loop.close()
+
+
+def test_genuine_peer_info_reaches_the_callback_and_a_bad_key_does_not(tmp_path, ident, base_ident) -> None:
+    from husarnet_ros.core import base_proto as bp
+
+    c, loop, base_kp, got = _logged_in_client(tmp_path, ident, base_ident)
+    try:
+        other = Identity.generate()
+        eps = [("198.18.0.9", 5582)]
+        c._handle_tcp_frame(base_kp.seal(bp.build_peer_info(other.address, other.public_key, bp.FLAG_ONLINE, eps)))
+        assert got["info"] == [(other.address, other.public_key, eps, False)]
+        # The base (or anyone) cannot bind a key to an address it does not hash to.
+        c._handle_tcp_frame(base_kp.seal(bp.build_peer_info(other.address, ident.public_key, bp.FLAG_ONLINE, eps)))
+        assert len(got["info"]) == 1 and c.counters["base_bad_peer_info"] == 1
+        c._handle_tcp_frame(base_kp.seal(bp.build_relayed(other.address, b"\x04abc")))
+        assert got["relayed"] == [(other.address, b"\x04abc")]
     finally:
         loop.close()

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from husarnet_ros.base.server import BaseConfig, BaseServer
+from husarnet_ros.base.server import BaseConfig, BaseServer, NodeConn
 from husarnet_ros.base.simnode import SimNode
 from husarnet_ros.core import base_proto as bp
 from husarnet_ros.core import handshake as hs
@@ -599,3 +601,69 @@ def test_nat_rebinding_moves_the_endpoint_only_on_authenticated_datagrams(tmp_pa
             await close_all(srv, a, b)
 
     run(main())
+
+
+# --- fuzz: hostile bytes at every entry point never raise ----------------------------------------
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 4000) if name == "peername" else default
+
+
+def _session_pair(server_id: Identity, node_id: Identity):
+    init, ist = hs.create_initiation(node_id, server_id.public_key, 1, hs.tai64n(time.time()), 0)
+    resp, skm = hs.create_response(hs.consume_initiation(server_id, init), 2, 0)
+    nkm = hs.consume_response(ist, resp)
+    return skm, Keypair(nkm, time.monotonic())
+
+
+@pytest.fixture(scope="module")
+def fuzz_ids():
+    return Identity.generate(), Identity.generate()
+
+
+def _logged_in_conn(tmp_path, fuzz_ids):
+    server_id, node_id = fuzz_ids
+    srv = BaseServer(BaseConfig(state_dir=tmp_path), identity=server_id)
+    conn = NodeConn(srv)
+    conn.transport = _FakeTransport()
+    skm, node_kp = _session_pair(server_id, node_id)
+    kp = Keypair(skm, time.monotonic(), conn)
+    srv.index[kp.local_index] = kp
+    conn.add_keypair(kp)
+    conn.send_kp = kp
+    conn.state, conn.address, conn.public_key = "up", node_id.address, node_id.public_key
+    srv.nodes[conn.address] = conn
+    return srv, conn, node_kp
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300), first=st.sampled_from([0x10, 0x11, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x2F]))
+def test_fuzz_server_entry_points(tmp_path, fuzz_ids, data, first) -> None:
+    srv, conn, node_kp = _logged_in_conn(tmp_path, fuzz_ids)
+    plaintext = bytes([first]) + data
+    # Authenticated but hostile control plaintext, over TCP and over UDP.
+    srv.handle_tcp_frame(conn, node_kp.seal(plaintext))
+    srv.handle_udp(node_kp.seal(plaintext), ("127.0.0.1", 5000))
+    # Raw junk on both transports and as a TCP byte stream.
+    srv.handle_udp(data, ("127.0.0.1", 5001))
+    srv.handle_udp(b"\x04\x00\x00\x00" + data, ("127.0.0.1", 5001))
+    if conn.transport is not None and not conn.transport.closed:
+        conn.data_received(data)
+    # Nothing escaped as an exception, and nothing hostile unregistered or replaced the node.
+    assert srv.nodes.get(conn.address) is conn

@@ -217,6 +217,7 @@ class Engine:
         self._websetup: Any = None  # websetup.WebsetupServer
         self._base_tasks: list[asyncio.Task] = []
         self._beacon_endpoints: set[Endpoint] = set()
+        self._scoped: dict[Endpoint, Endpoint] = {}  # unscoped link-local source -> scoped endpoint
         self._beacons: Any = None
         self._control_posted = 0  # written by receive threads (under _post_lock)
         self._control_done = 0  # written by the loop only
@@ -409,6 +410,8 @@ class Engine:
             peer.static = True
             if ep is not None:
                 peer.paths.add_candidate(ep, self.path_kind(ep), "static", now)
+                if "%" in ep[0]:
+                    self._scoped[(ep[0].split("%", 1)[0], ep[1])] = ep
         for addr, name in self.whitelist.entries().items():
             if addr != self.address:
                 peer = self._get_peer(addr, create=True, force=True)
@@ -755,6 +758,8 @@ class Engine:
         if len(data) < 4:
             self.counters.inc("malformed")
             return
+        if self._scoped and not isinstance(src, RelayEndpoint):
+            src = self._scoped.get(src, src)
         word = int.from_bytes(data[:4], "little")
         if word == MSG_DATA:
             assert self._datapath is not None
@@ -773,6 +778,8 @@ class Engine:
 
     def _on_batch(self, batch: list[tuple[bytes, Endpoint]]) -> None:
         """A GRO batch from the UDP socket: Data messages opened together, the rest one by one."""
+        if self._scoped:
+            batch = [(d, self._scoped.get(src, src)) for d, src in batch]
         data = [item for item in batch if item[0][:4] == _DATA_WORD]
         if data:
             assert self._datapath is not None
@@ -827,8 +834,14 @@ class Engine:
             for ep in endpoints:
                 kind = KIND_RELAY if isinstance(ep, RelayEndpoint) else self.path_kind(ep)
                 if source == "beacon" and not isinstance(ep, RelayEndpoint):
+                    if len(self._beacon_endpoints) > 4096:
+                        self._beacon_endpoints.clear()
                     self._beacon_endpoints.add(ep)
                     kind = "lan"
+                if not isinstance(ep, RelayEndpoint) and "%" in ep[0] and len(self._scoped) < 1024:
+                    # The socket reports link-local sources without their scope; map them back so
+                    # replies (and the path table) keep the interface.
+                    self._scoped[(ep[0].split("%", 1)[0], ep[1])] = ep
                 peer.paths.add_candidate(ep, kind, source, now)
         if peer.current is None:
             self._start_handshake(peer)

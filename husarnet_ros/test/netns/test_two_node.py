@@ -206,3 +206,39 @@ def test_lan_discovery_without_base_or_static_peers(tmp_path, namespaces):
     finally:
         for d in daemons:
             d.stop()
+
+
+def _link_local(ns: str) -> str:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = in_ns(ns, "ip", "-6", "-o", "addr", "show", "dev", "veth0", "scope", "link").stdout
+        if out and "tentative" not in out:
+            return out.split()[3].split("/")[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no usable link-local address in {ns}")
+
+
+def test_static_peer_on_ipv6_link_local_endpoint(tmp_path, namespaces):
+    """The socket reports link-local sources without a scope; the path must keep '%veth0' to reply."""
+    ll_b = _link_local(NS_B)
+    sa, sb = tmp_path / "a", tmp_path / "b"
+    addr_a, addr_b = print_address(sa), print_address(sb)
+    daemons: list[Daemon] = []
+    try:
+        daemons.append(Daemon(NS_A, sa, ["--peer", f"{addr_b}@[{ll_b}%veth0]:5582", "--whitelist", addr_b]))
+        daemons.append(Daemon(NS_B, sb, ["--whitelist", addr_a]))
+        a, b = daemons
+        ok = any(
+            in_ns(NS_A, "ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", addr_b, check=False).returncode == 0
+            for _ in range(8)
+        )
+        assert ok, control(a.ctl, "counters")
+        peers = control(a.ctl, "peers")["peers"]
+        assert [(p["path"], p["endpoint"]) for p in peers] == [("lan", f"[{ll_b}%veth0]:5582")]
+        assert in_ns(NS_B, "ping", "-6", "-c", "2", "-W", "2", addr_a, check=False).returncode == 0
+        assert control(b.ctl, "ping", address=addr_a)["ok"]
+        for d in daemons:
+            assert d.stop() == 0
+    finally:
+        for d in daemons:
+            d.stop()

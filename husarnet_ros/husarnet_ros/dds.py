@@ -16,6 +16,11 @@ names) and Cyclone DDS at the files and sets
 profile instead of its own discovery defaults.  ``ROS_STATIC_PEERS`` is not
 used: rmw_fastrtps cannot take IPv6 there.
 
+Fast DDS derives its host id from ``/etc/machine-id`` and treats participants
+with the same host id as local; with the interface whitelist such a "local"
+peer is unreachable.  Real robots have distinct machine ids; containers or
+namespaces that share one must be given their own (the overlay test does).
+
 A DDS process reads its configuration once, at start.  Files are rewritten
 (atomically) only when their content changes, and
 :func:`stale_processes` finds processes that started before the last change

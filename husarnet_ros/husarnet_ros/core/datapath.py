@@ -122,8 +122,11 @@ class Datapath:
                 drops["malformed"] = drops.get("malformed", 0) + 1
                 continue
             if pkt[8:24] != me:
-                # Only our own address may leave through the overlay (no spoofing from this host).
-                drops["bad_local_src"] = drops.get("bad_local_src", 0) + 1
+                # Only our own address may leave through the overlay (no spoofing from this host).  The
+                # kernel's own link-local chatter on the device (router solicitations, MLD) is not an
+                # attack: it gets a neutral counter of its own.
+                reason = "bad_local_src" if pkt[8:10] == OVERLAY_PREFIX else "not_overlay"
+                drops[reason] = drops.get(reason, 0) + 1
                 continue
             dst = bytes(pkt[24:40])
             peer = peers.get(dst)

@@ -279,7 +279,7 @@ def peers_in_fastdds_xml(data: bytes) -> list[str]:
 
 
 def stale_processes(profile: str | os.PathLike[str], *, proc: str = "/proc") -> list[int]:
-    """PIDs of processes configured with ``profile`` that started before its last change.
+    """Return the processes configured with ``profile`` that started before its last change.
 
     A process is "configured with" the profile when its environment names it in
     FASTDDS_DEFAULT_PROFILES_FILE, FASTRTPS_DEFAULT_PROFILES_FILE or

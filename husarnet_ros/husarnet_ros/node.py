@@ -83,7 +83,7 @@ _PUBKEY_PIN = re.compile(r"^[0-9a-fA-F]{64}$")
 # ============================================================================ parameters
 @dataclass(frozen=True)
 class ParamSpec:
-    """One node parameter.  ``when`` says when a new value takes effect:
+    """One node parameter and when a new value of it takes effect.
 
     * ``read_only``: fixed for the life of the process (``ros2 run ... --ros-args -p``);
     * ``configure``: read in ``on_configure``; changes are refused while configured;

@@ -35,6 +35,14 @@ NUMPY_INCLUDE="$("$PY" -c 'import numpy; print(numpy.get_include())' 2>/dev/null
     die "numpy is missing in $VENV (rosidl_generator_py needs its headers): $VENV/bin/pip install numpy"
 [ -f "$PY_INCLUDE/Python.h" ] || die "Python.h not found in $PY_INCLUDE: install the Python development headers"
 
+# rosidl_default_generators' CMake config requires rosidl_core_generators, which its wheel does not
+# declare. scripts/requirements.txt should list it; install the tested version if it is still missing.
+if [ ! -f "$VENV/share/rosidl_core_generators/cmake/rosidl_core_generatorsConfig.cmake" ]; then
+    echo "build_ros.sh: installing ros-rosidl-core-generators (needed by rosidl_default_generators)"
+    "$VENV/bin/pip" install --quiet "ros-rosidl-core-generators==0.3.1" ||
+        die "cannot install ros-rosidl-core-generators into $VENV"
+fi
+
 # Work around the wheels' exported CMake targets.
 # The interface wheels (service_msgs, builtin_interfaces, std_msgs, ...) were built in a manylinux
 # container, and their export_<pkg>__rosidl_generator_pyExport.cmake files set

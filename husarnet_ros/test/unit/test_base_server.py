@@ -386,6 +386,7 @@ def test_second_login_supersedes_the_first(tmp_path) -> None:
             assert await n1.wait_state("udp")
             first = srv.nodes[ident.address]
             n1.client._closed = True  # n1 must not fight back by reconnecting
+            await asyncio.sleep(0.05)  # TAI64N is whitened to ~17 ms: a same-tick initiation would look replayed
             await n2.start()
             assert await n2.wait_state("udp")
             assert await n2.wait(lambda: srv.counters["superseded"] == 1 and first.transport is None)

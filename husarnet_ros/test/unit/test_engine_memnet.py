@@ -428,3 +428,23 @@ def test_garbage_datagrams_never_break_the_engine(lab):
     assert wait_for(lambda: b"still-alive" in b.payloads())
     b.send(a, b"and-back")
     assert wait_for(lambda: b"and-back" in a.payloads())
+
+
+def test_message_count_limit_forces_rekey_without_loss(lab):
+    """REKEY_AFTER_MESSAGES / REJECT_AFTER_MESSAGES shrunk to 40 / 100: keys roll over by count, nothing lost."""
+    timers = dataclasses.replace(FAST, rekey_after_messages=40, reject_after_messages=100)
+    _lb, a, b = two(lab, timers=timers)
+    connect(a, b)
+    first = a.peer(b).current
+    n = 400
+    for i in range(n):
+        a.send(b, b"m%04d" % i)
+        time.sleep(0.001)
+    assert wait_for(lambda: len([p for p in b.payloads() if p.startswith(b"m")]) == n, 5), (
+        len([p for p in b.payloads() if p.startswith(b"m")]),
+        a.engine.counters.snapshot(),
+    )
+    assert sorted(p for p in b.payloads() if p.startswith(b"m")) == [b"m%04d" % i for i in range(n)]
+    assert a.peer(b).current is not first
+    assert a.counter("handshakes_completed") >= n // 100
+    assert all(kp.send_counter < 100 for kp in a.peer(b).keypairs())

@@ -201,8 +201,9 @@ def test_relay_rate_limit_counts_drops(tmp_path) -> None:
             for _ in range(20):
                 a.client.relay(b.address, payload)
             assert await a.wait(lambda: srv.counters["relayed_packets"] + srv.counters["rate_limited"] == 20)
-            assert srv.counters["rate_limited"] >= 10
-            assert len(b.relayed) == srv.counters["relayed_packets"] <= 5
+            # Burst 2000 B = 4 packets, refill 2 packets/s: even a stalled machine passes at most a few more.
+            assert srv.counters["rate_limited"] >= 12
+            assert len(b.relayed) == srv.counters["relayed_packets"] <= 8
         finally:
             await close_all(srv, a, b)
 

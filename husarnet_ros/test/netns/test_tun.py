@@ -49,9 +49,9 @@ def _run_in_ns(ns: str, code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _ping(ns: str) -> subprocess.Popen[bytes]:
+def _ping(ns: str, count: int = 3) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        ["ip", "netns", "exec", ns, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "1", PEER],
+        ["ip", "netns", "exec", ns, "ping", "-6", "-c", str(count), "-i", "0.2", "-W", "1", PEER],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -188,7 +188,9 @@ def test_persistent_device_attach_as_owner(netns: str) -> None:
     tun.setup_persistent_tun("hnt1", 65534, ADDR, 1400)
     try:
         assert "hnt1" in _links()
-        p = _ping(netns)
+        # Pings outlast the unprivileged reader's start-up (Python import on a loaded machine takes
+        # seconds); echo requests sent before it attaches are dropped by the kernel.
+        p = _ping(netns, count=60)
         r = _run_in_ns(
             netns,
             """
@@ -205,6 +207,7 @@ def test_persistent_device_attach_as_owner(netns: str) -> None:
             dev.close()
             """,
         )
+        p.terminate()
         p.wait(timeout=10)
         assert "MTU 1400" in r.stdout, r.stderr
         assert "ECHO" in r.stdout, r.stderr

@@ -61,6 +61,7 @@ _SOL_PACKET = 263
 _PACKET_ADD_MEMBERSHIP = 1
 _PACKET_MR_PROMISC = 1
 _lab_counter = itertools.count()
+ETC_NETNS = Path("/etc/netns")
 _setns_lock = threading.Lock()
 
 
@@ -530,8 +531,18 @@ class Lab:
         return nsobj
 
     def host(self, name: str) -> Host:
-        """A fresh namespace with loopback up (and IPv6 DAD off so addresses are usable at once)."""
-        return self._new_ns(Host, name)  # type: ignore[return-value]
+        """A fresh namespace with loopback up (and IPv6 DAD off so addresses are usable at once).
+
+        Each host also gets its own ``/etc/machine-id`` (through iproute2's ``/etc/netns/<ns>/`` files,
+        which ``ip netns exec`` bind-mounts over ``/etc``), as separate robots have: Fast DDS derives its
+        host id from it and treats participants with equal ids as local, which breaks DDS between
+        namespaces of one machine.
+        """
+        h = self._new_ns(Host, name)
+        etc = ETC_NETNS / h.ns
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "machine-id").write_text(f"{int.from_bytes(os.urandom(16), 'big'):032x}\n")
+        return h  # type: ignore[return-value]
 
     def bridge(self, name: str) -> Bridge:
         """A namespace with a bridge ``br0`` that links attach to (multicast snooping off: plain flooding)."""
@@ -907,6 +918,10 @@ table ip hrnat {{
             res = _run(["ip", "netns", "del", nsobj.ns], check=False)
             if res.returncode != 0:
                 self.leaks.append(f"namespace {nsobj.ns}: {res.stderr.strip()}")
+        for nsobj in self.namespaces:
+            shutil.rmtree(ETC_NETNS / nsobj.ns, ignore_errors=True)
+            if (ETC_NETNS / nsobj.ns).exists():
+                self.leaks.append(f"{ETC_NETNS / nsobj.ns} could not be removed")
         for ns in self.existing_namespaces():
             self.leaks.append(f"namespace {ns} still exists")
         if not self.keep_files:

@@ -249,6 +249,19 @@ def test_sysctl_and_ipv6_on_the_lan():
 
 
 @pytest.mark.netns
+def test_each_host_has_its_own_machine_id():
+    with Lab() as lab:
+        a, b = lab.host("a"), lab.host("b")
+        ida = a.run(["cat", "/etc/machine-id"]).stdout.strip()
+        idb = b.run(["cat", "/etc/machine-id"]).stdout.strip()
+        assert len(ida) == 32 and ida != idb
+        assert ida != Path("/etc/machine-id").read_text().strip()
+        etc = Path("/etc/netns") / a.ns
+        assert etc.exists()
+    assert not etc.exists()
+
+
+@pytest.mark.netns
 def test_tcp_transfer_hash_matches():
     with Lab() as lab:
         t = reference_topology(lab)
@@ -292,6 +305,7 @@ def test_cleanup_leaves_nothing_and_kills_only_our_processes():
         assert any(str(outsider.pid) in leak for leak in leaks)
         assert _root_links() == before
         assert not lab.tmp.exists()
+        assert not any(p.name.startswith(prefix) for p in Path("/etc/netns").glob("*"))
     finally:
         if outsider is not None:
             outsider.kill()

@@ -173,3 +173,39 @@ def test_entry_point_runs_without_ros_environment(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert Identity.parse(r.stdout)
+
+
+def test_websetup_send_wiring(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """The CLI hands the secret, counter store, address, command and args to WebsetupClient.send
+    (the protocol itself is tested with core/websetup) and maps the reply to output and exit code."""
+    from husarnet_ros.core import websetup
+    from husarnet_ros.core.websetup_proto import Reply
+
+    calls = []
+
+    def fake_send(self, address, command, args=(), timeout=2.0):
+        calls.append((self.secret, str(self.counter_store_path), address, command, tuple(args), timeout))
+        ok = command != "whitelist-rm"
+        return Reply(counter=1, command=command, ok=ok, fields=("done",) if ok else ("not listed",))
+
+    monkeypatch.setattr(websetup.WebsetupClient, "send", fake_send)
+    secret = tmp_path / "secret"
+    secret.write_text("ab" * 32 + "\n")
+    secret.chmod(0o600)
+    store = tmp_path / "counter.json"
+    argv = ["websetup", "send", "fc94::1", "whitelist-add", "fc94::2", "laptop"]
+    code, out, _ = run(
+        [*argv, "--secret-file", str(secret), "--counter-store", str(store), "--reply-timeout", "3"], capsys
+    )
+    assert code == 0 and out.strip() == "done"
+    assert calls[-1] == (bytes.fromhex("ab" * 32), str(store), "fc94::1", "whitelist-add", ("fc94::2", "laptop"), 3.0)
+    code, _, err = run(["websetup", "send", "fc94::1", "whitelist-rm", "fc94::2", "--secret-file", str(secret)], capsys)
+    assert code == cli.EXIT_FAILED and "not listed" in err
+
+
+def test_websetup_secret_prints_the_node_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from husarnet_ros.core import websetup
+
+    secret = websetup.read_secret(tmp_path, create=True)
+    code, out, _ = run(["websetup", "secret", "--state-dir", str(tmp_path)], capsys)
+    assert code == 0 and out.strip() == secret.hex()

@@ -576,6 +576,7 @@ class HusarnetNode(LifecycleNode):
             self._publish_timer = None
 
     def _publish(self, *, force: bool) -> None:
+        """Status always (it is small and events are rare); the peer table when it changed or on the period."""
         engine = self._engine
         if engine is None or self._peers_pub is None:
             return
@@ -585,7 +586,7 @@ class HusarnetNode(LifecycleNode):
             msg.header.stamp = self.get_clock().now().to_msg()
             self._peers_pub.publish(msg)
             self._last_peers = peers
-            self._status_pub.publish(self._status_msg(engine.status()))
+        self._status_pub.publish(self._status_msg(engine.status()))
 
     def _status_msg(self, st: StatusInfo) -> Status:
         assert self._config is not None

@@ -43,8 +43,19 @@ def _file_parameters(path: str) -> dict:
     params: dict = {}
     for key in ("/**", "/**/husarnet", NODE_NAME, "/" + NODE_NAME):
         section = doc.get(key) or {}
-        params.update(section.get("ros__parameters") or {})
+        params.update(_flatten(section.get("ros__parameters") or {}))
     return params
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{'dds': {'enabled': True}} -> {'dds.enabled': True}: ROS parameter names, on every distribution."""
+    out: dict = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _parse_list(text: str) -> list[str]:

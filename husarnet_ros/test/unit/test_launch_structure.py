@@ -93,7 +93,8 @@ def test_launch_forces_autostart_off(tree: ast.Module) -> None:
         for n in ast.walk(tree)
         if isinstance(n, ast.Assign)
         and isinstance(n.targets[0], ast.Subscript)
-        and literal(n.targets[0].slice) == "autostart"
+        and isinstance(n.targets[0].slice, ast.Constant)
+        and n.targets[0].slice.value == "autostart"
     ]
     assert len(forced) == 1
     assert literal(forced[0].value) is False
@@ -101,7 +102,8 @@ def test_launch_forces_autostart_off(tree: ast.Module) -> None:
 
 def _helpers(tree: ast.Module) -> dict:
     """The launch file's pure helpers, compiled alone (their module imports launch)."""
-    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("_file_parameters", "_parse_list")]
+    names = ("_file_parameters", "_flatten", "_parse_list")
+    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
     ns: dict = {"yaml": yaml, "os": __import__("os"), "NODE_NAME": "husarnet"}
     exec(compile(ast.Module(body=wanted, type_ignores=[]), str(LAUNCH), "exec"), ns)
     return ns
@@ -113,7 +115,8 @@ def test_launch_helpers(tree: ast.Module, tmp_path: Path) -> None:
     assert h["_parse_list"]("a:443, b:443") == ["a:443", "b:443"]
     params = h["_file_parameters"](str(CONFIG))
     assert params["interface_name"] == "hnet0"
-    assert params["websetup"] == {"enabled": True, "whitelist": []}
+    assert params["websetup.enabled"] is True and params["websetup.whitelist"] == []
+    assert sorted(params) == sorted(node_parameter_names())
     other = tmp_path / "p.yaml"
     other.write_text("/**/husarnet:\n  ros__parameters:\n    hostname: robot7\n")
     assert h["_file_parameters"](str(other)) == {"hostname": "robot7"}

@@ -222,8 +222,9 @@ class Engine:
         self._control_posted = 0  # written by receive threads (under _post_lock)
         self._control_done = 0  # written by the loop only
         self._post_lock = threading.Lock()
-        self._init_tokens = INITIATION_RATE
-        self._init_tokens_at = clock()
+        self._init_tokens = [INITIATION_RATE, INITIATION_RATE]  # [strangers, known sources]
+        self._init_tokens_at = [clock(), clock()]
+        self._known_sources: frozenset = frozenset()  # every peer's endpoints, rebuilt each tick
         self._last_hello_ts = 0
         self._relay_sender: Callable[[bytes, RelayEndpoint], None] | None = None
         self._base_status: tuple[str, str] = ("none", "")
@@ -769,8 +770,9 @@ class Engine:
             self.counters.inc("malformed")
             return
         # Two single-writer counters (receive threads / loop) instead of one shared one: no lost updates.
-        if self._control_posted - self._control_done >= MAX_CONTROL_BACKLOG:
-            self.counters.inc("rate_limited")
+        backlog = self._control_posted - self._control_done
+        if backlog >= MAX_CONTROL_BACKLOG and (backlog >= 2 * MAX_CONTROL_BACKLOG or src not in self._known_sources):
+            self.counters.inc("rate_limited")  # a full queue still admits datagrams from known endpoints
             return
         with self._post_lock:
             self._control_posted += 1
@@ -808,11 +810,30 @@ class Engine:
         peer = self._peers.get(address)
         if peer is None and create and address != self.address and address[:2] == OVERLAY_PREFIX:
             if not force and len(self._peers) >= MAX_PEERS:
-                self.counters.inc("rate_limited")
-                return None
+                victim = self._evictable()
+                if victim is None:
+                    self.counters.inc("rate_limited")
+                    return None
+                # Half-open strangers (whitelist disabled) must not lock out a real newcomer.
+                self._clear_sessions(victim)
+                self._peers.pop(victim.address, None)
             peer = Peer(address)
             self._peers[address] = peer
         return peer
+
+    def _evictable(self) -> Peer | None:
+        """The oldest peer that holds nothing worth keeping: not static, not listed, no session, no attempt."""
+        listed = self.whitelist.entries() if self.whitelist is not None else {}
+        for peer in self._peers.values():  # insertion order: oldest first
+            if (
+                not peer.static
+                and peer.current is None
+                and peer.handshake_started is None
+                and not peer.staged
+                and peer.address not in listed
+            ):
+                return peer
+        return None
 
     def _learn(self, address: bytes, endpoints: list[AnyEndpoint], public_key: bytes | None, source: str) -> None:
         """Endpoint hints from the base or a beacon: remember them and start a handshake if the peer is allowed."""
@@ -1030,12 +1051,20 @@ class Engine:
         self._notify("peers")
 
     # ========================================================================= handshake: responder
-    def _take_init_token(self, now: float) -> bool:
-        self._init_tokens = min(INITIATION_RATE, self._init_tokens + (now - self._init_tokens_at) * INITIATION_RATE)
-        self._init_tokens_at = now
-        if self._init_tokens < 1:
+    def _take_init_token(self, now: float, known: bool) -> bool:
+        """Diffie-Hellman budget: one bucket for sources we already know (a peer's endpoints), one for the rest.
+
+        A flood of initiations from strangers then cannot starve a known peer that restarts or rekeys
+        (without cookies, a never-seen newcomer still competes with the flood for the strangers' budget).
+        """
+        rate = INITIATION_RATE
+        i = 1 if known else 0
+        tokens = min(rate, self._init_tokens[i] + (now - self._init_tokens_at[i]) * rate)
+        self._init_tokens_at[i] = now
+        if tokens < 1:
+            self._init_tokens[i] = tokens
             return False
-        self._init_tokens -= 1
+        self._init_tokens[i] = tokens - 1
         return True
 
     def _on_initiation(self, data: bytes, src: AnyEndpoint) -> None:
@@ -1043,7 +1072,7 @@ class Engine:
         c = self.counters
         c.inc("handshakes_received")
         now = self._clock()
-        if not self._take_init_token(now):
+        if not self._take_init_token(now, src in self._known_sources):
             c.inc("rate_limited")
             return
         if not hs.check_mac1(self.identity, data):
@@ -1195,6 +1224,10 @@ class Engine:
         while True:
             await asyncio.sleep(interval)
             now = self._clock()
+            known = set()
+            for peer in list(self._peers.values()):
+                known.update(peer.paths.paths)
+            self._known_sources = frozenset(known)
             for peer in list(self._peers.values()):
                 try:
                     self._peer_timers(peer, now)

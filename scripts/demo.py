@@ -267,6 +267,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     print(f"{BOLD}husarnet_ros demo{RESET}: peer-to-peer IPv6 overlay for ROS 2 robots (timers x{args.timers_scale})")
     good = False
     lab = Lab("demo")
@@ -277,6 +278,7 @@ def main() -> int:
     except LabError as exc:
         fail(str(exc))
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the cleanup even if Ctrl-C is pressed again
         step("Cleaning up: stopping daemons, base and ROS processes; deleting namespaces")
         for d in lab.daemons:
             code = d.stop()

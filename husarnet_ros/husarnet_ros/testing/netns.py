@@ -893,6 +893,17 @@ table ip hrnat {{
         if self._closed:
             return self.leaks
         self._closed = True
+        # A second Ctrl-C must not abandon half of the cleanup: hold SIGINT off until it is done.
+        masked = threading.current_thread() is threading.main_thread()
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if masked else None
+        try:
+            self._cleanup()
+        finally:
+            if masked:
+                signal.signal(signal.SIGINT, old_int)
+        return self.leaks
+
+    def _cleanup(self) -> None:
         for fn in reversed(self._closers):
             with contextlib.suppress(Exception):
                 fn()
@@ -928,7 +939,6 @@ table ip hrnat {{
             shutil.rmtree(self.tmp, ignore_errors=True)
         with contextlib.suppress(Exception):
             atexit.unregister(self.cleanup)
-        return self.leaks
 
 
 @dataclass(frozen=True)

@@ -479,3 +479,33 @@ def test_config_file_defaults_are_the_node_defaults(ros_context: Any) -> None:
     finally:
         n.destroy_node()
         ctx.try_shutdown()
+
+
+def test_dds_peers_follow_the_whitelist_state(ros_context: Any, spinner: Any, tmp_path: Path, waiter: Any) -> None:
+    """Enabled: DDS reaches whitelisted peers only. Disabled: also static (and known) peers."""
+    static = Identity.generate()
+    n = spinner.add(
+        make_node(
+            ros_context,
+            tmp_path / "state",
+            whitelist=[PEER.address_str],
+            peers=[f"{static.address_str}@198.18.0.9:5582"],
+        )
+    )
+    fastdds = tmp_path / "state" / "dds" / "fastdds.xml"
+    try:
+        assert n.trigger_configure() == SUCCESS
+        own = n.identity.address_str
+        assert dds.peers_in_fastdds_xml(fastdds.read_bytes()) == [own, PEER.address_str]
+        # The runtime parameter persists the state and rewrites the profiles.
+        [r] = n.set_parameters([Parameter("whitelist_enabled", value=False)])
+        assert r.successful
+        waiter(lambda: static.address_str in dds.peers_in_fastdds_xml(fastdds.read_bytes()), 5, "static peer in DDS")
+        assert set(dds.peers_in_fastdds_xml(fastdds.read_bytes())) == {own, PEER.address_str, static.address_str}
+        assert spinner.call(n, ListWhitelist, "/husarnet/whitelist/list").enabled is False
+        r = spinner.call(n, SetWhitelistEnabled, "/husarnet/whitelist/set_enabled", enabled=True)
+        assert r.success
+        waiter(lambda: static.address_str not in dds.peers_in_fastdds_xml(fastdds.read_bytes()), 5, "static removed")
+    finally:
+        n._release()
+        n.destroy_node()

@@ -143,3 +143,28 @@ def test_symmetric_nats_on_both_sides_fall_back_to_the_relay():
         _finish(lab, ds.values())
         base.proc.stop()
     e2e.assert_lab_clean(lab)
+
+
+def test_row18_relayed_pair_recovers_after_base_restart():
+    """Relayed traffic stops with the base and comes back once the same base is restarted."""
+    with Lab("b18r") as lab:
+        t = reference_topology(lab)
+        base = e2e.start_base(lab, t)
+        lab.block_udp(t.wan, t.NAT_A_IP, t.NAT_B_IP)  # only the relay can carry A <-> B
+        ds = _nat_pair(lab, t, base)
+        a, b = ds["A"], ds["B"]
+        assert wait_until(
+            lambda: traffic.ping(lab, t.peerA, b.address, count=1, wait=1).received == 1, 30, interval=0.2
+        )
+        a.wait_path(b.address, paths=("relay",), timeout=15)
+        base.proc.stop(sig=9)
+        assert wait_until(lambda: a.status()["base"] == "none" and b.status()["base"] == "none", 10)
+        assert traffic.ping(lab, t.peerA, b.address, count=3, wait=1).received == 0  # nothing can carry it now
+        base2 = e2e.start_base(lab, t, state_dir=base.state_dir)
+        assert wait_until(
+            lambda: traffic.ping(lab, t.peerA, b.address, count=1, wait=1).received == 1, 30, interval=0.2
+        ), (a.status(), a.peers())
+        assert traffic.ping(lab, t.peerB, a.address, count=5).received == 5
+        _finish(lab, ds.values())
+        base2.proc.stop()
+    e2e.assert_lab_clean(lab)

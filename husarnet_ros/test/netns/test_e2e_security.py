@@ -269,3 +269,45 @@ def test_row16_malformed_datagrams_do_not_disturb_traffic(lan_pair):
     )
     assert rejected >= sent * 0.5, (sent, got)
     assert d.status()["address"] == d.address
+
+
+def test_row5_replay_after_a_rekey_is_not_delivered():
+    """A datagram captured under the old keys is useless after a rekey (scaled: every 6 s here)."""
+    with Lab("row5r") as lab:
+        t = reference_topology(lab)
+        ds = e2e.start_mesh(
+            lab, {"C": t.peerC, "D": t.peerD}, static={"C": t.PEER_C_IP, "D": t.PEER_D_IP}, timers_scale=0.05
+        )
+        c, d = ds["C"], ds["D"]
+        assert traffic.ping(lab, t.peerC, d.address, count=3, wait=2).received >= 2
+        rec = traffic.UdpRecorder.start(lab, t.peerD, "::", LISTEN, echo=False)
+        sniff = lab.sniff(t.lan, "br0")
+        marker = b"R" * 701
+        s = lab.socket(t.peerC, socket.AF_INET6, socket.SOCK_DGRAM)
+        s.sendto(marker, (d.address, LISTEN))
+        assert wait_until(lambda: marker in rec.payloads(), 5)
+        sealed = [p.payload for p in sniff.udp(port=PORT) if p.src == t.PEER_C_IP and len(p.payload) > 701]
+        assert sealed
+        age0 = d.peer(c.address)["session_age"]
+        # Keep traffic flowing so the rekey happens (rekey after 6 s of session age at this scale).
+        assert wait_until(
+            lambda: (
+                traffic.ping(lab, t.peerC, d.address, count=1, wait=1).received == 1
+                and d.peer(c.address)["session_age"] < age0
+            ),
+            20,
+            interval=0.5,
+        ), "no rekey happened"
+        before = d.counters()
+        m = lab.socket(t.mallory, socket.AF_INET, socket.SOCK_DGRAM)
+        m.sendto(sealed[0], (t.PEER_D_IP, PORT))
+        m.close()
+        s.sendto(b"after rekey", (d.address, LISTEN))
+        s.close()
+        assert wait_until(lambda: b"after rekey" in rec.payloads(), 5)
+        got = e2e.delta(before, d.counters())
+        assert sum(got.get(k, 0) for k in ("replay", "unknown_peer", "expired", "too_old")) >= 1, got
+        assert rec.payloads().count(marker) == 1
+        problems = e2e.stop_all_and_check(lab, ds.values())
+        assert not problems, problems
+    e2e.assert_lab_clean(lab)

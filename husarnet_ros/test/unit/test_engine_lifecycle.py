@@ -217,3 +217,24 @@ def test_start_stop_cycles_leak_no_fds_or_threads(tmp_path):
         time.sleep(0.02)
     assert fds() <= before_fds, fds() - before_fds
     assert set(threading.enumerate()) <= before_threads
+
+
+def test_tun_failure_undoes_the_socket(tmp_path):
+    """A late failure (the TUN) releases what came before it (the UDP port) and says what went wrong."""
+    import socket
+
+    probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    probe.bind(("::", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    before = set(threading.enumerate())
+    bad_name = "x" * 40  # longer than IFNAMSIZ: refused whether or not we are root
+    eng = Engine(EngineConfig(state_dir=tmp_path, interface_name=bad_name, udp_port=port, lan_discovery=False))
+    with pytest.raises(EngineError):
+        eng.start()
+    again = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        again.bind(("::", port))  # the engine's socket is gone
+    finally:
+        again.close()
+    assert set(threading.enumerate()) <= before

@@ -27,10 +27,16 @@ BEACON_GROUP_V6 = "ff02:88bb:31e4:95f7:2b87:6b52:e112:19ac"
 # --- Device ----------------------------------------------------------------
 DEFAULT_INTERFACE = "hnet0"
 UNDERLAY_MTU = 1500
-# Outer IPv6 (40) + UDP (8) + data header (16) + AEAD tag (16): the worst case
-# underlay overhead, so an overlay packet always fits a 1500-byte underlay.
+# Outer IPv6 (40) + UDP (8) + data header (16) + AEAD tag (16): a direct path's
+# worst-case underlay overhead (WireGuard stops here, at MTU 1420).
 OVERHEAD_IPV6 = 40 + 8 + 16 + 16
-DEFAULT_MTU = UNDERLAY_MTU - OVERHEAD_IPV6  # 1420, as WireGuard
+# A relayed datagram is wrapped again inside the base session: data header (16)
+# + tag (16) + RELAY type (1) + peer address (16).  The default MTU leaves room
+# for it, so a relayed full-size packet is never IP-fragmented on the underlay:
+# fragments are what NATs and mobile networks drop first, and a robot that
+# falls back to the relay must keep working.
+OVERHEAD_RELAY = 16 + 16 + 1 + ADDRESS_LEN
+DEFAULT_MTU = UNDERLAY_MTU - OVERHEAD_IPV6 - OVERHEAD_RELAY  # 1371
 
 # --- Noise handshake ------------------------------------------------------
 NOISE_PROTOCOL_NAME = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from husarnet_ros import dds
+from husarnet_ros.core.constants import DEFAULT_MTU
 
 OWN = "fc94:b01d:1803:c477:1ac5:4cbc:e5b4:7f12"
 PEER_A = "fc94:0:0:0:0:0:0:a"
@@ -36,7 +37,7 @@ def test_fastdds_profile_structure() -> None:
     assert int(td.findtext("f:maxInitialPeersRange", namespaces=F)) >= 32
     assert texts(td, "f:interfaceWhiteList/f:address", F) == [OWN]
     # One RTPS datagram fits one overlay packet (IPv6 + UDP headers).
-    assert int(td.findtext("f:maxMessageSize", namespaces=F)) + 48 <= 1420
+    assert int(td.findtext("f:maxMessageSize", namespaces=F)) + 48 <= DEFAULT_MTU
     part = root.find("f:profiles/f:participant", F)
     assert part.get("is_default_profile") == "true"
     rtps = part.find("f:rtps", F)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from husarnet_ros.core.constants import DEFAULT_MTU
+
 PKG = Path(__file__).resolve().parents[2]
 LAUNCH = PKG / "launch" / "husarnet.launch.py"
 CONFIG = PKG / "config" / "husarnet.yaml"
@@ -145,7 +147,7 @@ def test_config_file_lists_every_parameter() -> None:
     assert len(names) >= 17
     assert sorted(params) == sorted(names)
     assert params["autostart"] is False
-    assert params["udp_port"] == 5582 and params["mtu"] == 1420
+    assert params["udp_port"] == 5582 and params["mtu"] == DEFAULT_MTU
 
 
 def test_real_launch_description_when_launch_ros_is_installed() -> None:

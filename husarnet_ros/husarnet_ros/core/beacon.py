@@ -1,4 +1,4 @@
-"""LAN discovery: signed multicast beacons that let robots find each other with no base server.
+r"""LAN discovery: signed multicast beacons that let robots find each other with no base server.
 
 A beacon says "the node with this key listens on UDP port P of the host that
 sent this packet".  It is only a *hint*: the engine probes the candidate with
@@ -22,7 +22,7 @@ counter.  Groups and port are Husarnet's (``constants.BEACON_*``).
 
 Layout (126 bytes, little-endian): ``version(1)=1 res(3)=0 address(16)
 pubkey(32) port(2) timestamp_ms(8) signature(64)``; the signature covers
-``b"husarnet_ros beacon v1\\n" || bytes 0..61``.
+``b"husarnet_ros beacon v1\n" || bytes 0..61``.
 """
 
 from __future__ import annotations

@@ -73,8 +73,11 @@ _WHITENER_MASK = 0x1000000 - 1  # round nanoseconds down to ~16.7 ms: do not lea
 
 
 class HandshakeError(Exception):
-    """A handshake message was refused; ``reason`` is the drop counter ('malformed', 'bad_mac', 'bad_id',
-    'decrypt', or 'replay' for a response to an already completed initiation)."""
+    """A handshake message was refused.
+
+    ``reason`` is the drop counter ('malformed', 'bad_mac', 'bad_id', 'decrypt', or 'replay' for a response
+    to an already completed initiation).
+    """
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)

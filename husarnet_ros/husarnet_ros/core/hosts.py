@@ -1,4 +1,4 @@
-"""Hostnames for overlay peers: a marked block in the hosts file (DESIGN.md 4.9).
+r"""Hostnames for overlay peers: a marked block in the hosts file (DESIGN.md 4.9).
 
 ``ping robot1`` should work without DNS, so peer hostnames go into the hosts
 file.  The file belongs to the operating system and to the user, so we own

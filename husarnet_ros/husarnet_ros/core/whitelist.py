@@ -256,8 +256,11 @@ class Whitelist:
         return {"enabled": self.enabled, "count": len(self._snapshot[1]), "path": str(self.path)}
 
     def add_listener(self, fn: Listener) -> None:
-        """``fn(kind, addr)`` after every persisted change; kind is 'add' (also: hostname changed), 'remove' or
-        'enabled' (addr None).  Called outside the lock, from the thread that made the change."""
+        """Call ``fn(kind, addr)`` after every persisted change.
+
+        kind is 'add' (also: hostname changed), 'remove' or 'enabled' (addr None).  Called outside the lock,
+        from the thread that made the change.
+        """
         self._listeners.append(fn)
 
     # --- changes --------------------------------------------------------------------

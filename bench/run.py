@@ -13,8 +13,14 @@ Two namespaces joined by a veth (198.18.0.1 <-> 198.18.0.2, fd00:1::/64).  For e
 ``--loss P`` adds P % random loss (nft numgen, input hook of both namespaces, per datagram: GSO/TSO/GRO
 turned off on the veth so a batch is never dropped as one).  ``--fastpath`` adds the standalone
 prototype of issue #6 (bench/fastpath_proto.py) as a column.  Results: a table on stdout and
-bench/results/latest.json.  Needs root.  Numbers on a shared 2-core machine are noisy: the load average
-is recorded with them.
+bench/results/latest.json.
+
+Then the connectivity metrics of issue #3 (bench/connectivity.py, results under the "connectivity" key):
+set-up time LAN / through two NATs / relayed (median of 3), relay throughput, base capacity with the
+load generator (2000 nodes, ``--full`` 10000).  ``--connectivity-only`` runs just those and merges them
+into the existing results file; ``--no-connectivity`` (or ``--only``) skips them.
+
+Needs root.  Numbers on a shared 2-core machine are noisy: the load average is recorded with them.
 """
 
 from __future__ import annotations
@@ -217,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         help="niceness increment for the whole run, inherited by every process it starts (e.g. -10 on a busy "
         "shared machine: every column gets the same priority, so the comparison stays fair)",
     )
+    p.add_argument("--connectivity-only", action="store_true", help="only the issue #3 connectivity metrics")
+    p.add_argument("--no-connectivity", action="store_true", help="skip the issue #3 connectivity metrics")
+    p.add_argument("--full", action="store_true", help="base capacity with 10000 nodes instead of 2000")
+    p.add_argument("--runs", type=int, default=3, help="set-up time runs per connectivity scenario")
     args = p.parse_args(argv)
     args.seconds = 3 if args.quick else 10
     args.pings = 50 if args.quick else 200
@@ -229,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         wanted.append("fastpath proto")
     if args.nice:
         os.nice(args.nice)
+    if args.connectivity_only:
+        return connectivity_main(args)
     info = c.machine_info()
     info["nice"] = os.nice(0)
     results: dict[str, dict[str, Any]] = {}
@@ -243,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = COLUMNS[name](pair, args)
             c.log(f"  {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in results[name].items() if isinstance(v, float)))
     info["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    conn = None if args.only or args.no_connectivity else run_connectivity(args)
     out = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds_per_test": args.seconds,
@@ -250,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "results": results,
     }
+    if conn is not None:
+        out["connectivity"] = conn
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     print(
@@ -257,7 +272,39 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {info.get('loadavg_start')} -> {info['loadavg_end']}"
     )
     print(table(results))
+    if conn is not None:
+        import connectivity as cx
+
+        print("\n" + cx.table(conn))
     print(f"\nwritten: {args.output}")
+    return 0
+
+
+def run_connectivity(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue #3 metrics (bench/connectivity.py): set-up times, relay throughput, base capacity."""
+    import connectivity as cx
+
+    return cx.run_connectivity(runs=args.runs, nodes=10000 if args.full else 2000)
+
+
+def connectivity_main(args: argparse.Namespace) -> int:
+    """--connectivity-only: measure, merge under "connectivity" into the results file, print the summary."""
+    import connectivity as cx
+
+    conn = run_connectivity(args)
+    conn["machine"] = c.machine_info()
+    conn["machine"]["nice"] = os.nice(0)
+    out: dict[str, Any] = {}
+    if args.output.exists():
+        try:
+            out = json.loads(args.output.read_text())
+        except json.JSONDecodeError:
+            out = {}
+    out["connectivity"] = conn
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    print(cx.table(conn))
+    print(f"\nwritten: {args.output} (key 'connectivity')")
     return 0
 
 

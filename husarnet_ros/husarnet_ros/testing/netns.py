@@ -936,7 +936,13 @@ table ip hrnat {{
         for ns in self.existing_namespaces():
             self.leaks.append(f"namespace {ns} still exists")
         if not self.keep_files:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            for _ in range(3):  # a process that just died may still have a file being closed
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                if not self.tmp.exists():
+                    break
+                time.sleep(0.2)
+            else:
+                self.leaks.append(f"{self.tmp} could not be removed")
         with contextlib.suppress(Exception):
             atexit.unregister(self.cleanup)
 

@@ -1,5 +1,6 @@
-"""Shared steps of the end-to-end tests and the demo: start daemons that trust each other, read counters,
-check that nothing leaked.
+"""Shared steps of the end-to-end tests and the demo.
+
+Start daemons that trust each other, start the base server, read counters, check that nothing leaked.
 
 Why a module: the security tests, ``make demo`` and the bench all need "two (or more) daemons that
 whitelist each other and found a path", and all must judge results from the control socket (counters,

@@ -1,5 +1,7 @@
-"""Traffic tools for namespace tests: ping over the overlay, TCP transfers with SHA-256 check, a UDP
-recorder that notes every source address, crafted IPv4/IPv6 packets and malformed-datagram generators.
+"""Traffic tools for namespace tests.
+
+Ping over the overlay, TCP transfers with SHA-256 check, a UDP recorder that notes every source
+address, crafted IPv4/IPv6 packets and malformed-datagram generators.
 
 Why: the end-to-end tests must judge what really crossed the overlay (bytes, hashes, source addresses)
 rather than trust logs. Everything here is plain sockets; nothing needs scapy.

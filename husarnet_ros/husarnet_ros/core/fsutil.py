@@ -54,13 +54,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int = 0o600)
     atomic_write(path, data, mode)
 
 
-def check_private_file(path: str | os.PathLike[str]) -> None:
-    """Refuse a secret file that group or others can read or write.
-
-    Raising (rather than silently chmod-ing) tells the operator their key may
-    already have leaked, which a quiet fix would hide.
-    """
-    st = os.stat(path)
+def _check_private_stat(path: str | os.PathLike[str], st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise StateFileError(f"{path} is not a regular file")
     if st.st_mode & 0o077:
@@ -70,10 +64,25 @@ def check_private_file(path: str | os.PathLike[str]) -> None:
         )
 
 
+def check_private_file(path: str | os.PathLike[str]) -> None:
+    """Refuse a secret file that group or others can read or write.
+
+    Raising (rather than silently chmod-ing) tells the operator their key may
+    already have leaked, which a quiet fix would hide.
+    """
+    _check_private_stat(path, os.stat(path))
+
+
 def read_private_file(path: str | os.PathLike[str], limit: int = 1 << 16) -> bytes:
-    """Read a secret file after checking its permissions; bounded so a wrong path cannot eat memory."""
-    check_private_file(path)
-    with open(path, "rb") as f:
+    """Read a secret file after checking its permissions; bounded so a wrong path cannot eat memory.
+
+    The checks run on the opened descriptor, so the file cannot be swapped
+    between the check and the read, and O_NONBLOCK keeps a FIFO planted at the
+    path from hanging the caller (it is refused as not a regular file).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        _check_private_stat(path, os.fstat(fd))
         data = f.read(limit + 1)
     if len(data) > limit:
         raise StateFileError(f"{path} is larger than {limit} bytes; not a state file")

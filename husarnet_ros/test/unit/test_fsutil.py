@@ -80,3 +80,14 @@ def test_private_file_checks(tmp_path) -> None:
     atomic_write(path, b"k" * 100)
     with pytest.raises(StateFileError, match="larger than"):
         read_private_file(path, limit=10)
+
+
+def test_private_file_is_checked_on_what_is_read(tmp_path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(StateFileError, match="not a regular file"):
+        read_private_file(fifo)  # refused at once instead of blocking for a writer
+    path = tmp_path / "secret"
+    atomic_write(path, b"k" * 32, mode=0o640)
+    with pytest.raises(StateFileError, match="chmod 600"):
+        read_private_file(path)

@@ -100,6 +100,8 @@ def test_every_parameter_is_declared_with_a_description(node: HusarnetNode) -> N
         ("peers", ["fc94::1@nowhere"]),
         ("base_servers", ["base.example.org"]),
         ("base_servers", ["base.example.org:443#nothex"]),
+        ("base_servers", ["base.example.org:443#" + "ab" * 32]),  # hex, but no husarnet key (no fc94 address)
+        ("base_servers", ["b\u00e4se.example.org:443"]),  # not an ASCII host name
         ("websetup.whitelist", ["fd00::1"]),
         ("hosts_file", "relative/hosts"),
         ("state_dir", "/elsewhere"),  # read-only
@@ -118,7 +120,7 @@ def test_bad_parameter_values_are_rejected_with_a_reason(node: HusarnetNode, nam
 def test_good_parameter_values_are_accepted(node: HusarnetNode) -> None:
     good = [
         Parameter("hostname", value="robot-1"),
-        Parameter("base_servers", value=["base.example.org:443", "[fd00::1]:443:5582#" + "ab" * 32]),
+        Parameter("base_servers", value=["base.example.org:443", "[fd00::1]:443:5582#" + PEER.public_key.hex()]),
         Parameter("whitelist", value=[PEER.address_str + " laptop"]),
         Parameter("peers", value=[f"[{PEER.address_str}]@[fd00::2]:5582"]),
         Parameter("udp_port", value=5583),

@@ -45,6 +45,26 @@ def normalize_host(host: str) -> str:
     return host
 
 
+def scoped_host(host: str, scope_id: int) -> str:
+    """``fe80::1`` received on interface index 3 -> ``fe80::1%eth0`` (the spelling beacons and users use).
+
+    Why: without its scope a link-local address names no interface, so a reply to it (and the
+    peer's path) would fail or go out of the wrong one.  Other addresses ignore ``scope_id``.
+    """
+    if not scope_id or "%" in host:
+        return host
+    try:
+        if not ipaddress.ip_address(host).is_link_local:
+            return host
+    except ValueError:
+        return host
+    try:
+        name = socket.if_indextoname(scope_id)
+    except OSError:
+        name = str(scope_id)
+    return f"{host}%{name}"
+
+
 def _sockaddr(endpoint: Endpoint) -> tuple[str, int, int, int]:
     """Destination for the AF_INET6 socket: IPv4 as a mapped address, IPv6 with its %scope resolved."""
     host, port = endpoint
@@ -217,10 +237,12 @@ class UdpSocket:
     # --- receive ----------------------------------------------------------------
 
     def _peer(self, raw: tuple) -> Endpoint:  # type: ignore[type-arg]
-        key = (raw[0], raw[1])
+        """The sender as an endpoint we can send back to: a link-local source keeps its scope (``%ifname``)."""
+        scope = raw[3] if len(raw) > 3 else 0
+        key = (raw[0], raw[1], scope)
         ep = self._peer_cache.get(key)
         if ep is None:
-            ep = (normalize_host(raw[0]), raw[1])
+            ep = (scoped_host(normalize_host(raw[0]), scope), raw[1])
             if len(self._peer_cache) > 4096:
                 self._peer_cache.clear()
             self._peer_cache[key] = ep

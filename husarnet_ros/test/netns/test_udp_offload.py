@@ -234,3 +234,39 @@ def test_normalize_and_sockaddr() -> None:
         udp._sockaddr(("198.18.0.5", 0))
     with pytest.raises(ValueError):
         udp._sockaddr(("not-an-ip", 1))
+
+
+def test_scoped_host_only_scopes_link_local() -> None:
+    assert udp.scoped_host("fd00::1", 1) == "fd00::1"
+    assert udp.scoped_host("198.18.0.1", 1) == "198.18.0.1"
+    assert udp.scoped_host("fe80::1", 0) == "fe80::1"
+    assert udp.scoped_host("fe80::1%lo", 1) == "fe80::1%lo"
+    assert udp.scoped_host("fe80::1", socket.if_nametoindex("lo")) == "fe80::1%lo"
+    assert udp.scoped_host("febf::1", 999999) == "febf::1%999999"  # no such interface: the index
+
+
+@pytest.mark.netns
+def test_link_local_sender_keeps_its_scope_and_gets_a_reply(veth_pair: tuple[str, str]) -> None:
+    a, b = veth_pair
+    pid = os.getpid()
+    dev_a, dev_b = f"hru{pid % 100000}a", f"hru{pid % 100000}b"
+    subprocess.run(["ip", "-n", a, "addr", "add", "fe80::77:1/64", "dev", dev_a, "nodad"], check=True)
+    subprocess.run(["ip", "-n", b, "addr", "add", "fe80::77:2/64", "dev", dev_b, "nodad"], check=True)
+    with inside(a):
+        tx = udp.UdpSocket()
+    with inside(b):
+        rx = udp.UdpSocket()
+    try:
+        # Interface names resolve in the namespace we are in, as they do in a daemon running there.
+        with inside(a):
+            tx.send(b"hi", (f"fe80::77:2%{dev_a}", rx.local_port))
+        with inside(b):
+            got = receive(rx, 1)
+            assert got == [(b"hi", (f"fe80::77:1%{dev_b}", tx.local_port))]
+            rx.send(b"back", got[0][1])  # the reported endpoint is usable as is
+        with inside(a):
+            back = receive(tx, 1)
+        assert back == [(b"back", (f"fe80::77:2%{dev_a}", rx.local_port))]
+    finally:
+        tx.close()
+        rx.close()

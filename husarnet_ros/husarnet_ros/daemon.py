@@ -41,15 +41,10 @@ MAX_REQUEST = 16384
 
 def scaled_timers(scale: float) -> Timers:
     """Every protocol interval multiplied by ``scale`` (tests and demos shrink them); message limits unchanged."""
-    if not 0 < scale <= 100:
-        raise ValueError("--timers-scale must be in (0, 100]")
-    base = Timers()
-    changes = {
-        f.name: getattr(base, f.name) * scale
-        for f in dataclasses.fields(Timers)
-        if isinstance(getattr(base, f.name), float)
-    }
-    return dataclasses.replace(base, **changes)
+    try:
+        return Timers().scaled(scale)
+    except ValueError:
+        raise ValueError("--timers-scale must be in (0, 100]") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

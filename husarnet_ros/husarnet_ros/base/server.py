@@ -773,29 +773,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _scaled_timers(scale: float) -> Timers:
-    if scale == 1.0:
-        return Timers()
-    t = Timers()
-    return Timers(
-        rekey_after_time=t.rekey_after_time * scale,
-        reject_after_time=t.reject_after_time * scale,
-        rekey_attempt_time=t.rekey_attempt_time * scale,
-        rekey_timeout=t.rekey_timeout * scale,
-        keepalive_timeout=t.keepalive_timeout * scale,
-        probe_interval=t.probe_interval * scale,
-        path_timeout=t.path_timeout * scale,
-        base_reconnect_min=t.base_reconnect_min * scale,
-        base_reconnect_max=t.base_reconnect_max * scale,
-    )
-
-
 def config_from_args(args: argparse.Namespace) -> BaseConfig:
     for name in ("tcp_port", "udp_port"):
         v = getattr(args, name)
         if not 0 <= v <= 65535:
             raise SystemExit(f"husarnet-base: --{name.replace('_', '-')} must be 0..65535")
-    timers = _scaled_timers(args.timers_scale)
+    try:
+        timers = Timers().scaled(args.timers_scale)
+    except ValueError:
+        raise SystemExit("husarnet-base: --timers-scale must be in (0, 100]") from None
     return BaseConfig(
         state_dir=Path(args.state_dir),
         bind=args.bind,

@@ -8,6 +8,7 @@ parameter instead of reading the module constants directly.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 # --- Addressing (Husarnet-compatible) -------------------------------------
@@ -81,3 +82,16 @@ class Timers:
     base_reconnect_max: float = BASE_RECONNECT_MAX
     rekey_after_messages: int = REKEY_AFTER_MESSAGES
     reject_after_messages: int = REJECT_AFTER_MESSAGES
+
+    def scaled(self, scale: float) -> Timers:
+        """Every interval multiplied by ``scale`` (tests and demos shrink them); message limits unchanged."""
+        if not 0 < scale <= 100:
+            raise ValueError(f"timers scale must be in (0, 100], not {scale}")
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name) * scale
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), float)
+            },
+        )

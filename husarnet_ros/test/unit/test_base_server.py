@@ -669,3 +669,12 @@ def test_fuzz_server_entry_points(tmp_path, fuzz_ids, data, first) -> None:
         conn.data_received(data)
     # Nothing escaped as an exception, and nothing hostile unregistered or replaced the node.
     assert srv.nodes.get(conn.address) is conn
+
+
+def test_timers_scale_option_scales_and_is_bounded() -> None:
+    from husarnet_ros.base.server import build_arg_parser, config_from_args
+
+    cfg = config_from_args(build_arg_parser().parse_args(["--state-dir", "/nonexistent", "--timers-scale", "0.5"]))
+    assert cfg.timers == Timers().scaled(0.5)
+    with pytest.raises(SystemExit, match="timers-scale"):
+        config_from_args(build_arg_parser().parse_args(["--state-dir", "/nonexistent", "--timers-scale", "0"]))

@@ -175,6 +175,19 @@ def _done(mv: memoryview, off: int, mtype: int) -> None:
         raise Malformed(f"trailing bytes after {MESSAGE_NAMES[mtype]}")
 
 
+def _build_fixed(mtype: int, value: bytes, size: int) -> bytes:
+    """``type value`` for the messages whose only field has a fixed length."""
+    if len(value) != size:
+        raise ValueError(f"{MESSAGE_NAMES[mtype]} takes exactly {size} bytes")
+    return bytes((mtype,)) + bytes(value)
+
+
+def _parse_fixed(buf: bytes | bytearray | memoryview, mtype: int, size: int) -> bytes:
+    mv = _view(buf, mtype, 1 + size)
+    _done(mv, 1 + size, mtype)
+    return bytes(mv[1:])
+
+
 def message_type(buf: bytes | bytearray | memoryview) -> int:
     """Type of a base control plaintext; Malformed if empty or not a known base message."""
     if len(buf) == 0:
@@ -188,16 +201,12 @@ def message_type(buf: bytes | bytearray | memoryview) -> int:
 # --- LOGIN_CHALLENGE -------------------------------------------------------------
 def build_login_challenge(nonce: bytes) -> bytes:
     """Base -> node: the fresh nonce the node must sign."""
-    if len(nonce) != NONCE_LEN:
-        raise ValueError("nonce must be 32 bytes")
-    return bytes((LOGIN_CHALLENGE,)) + nonce
+    return _build_fixed(LOGIN_CHALLENGE, nonce, NONCE_LEN)
 
 
 def parse_login_challenge(buf: bytes | bytearray | memoryview) -> bytes:
     """The 32-byte nonce."""
-    mv = _view(buf, LOGIN_CHALLENGE, 1 + NONCE_LEN)
-    _done(mv, 1 + NONCE_LEN, LOGIN_CHALLENGE)
-    return bytes(mv[1:])
+    return _parse_fixed(buf, LOGIN_CHALLENGE, NONCE_LEN)
 
 
 # --- LOGIN ---------------------------------------------------------------------
@@ -279,16 +288,12 @@ def parse_endpoints(buf: bytes | bytearray | memoryview) -> list[Endpoint]:
 # --- QUERY -------------------------------------------------------------------------
 def build_query(address: bytes) -> bytes:
     """Node -> base: tell me how to reach ``address`` (and tell it to probe me)."""
-    if len(address) != ADDRESS_LEN:
-        raise ValueError("address must be 16 bytes")
-    return bytes((QUERY,)) + address
+    return _build_fixed(QUERY, address, ADDRESS_LEN)
 
 
 def parse_query(buf: bytes | bytearray | memoryview) -> bytes:
     """The 16-byte address asked about."""
-    mv = _view(buf, QUERY, 1 + ADDRESS_LEN)
-    _done(mv, 1 + ADDRESS_LEN, QUERY)
-    return bytes(mv[1:])
+    return _parse_fixed(buf, QUERY, ADDRESS_LEN)
 
 
 # --- PEER_INFO -----------------------------------------------------------------------
@@ -385,16 +390,12 @@ def parse_relayed(buf: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
 # --- UDP_PING / UDP_PONG / OBSERVED -----------------------------------------------------
 def build_udp_ping(nonce: bytes) -> bytes:
     """Node -> base over UDP: lets the base learn (and confirm) the node's public UDP mapping."""
-    if len(nonce) != PING_NONCE_LEN:
-        raise ValueError("ping nonce must be 8 bytes")
-    return bytes((UDP_PING,)) + nonce
+    return _build_fixed(UDP_PING, nonce, PING_NONCE_LEN)
 
 
 def parse_udp_ping(buf: bytes | bytearray | memoryview) -> bytes:
     """The 8-byte nonce."""
-    mv = _view(buf, UDP_PING, 1 + PING_NONCE_LEN)
-    _done(mv, 1 + PING_NONCE_LEN, UDP_PING)
-    return bytes(mv[1:])
+    return _parse_fixed(buf, UDP_PING, PING_NONCE_LEN)
 
 
 def build_udp_pong(nonce: bytes, observed: Endpoint) -> bytes:

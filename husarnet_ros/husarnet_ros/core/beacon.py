@@ -275,30 +275,37 @@ class BeaconService:
         self._sock4 = self._sock6 = None
 
     def _open_v4(self) -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
-            s.bind(("0.0.0.0", self.port))
-            s.setblocking(False)
-        except BaseException:
-            s.close()
-            raise
-        return s
+        return self._open(
+            socket.AF_INET,
+            [
+                (socket.IPPROTO_IP, IP_PKTINFO),
+                (socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0),
+                (socket.IPPROTO_IP, socket.IP_MULTICAST_TTL),
+            ],
+            "0.0.0.0",
+        )
 
     def _open_v6(self) -> socket.socket:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        return self._open(
+            socket.AF_INET6,
+            [
+                (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
+                (socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO),
+                (socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0),
+                (socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS),
+            ],
+            "::",
+        )
+
+    def _open(self, family: int, options: list[tuple[int, ...]], bind_host: str) -> socket.socket:
+        """A non-blocking multicast socket on ``self.port``; ``options`` are (level, name[, value=1]), link-local."""
+        s = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
-            s.bind(("::", self.port))
+            for level, name, *value in options:
+                s.setsockopt(level, name, value[0] if value else 1)
+            s.bind((bind_host, self.port))
             s.setblocking(False)
         except BaseException:
             s.close()

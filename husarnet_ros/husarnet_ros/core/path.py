@@ -119,14 +119,21 @@ class PathSet:
             p.probe_sent = now
 
     def on_probe_reply(self, endpoint: AnyEndpoint, nonce: bytes, kind: str, now: float) -> Path | None:
-        """Match a ProbeReply to the probe on any path; validates that path with its RTT."""
-        for p in self.paths.values():
-            if p.probe_nonce == nonce:
-                p.probe_nonce = None
-                rtt = now - p.probe_sent
-                self.on_authenticated(p.endpoint, p.kind, now, rtt)
-                return p
-        # A reply without a probe of ours still proves the path it arrived on.
+        """Match a ProbeReply to our probe on the path it arrived on; validates that path with its RTT.
+
+        Only the endpoint the reply came *from* is proven.  A reply that
+        carries the nonce of a probe sent to another endpoint does not
+        validate that one: an on-link attacker who advertised its own address
+        (beacon) could otherwise forward our probe to the real peer with our
+        source address, let the genuine reply arrive on the peer's real path,
+        and so have its own address validated and preferred (TESTPLAN 25).
+        """
+        p = self.paths.get(endpoint)
+        if p is not None and p.probe_nonce == nonce:
+            p.probe_nonce = None
+            self.on_authenticated(endpoint, p.kind, now, now - p.probe_sent)
+            return p
+        # A reply without a matching probe still proves the path it arrived on (it is authenticated).
         self.on_authenticated(endpoint, kind, now)
         return None
 

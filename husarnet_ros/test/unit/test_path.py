@@ -60,6 +60,22 @@ def test_probe_reply_validates_with_rtt():
     assert ps.endpoint == ep
 
 
+def test_probe_reply_proves_only_the_path_it_arrived_on():
+    ps = PathSet()
+    real, lure = ("198.18.2.1", 1), ("198.18.1.66", 1)  # the lure is a better kind (LAN) than the real path
+    ps.on_authenticated(real, KIND_DIRECT, 1.0)
+    ps.add_candidate(lure, KIND_LAN, "beacon", 1.0)
+    ps.start_probe(real, b"r" * 8, 2.0)
+    ps.start_probe(lure, b"m" * 8, 2.0)
+    # The reply to the probe sent to the lure arrives on the real path (forwarded with a spoofed source).
+    assert ps.on_probe_reply(real, b"m" * 8, KIND_DIRECT, 2.1) is None
+    assert not ps.paths[lure].validated
+    assert ps.endpoint == real and ps.kind == KIND_DIRECT
+    assert ps.paths[real].rtt is None  # no RTT from someone else's probe
+    assert ps.on_probe_reply(real, b"r" * 8, KIND_DIRECT, 2.2) is ps.paths[real]
+    assert ps.paths[real].rtt == pytest.approx(0.2)
+
+
 def test_roaming_follows_same_kind_after_a_second_but_not_flapping():
     ps = PathSet()
     a, b = ("198.18.2.1", 1), ("198.18.3.1", 2)

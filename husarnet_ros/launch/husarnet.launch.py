@@ -8,7 +8,7 @@ hostname and base_servers (override the file when given), log_level.
 The transitions are driven by event handlers that exist on Humble, Jazzy and Kilted alike
 (LifecycleNode's own autostart argument is newer than Humble): when the process starts, emit
 'configure'; when the node reaches 'inactive', emit 'activate'. If configure fails the node stays
-'unconfigured' and says why in its log.
+'unconfigured' and says why in its log. A later deactivate (to stop traffic) is left alone.
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ def _launch_node(context: LaunchContext) -> list:
     activate = RegisterEventHandler(
         OnStateTransition(
             target_lifecycle_node=node,
+            # Only right after configure: 'inactive' is also reached by an operator's deactivate,
+            # which must not be undone at once by this handler.
+            start_state="configuring",
             goal_state="inactive",
             entities=[
                 EmitEvent(

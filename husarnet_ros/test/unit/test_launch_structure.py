@@ -79,6 +79,8 @@ def test_configure_on_process_start_then_activate_on_inactive(tree: ast.Module) 
     assert calls(kwarg(on_start, "on_start"), "ChangeState")
     [on_state] = calls(tree, "OnStateTransition")
     assert literal(kwarg(on_state, "goal_state")) == "inactive"
+    # Activate after configure only, never again after an operator's deactivate (active -> inactive).
+    assert literal(kwarg(on_state, "start_state")) == "configuring"
     assert "TRANSITION_ACTIVATE" in attr_names(kwarg(on_state, "entities"))
     for change in calls(tree, "ChangeState"):
         matcher = kwarg(change, "lifecycle_node_matcher")

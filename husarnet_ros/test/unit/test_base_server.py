@@ -78,12 +78,21 @@ async def read_frame(r: asyncio.StreamReader) -> bytes:
     return await r.readexactly(n)
 
 
+_last_ts: dict[bytes, bytes] = {}
+
+
 async def raw_handshake(srv: BaseServer, ident: Identity, init: bytes | None = None):
     """Handshake by hand; returns (reader, writer, keypair, challenge nonce, init message)."""
     r, w = await raw_connect(srv)
     st = None
     if init is None:
-        init, st = hs.create_initiation(ident, srv.public_key, 77, hs.tai64n(time.time()), 0)
+        # TAI64N is whitened to ~17 ms: a second handshake of the same key in the same tick is a replay.
+        ts = hs.tai64n(time.time())
+        while ts <= _last_ts.get(ident.address, b""):
+            await asyncio.sleep(0.005)
+            ts = hs.tai64n(time.time())
+        _last_ts[ident.address] = ts
+        init, st = hs.create_initiation(ident, srv.public_key, 77, ts, 0)
     w.write(frame(init))
     resp = await asyncio.wait_for(read_frame(r), 5)
     km = hs.consume_response(st, resp)

@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import re
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +59,7 @@ POLL_S = 0.025
 PING_INTERVAL_S = 0.01
 SETUP_TIMEOUT_S = 40.0
 PORT = 5582
+BEACON_INTERVAL_S = 5.0  # core/beacon.py BeaconService default
 
 
 def _wall() -> float:
@@ -168,8 +172,8 @@ def setup_run(kind: str, run: int, keep_logs: Path, *, mode: str = "start", rela
     """One set-up measurement in a fresh lab; returns times (s since t0), paths and the timeline.
 
     ``mode="start"``: t0 = start of Y's daemon process (X already up, whitelisting Y).
-    ``mode="whitelist"``: both daemons up (and logged in) without trusting each other; t0 = Y, then X,
-    add the other to the whitelist through the control socket.
+    ``mode="whitelist"``: both daemons up (and logged in) without trusting each other; after a random
+    0-5 s pause, t0 = Y, then X, add the other to the whitelist through the control socket.
     """
     out: dict[str, Any] = {"run": run, "mode": mode}
     with Lab(tag=f"cx{kind[:2]}{mode[0]}{run}") as lab:
@@ -198,6 +202,10 @@ def setup_run(kind: str, run: int, keep_logs: Path, *, mode: str = "start", rela
             ["ping", "-6", "-D", "-n", "-i", str(PING_INTERVAL_S), "-W", "1", "-w", str(int(SETUP_TIMEOUT_S) + 5), ay],
         )
         time.sleep(0.2)  # the ping is running (in "start" mode its packets are already staged in X)
+        if mode == "whitelist":
+            # A user whitelists at any moment: sample the phase of the daemons' periodic timers (LAN beacons
+            # every 5 s) uniformly instead of always whitelisting right after start-up.
+            time.sleep(random.uniform(0, BEACON_INTERVAL_S))
         stop = threading.Event()
         t0 = _wall()
         tl = Timeline(t0)
@@ -226,7 +234,8 @@ def setup_run(kind: str, run: int, keep_logs: Path, *, mode: str = "start", rela
         pinger.stop()
         reps = _replies(pinger.output())
         out["first_reply_s"] = first
-        out["y_ready_s"] = tl.get("y_ready")
+        if mode == "start":
+            out["y_ready_s"] = tl.get("y_ready")  # process start-up share of the set-up time
         with contextlib.suppress(Exception):
             out["path_x"] = x.path_to(ay)
             out["path_y"] = y.path_to(ax)
@@ -251,8 +260,10 @@ def setup_run(kind: str, run: int, keep_logs: Path, *, mode: str = "start", rela
                     if v
                     and any(s in k for s in ("handshake", "hello", "probe", "base_", "beacon_acc", "replay", "no_"))
                 }
+        if kind == "lan" and mode == "whitelist":
+            out["next_beacon_after_t0_s"] = _next_beacon(t0, [x.proc.output(), y.proc.output()])
         if relay_iperf and kind == "relay" and out.get("path_x") == "relay":
-            out["iperf"] = relay_throughput(lab, hx, hy, ay, x)
+            out["iperf"] = relay_throughput(lab, hx, hy, ay, x, base)
         keep_logs.mkdir(parents=True, exist_ok=True)
         for d, name in ((x, "x"), (y, "y")):
             with contextlib.suppress(OSError):
@@ -263,19 +274,65 @@ def setup_run(kind: str, run: int, keep_logs: Path, *, mode: str = "start", rela
     return out
 
 
+_ENGINE_UP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO \S+: engine up", re.M)
+
+
+def _next_beacon(t0: float, logs: list[str]) -> float | None:
+    """Seconds from t0 to the first LAN beacon either daemon sends after it (sent at start, then every 5 s).
+
+    Beacons of a peer that is not yet whitelisted are dropped, so after a whitelist change the pair can
+    only meet at the next beacon: when set-up tracks this number, the beacon interval is the cause.
+    """
+    best = None
+    for text in logs:
+        m = _ENGINE_UP.search(text)
+        if not m:
+            continue
+        up = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+        k = max(0, int((t0 - up) // BEACON_INTERVAL_S) + 1)
+        nxt = up + k * BEACON_INTERVAL_S - t0
+        best = nxt if best is None else min(best, nxt)
+    return round(best, 3) if best is not None else None
+
+
 def c_wait(pred: Callable[[], bool], timeout: float) -> bool:
     from husarnet_ros.testing.netns import wait_until
 
     return wait_until(pred, timeout, interval=0.05)
 
 
-def relay_throughput(lab: Lab, hx: Host, hy: Host, ay: str, x: Daemon, seconds: int = 5) -> dict[str, Any]:
-    """iperf3 TCP from X to Y over the relayed overlay; the path is checked again afterwards."""
+def _base_stats(base: e2e.BaseServer) -> dict[str, Any]:
+    """The base's counters, through SIGUSR1 (it logs one ``stats {json}`` line)."""
+    before = base.proc.output().count(" stats {")
+    base.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        text = base.proc.output()
+        if text.count(" stats {") > before:
+            return json.loads(text[text.rindex(" stats {") + 7 :].splitlines()[0])
+        time.sleep(0.05)
+    return {}
+
+
+def relay_throughput(
+    lab: Lab, hx: Host, hy: Host, ay: str, x: Daemon, base: e2e.BaseServer | None, seconds: int = 5
+) -> dict[str, Any]:
+    """iperf3 TCP from X to Y over the relayed overlay, with the base's CPU and relay counters meanwhile."""
     r: dict[str, Any] = {"seconds": seconds}
     try:
         srv = c.start_iperf_server(lab, hy)
         try:
+            s0 = _base_stats(base) if base else {}
+            cpu0 = c.cpu_seconds(c.descendants(base.proc.pid)) if base else 0.0
             data = c.iperf(lab, hx, ay, seconds)
+            if base:
+                r["base_cpu_cores"] = round((c.cpu_seconds(c.descendants(base.proc.pid)) - cpu0) / seconds, 2)
+                s1 = _base_stats(base)
+                k0, k1 = s0.get("counters", {}), s1.get("counters", {})
+                r["base_counters"] = {
+                    k: k1.get(k, 0) - k0.get(k, 0)
+                    for k in ("relayed_packets", "relayed_udp", "relayed_tcp", "rate_limited", "udp_backpressure")
+                }
             r["tcp_mbit_s"] = round(data["end"]["sum_received"]["bits_per_second"] / 1e6, 2)
             r["retransmits"] = data["end"]["sum_sent"].get("retransmits")
         finally:
@@ -330,6 +387,13 @@ def _median(vals: list[float | None]) -> float | None:
 MODES = ("start", "whitelist")
 
 
+def _attempt_run(kind: str, run: int, logs: Path, mode: str, iperf: bool) -> dict[str, Any]:
+    try:
+        return setup_run(kind, run, logs, mode=mode, relay_iperf=iperf)
+    except (LabError, OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return {"run": run, "mode": mode, "error": str(e)[:800]}
+
+
 def summarize(kind: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
     med = _median([r.get("setup_s") for r in rs])
     target = TARGETS_S[kind]
@@ -366,10 +430,12 @@ def run_connectivity(
             for i in range(runs):
                 c.log(f"connectivity {kind} ({mode}) run {i + 1}/{runs}")
                 iperf = kind == "relay" and mode == modes[0] and i == runs - 1
-                try:
-                    r = setup_run(kind, i + 1, logs, mode=mode, relay_iperf=iperf)
-                except (LabError, OSError, RuntimeError) as e:
-                    r = {"run": i + 1, "mode": mode, "error": str(e)[:500]}
+                r = _attempt_run(kind, i + 1, logs, mode, iperf)
+                if "error" in r:  # a shared checkout can be mid-edit for a moment: one retry, both recorded
+                    c.log(f"  {kind} ({mode}) run {i + 1} failed, retrying once: {r['error'].splitlines()[-1]}")
+                    first_error = r["error"]
+                    r = _attempt_run(kind, i + 1, logs, mode, iperf)
+                    r["retried_after"] = first_error
                 c.log(
                     f"  {kind} ({mode}): set-up {_f(r.get('setup_s'))} s, 2nd daemon ready {_f(r.get('y_ready_s'))} s,"
                     f" path {r.get('path_x')}/{r.get('path_y')} {r.get('error', '')}"
@@ -407,7 +473,9 @@ def table(res: dict[str, Any]) -> str:
     ]
     for name, s in res["scenarios"].items():
         runs = "  ".join(
-            f"{_f(r.get('setup_s'), '{:.2f}')}/{r.get('path_x', '?')}" + (" ERR" if "error" in r else "")
+            f"{_f(r.get('setup_s'), '{:.2f}')}/{r.get('path_x', '?')}"
+            + (" ERR" if "error" in r else "")
+            + (f" (next beacon {_f(r['next_beacon_after_t0_s'], '{:.2f}')})" if "next_beacon_after_t0_s" in r else "")
             for r in s["runs"]
         )
         lines.append(
@@ -415,8 +483,9 @@ def table(res: dict[str, Any]) -> str:
             f"{s['verdict']:>9}{_f(s['median_y_ready_s']):>10}   {runs}"
         )
         for r in s["runs"]:
-            if "error" in r:
-                lines.append(f"  note: {name} run {r['run']}: {r['error'].splitlines()[0]}")
+            for key, what in (("retried_after", "failed once, retried"), ("error", "failed")):
+                if key in r:
+                    lines.append(f"  note: {name} run {r['run']} {what}: {r[key].strip().splitlines()[-1]}")
     rt = res.get("relay_throughput")
     if rt:
         lines.append(
@@ -424,6 +493,12 @@ def table(res: dict[str, Any]) -> str:
             f"{_f(rt.get('tcp_mbit_s'), '{:.1f}')} Mbit/s, retransmits {rt.get('retransmits', '-')}, "
             f"path after {rt.get('path_after', '-')}" + (f"  error: {rt['error']}" if "error" in rt else "")
         )
+        if "base_counters" in rt:
+            lines.append(
+                f"  base meanwhile: {_f(rt.get('base_cpu_cores'), '{:.2f}')} cores, "
+                + ", ".join(f"{k} {v}" for k, v in rt["base_counters"].items())
+                + " (per-node relay budget: base --relay-rate, default 8 MB/s = 64 Mbit/s)"
+            )
     bc = res.get("base_capacity")
     if bc:
         if "logged_in" not in bc:

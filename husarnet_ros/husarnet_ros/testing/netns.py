@@ -958,9 +958,12 @@ class Rule:
     text: str
 
 
-def root_interfaces_with(prefix: str) -> list[str]:
-    """Interfaces in the root namespace whose name contains ``prefix`` (a leak check)."""
-    res = _run(["ip", "-o", "link", "show"], check=False)
+def root_interfaces_with(prefix: str, kind: str | None = None) -> list[str]:
+    """Interfaces in the root namespace whose name contains ``prefix`` (a leak check).
+
+    ``kind`` limits the list to one link type (``veth``, ``bridge``, ``tun``): the kinds the lab makes.
+    """
+    res = _run(["ip", "-o", "link", "show", *(["type", kind] if kind else [])], check=False)
     names = [line.split(":")[1].strip().split("@")[0] for line in res.stdout.splitlines() if ":" in line]
     return [n for n in names if prefix in n]
 

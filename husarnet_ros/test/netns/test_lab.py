@@ -28,7 +28,11 @@ from husarnet_ros.testing.netns import (
 
 
 def _root_links() -> set[str]:
-    return set(root_interfaces_with(""))
+    """Veths and bridges in the root namespace: the kinds of device the lab makes.
+
+    (Other kinds, such as TUN devices, come and go with other tests that may run at the same time.)
+    """
+    return set(root_interfaces_with("", "veth")) | set(root_interfaces_with("", "bridge"))
 
 
 def _gone(pid: int) -> bool:

@@ -11,9 +11,11 @@ import contextlib
 import glob
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,3 +141,61 @@ def unique_ifname() -> str:
 def waiter() -> Callable[..., Any]:
     """``waiter(pred, timeout, what)``: poll until ``pred()`` is truthy (test helpers cannot be imported)."""
     return wait_for
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.bind(("::", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def node_pair(ros_context: Any, spinner: Spinner, tmp_path: Path, unique_ifname: str) -> Iterator[Callable[..., Any]]:
+    """``node_pair(**a_params) -> (a, b, a_id, b_id)``: two unconfigured nodes in this process.
+
+    Each lists the other on its whitelist (b as 'nodeb' on a's, a as 'nodea' on b's) and as a static
+    peer on 127.0.0.1; a is /husarnet (``a_params`` override its parameters), b is /b/husarnet.  Both
+    spin in ``spinner`` and are released (engine stopped, device removed) when the test ends.
+    """
+    from rclpy.parameter import Parameter
+
+    from husarnet_ros.core.identity import Identity
+    from husarnet_ros.node import HusarnetNode
+
+    made: list[Any] = []
+
+    def make(**a_params: Any) -> tuple[Any, Any, Any, Any]:
+        ids = {"a": Identity.generate(), "b": Identity.generate()}
+        ports = {name: _free_udp_port() for name in ids}
+        for name, ident in ids.items():
+            (tmp_path / name).mkdir(mode=0o700)
+            ident.save(tmp_path / name / "id")
+
+        def node(name: str, other: str, namespace: str, **extra: Any) -> Any:
+            peer = ids[other].address_str
+            values = {
+                "state_dir": str(tmp_path / name),
+                "hosts_file": "",
+                "lan_discovery": False,
+                "interface_name": unique_ifname[:13] + name,
+                "udp_port": ports[name],
+                "whitelist": [f"{peer} node{other}"],
+                "peers": [f"{peer}@127.0.0.1:{ports[other]}"],
+                **extra,
+            }
+            n = HusarnetNode(
+                context=ros_context,
+                namespace=namespace,
+                parameter_overrides=[Parameter(k, value=v) for k, v in values.items()],
+            )
+            made.append(n)
+            return spinner.add(n)
+
+        return node("a", "b", "", **a_params), node("b", "a", "/b"), ids["a"], ids["b"]
+
+    try:
+        yield make
+    finally:
+        for n in made:
+            n._release()
+            n.destroy_node()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,77 +79,39 @@ def test_whitelist_commands_against_a_configured_node(ros_context: Any, spinner:
         node.destroy_node()
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-        s.bind(("::", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.netns
-def test_status_ip_wait_and_ping_between_two_nodes(
-    ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str
-) -> None:
-    a_id, b_id = Identity.generate(), Identity.generate()
-    for name, ident in (("a", a_id), ("b", b_id)):
-        (tmp_path / name).mkdir(mode=0o700)
-        ident.save(tmp_path / name / "id")
-    pa, pb = free_udp_port(), free_udp_port()
-    a = make_node(
-        ros_context,
-        tmp_path / "a",
-        interface_name=unique_ifname[:13] + "a",
-        udp_port=pa,
-        hostname="nodea",
-        whitelist=[b_id.address_str + " nodeb"],
-        peers=[f"{b_id.address_str}@127.0.0.1:{pb}"],
-        publish_period=0.2,
-    )
-    b = make_node(
-        ros_context,
-        tmp_path / "b",
-        namespace="/b",
-        interface_name=unique_ifname[:13] + "b",
-        udp_port=pb,
-        whitelist=[a_id.address_str + " nodea"],
-        peers=[f"{a_id.address_str}@127.0.0.1:{pa}"],
-    )
+def test_status_ip_wait_and_ping_between_two_nodes(ros_context: Any, node_pair: Any) -> None:
+    a, b, a_id, b_id = node_pair(hostname="nodea", publish_period=0.2)
     for n in (a, b):
-        spinner.add(n)
-    try:
-        for n in (a, b):
-            assert n.trigger_configure() == SUCCESS
-            assert n.trigger_activate() == SUCCESS
-        r = cli(ros_context, "wait", "peer", "nodeb", "--wait-timeout", "30")
-        assert r.returncode == 0, r.stderr
-        assert b_id.address_str in r.stdout
-        r = cli(ros_context, "status", "--json")
-        assert r.returncode == 0, r.stderr
-        st = json.loads(r.stdout)
-        assert st["address"] == a_id.address_str and st["hostname"] == "nodea"
-        [peer] = st["peers"]
-        assert peer["address"] == b_id.address_str and peer["is_secure"] and peer["path"] != "none"
-        r = cli(ros_context, "status")
-        assert r.returncode == 0 and "nodeb" in r.stdout and "PATH" in r.stdout
-        r = cli(ros_context, "ip")
-        assert r.stdout.strip() == a_id.address_str
-        r = cli(ros_context, "ip", "nodeb")
-        assert r.stdout.strip() == b_id.address_str
-        r = cli(ros_context, "--node", "/b/husarnet", "ip")
-        assert r.stdout.strip() == b_id.address_str
-        r = cli(ros_context, "ping", "nodeb", "-c", "2")
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.count("reply from") == 2
-        r = cli(ros_context, "ip", "nosuchpeer")
-        assert r.returncode == 1
-        r = cli(ros_context, "wait", "base", "--wait-timeout", "1")
-        assert r.returncode == 1 and "base" in r.stderr
-        other = Identity.generate().address_str
-        r = cli(ros_context, "wait", "peer", other, "--wait-timeout", "1")
-        assert r.returncode == 1 and "not connected" in r.stderr
-    finally:
-        for n in (a, b):
-            n._release()
-            n.destroy_node()
+        assert n.trigger_configure() == SUCCESS
+        assert n.trigger_activate() == SUCCESS
+    r = cli(ros_context, "wait", "peer", "nodeb", "--wait-timeout", "30")
+    assert r.returncode == 0, r.stderr
+    assert b_id.address_str in r.stdout
+    r = cli(ros_context, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["address"] == a_id.address_str and st["hostname"] == "nodea"
+    [peer] = st["peers"]
+    assert peer["address"] == b_id.address_str and peer["is_secure"] and peer["path"] != "none"
+    r = cli(ros_context, "status")
+    assert r.returncode == 0 and "nodeb" in r.stdout and "PATH" in r.stdout
+    r = cli(ros_context, "ip")
+    assert r.stdout.strip() == a_id.address_str
+    r = cli(ros_context, "ip", "nodeb")
+    assert r.stdout.strip() == b_id.address_str
+    r = cli(ros_context, "--node", "/b/husarnet", "ip")
+    assert r.stdout.strip() == b_id.address_str
+    r = cli(ros_context, "ping", "nodeb", "-c", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("reply from") == 2
+    r = cli(ros_context, "ip", "nosuchpeer")
+    assert r.returncode == 1
+    r = cli(ros_context, "wait", "base", "--wait-timeout", "1")
+    assert r.returncode == 1 and "base" in r.stderr
+    other = Identity.generate().address_str
+    r = cli(ros_context, "wait", "peer", other, "--wait-timeout", "1")
+    assert r.returncode == 1 and "not connected" in r.stderr
 
 
 @pytest.mark.netns

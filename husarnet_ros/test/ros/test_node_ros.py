@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -306,12 +305,6 @@ def link_exists(name: str) -> bool:
     return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-        s.bind(("::", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.netns
 def test_activate_publishes_and_deactivate_removes_the_device(
     ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str, waiter: Any
@@ -408,60 +401,24 @@ def test_activate_publishes_and_deactivate_removes_the_device(
 
 
 @pytest.mark.netns
-def test_two_nodes_connect_and_ping_over_loopback(
-    ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str, waiter: Any
-) -> None:
+def test_two_nodes_connect_and_ping_over_loopback(node_pair: Any, spinner: Any, waiter: Any) -> None:
     """Two nodes in one process, static peers on 127.0.0.1: the ping service measures a real round trip."""
-    a_id, b_id = Identity.generate(), Identity.generate()
-    for name, ident in (("a", a_id), ("b", b_id)):
-        (tmp_path / name).mkdir(mode=0o700)
-        ident.save(tmp_path / name / "id")
-    pa, pb = free_udp_port(), free_udp_port()
-    a = make_node(
-        ros_context,
-        tmp_path / "a",
-        interface_name=unique_ifname[:13] + "a",
-        udp_port=pa,
-        whitelist=[b_id.address_str + " nodeb"],
-        peers=[f"{b_id.address_str}@127.0.0.1:{pb}"],
-    )
-    # The second node lives in its own namespace: both are called 'husarnet'.
-    b_overrides = {
-        "state_dir": str(tmp_path / "b"),
-        "hosts_file": "",
-        "lan_discovery": False,
-        "interface_name": unique_ifname[:13] + "b",
-        "udp_port": pb,
-        "whitelist": [a_id.address_str + " nodea"],
-        "peers": [f"{a_id.address_str}@127.0.0.1:{pa}"],
-    }
-    b = HusarnetNode(
-        context=ros_context,
-        namespace="/b",
-        parameter_overrides=[Parameter(k, value=v) for k, v in b_overrides.items()],
-    )
-    spinner.add(a)
-    spinner.add(b)
-    try:
-        for n in (a, b):
-            assert n.trigger_configure() == SUCCESS
-            assert n.trigger_activate() == SUCCESS
-        r = None
+    a, b, _, b_id = node_pair(hostname="testbot")
+    for n in (a, b):
+        assert n.trigger_configure() == SUCCESS
+        assert n.trigger_activate() == SUCCESS
+    r = None
 
-        def pinged() -> bool:
-            nonlocal r
-            r = spinner.call(a, PingPeer, "/husarnet/ping", address="nodeb", timeout=1.0)
-            return r.success
+    def pinged() -> bool:
+        nonlocal r
+        r = spinner.call(a, PingPeer, "/husarnet/ping", address="nodeb", timeout=1.0)
+        return r.success
 
-        waiter(pinged, 20, "a ping reply from node b")
-        assert r.rtt_ms > 0
-        assert b_id.address_str in r.message
-        peers = {p.address: p for p in a.engine.peers()}
-        assert peers[b_id.address].is_secure
-    finally:
-        for n in (a, b):
-            n._release()
-            n.destroy_node()
+    waiter(pinged, 20, "a ping reply from node b")
+    assert r.rtt_ms > 0
+    assert b_id.address_str in r.message
+    peers = {p.address: p for p in a.engine.peers()}
+    assert peers[b_id.address].is_secure
 
 
 def test_config_file_defaults_are_the_node_defaults(ros_context: Any) -> None:

@@ -32,11 +32,14 @@ from typing import Any
 from .core.constants import DEFAULT_INTERFACE, DEFAULT_MTU, DEFAULT_UDP_PORT, Timers
 from .core.engine import Engine, EngineConfig, EngineError, PeerInfo
 from .core.identity import Identity, IdentityError, format_address, parse_address
+from .core.whitelist import WhitelistError
 
 log = logging.getLogger("husarnet_ros.daemon")
 
 #: Longest control request line accepted (bytes).
 MAX_REQUEST = 16384
+#: Longest reply :func:`control` reads (a full peer table fits many times over).
+MAX_REPLY = 16 << 20
 
 
 def scaled_timers(scale: float) -> Timers:
@@ -107,18 +110,16 @@ def handle_command(engine: Engine, req: dict[str, Any]) -> dict[str, Any]:
             return {"ok": True, "peers": [peer_to_json(p) for p in engine.peers()]}
         if cmd == "counters":
             return {"ok": True, "counters": engine.counters.snapshot()}
+        if str(cmd).startswith("whitelist") and wl is None:
+            return {"ok": False, "error": "the engine has no whitelist (not started)"}
         if cmd == "whitelist":
-            assert wl is not None
             entries = {format_address(a): h for a, h in wl.entries().items()}
             return {"ok": True, "enabled": wl.enabled, "entries": entries}
         if cmd == "whitelist_add":
-            assert wl is not None
             return {"ok": True, "changed": wl.add(parse_address(str(req["address"])), str(req.get("hostname", "")))}
         if cmd == "whitelist_remove":
-            assert wl is not None
             return {"ok": True, "changed": wl.remove(parse_address(str(req["address"])))}
         if cmd == "whitelist_set_enabled":
-            assert wl is not None
             enabled = req["enabled"]
             if not isinstance(enabled, bool):
                 raise ValueError("'enabled' must be true or false")
@@ -132,7 +133,7 @@ def handle_command(engine: Engine, req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "error": f"unknown command {cmd!r}"}
     except KeyError as exc:
         return {"ok": False, "error": f"missing argument {exc}"}
-    except (ValueError, EngineError, OSError) as exc:
+    except (ValueError, EngineError, WhitelistError, OSError) as exc:
         return {"ok": False, "error": str(exc)}
 
 
@@ -206,6 +207,8 @@ def control(path: str | os.PathLike[str], cmd: str, **args: Any) -> dict[str, An
             if not chunk:
                 break
             buf += chunk
+            if len(buf) > MAX_REPLY:
+                raise ConnectionError(f"reply from {path} is larger than {MAX_REPLY} bytes")
     if not buf:
         raise ConnectionError(f"no reply from {path}")
     return json.loads(buf)

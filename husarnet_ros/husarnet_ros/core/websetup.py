@@ -688,7 +688,8 @@ class WebsetupClient:
         with self._lock:
             last = 0
             try:
-                obj = json.loads(self.counter_store_path.read_bytes()[:4096])
+                with open(self.counter_store_path, "rb") as f:
+                    obj = json.loads(f.read(4096))  # bounded: a wrong path must not eat memory
                 if isinstance(obj, dict) and isinstance(obj.get("counter"), int):
                     last = obj["counter"]
             except FileNotFoundError:

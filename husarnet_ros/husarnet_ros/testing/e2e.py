@@ -145,11 +145,12 @@ def start_base(
     tcp_port: int = 443,
     udp_port: int = PORT,
     state_dir: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> BaseServer:
     """Start ``python -m husarnet_ros.base`` in the base namespace; wait until its TCP port listens.
 
     The key is created first (``--print-key``) so nodes can pin it; the same ``state_dir`` restarts the
-    same base (row 18).
+    same base (row 18). ``env`` adds environment variables (e.g. ``HUSARNET_BASE_TEST_FLIP_BITS=1``).
     """
     state = state_dir or lab.tmp / "state-base"
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -167,7 +168,7 @@ def start_base(
         "--timers-scale",
         str(timers_scale),
     ]
-    proc = lab.spawn(topo.base, argv, log=lab.tmp / f"base-{len(lab.procs)}.log")
+    proc = lab.spawn(topo.base, argv, log=lab.tmp / f"base-{len(lab.procs)}.log", env=env)
 
     def listening() -> bool:
         out = lab.run(topo.base, ["ss", "-ltnH"], check=False).stdout

@@ -378,9 +378,14 @@ def control(path: str | Path, cmd: str, timeout: float = 10.0, **args: Any) -> d
     return json.loads(buf.decode())
 
 
-def daemon_argv(state_dir: Path, control_path: Path, options: dict[str, Any]) -> list[str]:
-    """Turn keyword options into daemon flags: ``peer=[..]`` -> ``--peer X --peer Y``; ``True`` -> flag."""
-    argv = [sys.executable, "-m", "husarnet_ros.daemon", "--state-dir", str(state_dir), "--control", str(control_path)]
+def daemon_argv(
+    state_dir: Path, control_path: Path, options: dict[str, Any], module: str = "husarnet_ros.daemon"
+) -> list[str]:
+    """Turn keyword options into daemon flags: ``peer=[..]`` -> ``--peer X --peer Y``; ``True`` -> flag.
+
+    ``module`` runs another entry point with the daemon's flags (e.g. ``husarnet_ros.testing.ws_daemon``).
+    """
+    argv = [sys.executable, "-m", module, "--state-dir", str(state_dir), "--control", str(control_path)]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         if value is None or value is False:
@@ -822,12 +827,20 @@ table ip hrnat {{
 
     # -- daemons
     def start_daemon(
-        self, host: Host, state_dir: str | Path | None = None, *, timeout: float = 20.0, **options: Any
+        self,
+        host: Host,
+        state_dir: str | Path | None = None,
+        *,
+        timeout: float = 20.0,
+        daemon_module: str = "husarnet_ros.daemon",
+        **options: Any,
     ) -> Daemon:
         """Run ``python -m husarnet_ros.daemon`` in ``host`` and wait until its control socket answers.
 
         Keyword options become flags (``peer=[...]``, ``whitelist=[...]``, ``no_whitelist=True``,
         ``base=[...]``, ``no_lan_discovery=True``, ``timers_scale=0.1``, ``hostname=...``).
+        ``daemon_module`` picks the entry point (default the real daemon; ``husarnet_ros.testing.ws_daemon``
+        adds ``websetup_whitelist=[...]``).
         """
         state = Path(state_dir) if state_dir is not None else self.tmp / f"state-{host.name}"
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -838,7 +851,9 @@ table ip hrnat {{
         options.setdefault("log_level", "INFO")
         address = self.daemon_address(state)
         proc = self.spawn(
-            host, daemon_argv(state, ctl, options), log=self.tmp / f"daemon-{host.name}-{len(self.procs)}.log"
+            host,
+            daemon_argv(state, ctl, options, daemon_module),
+            log=self.tmp / f"daemon-{host.name}-{len(self.procs)}.log",
         )
         d = Daemon(self, host, state, proc, ctl, address)
         ok = wait_until(lambda: control(ctl, "status", timeout=2).get("ok", False), timeout, 0.1, alive=proc)

@@ -1,0 +1,183 @@
+"""End-to-end relay security (issue #3 test 7, TESTPLAN rows 8, 9 and 10 via the base).
+
+peerA and peerB sit behind two NATs and direct UDP between the NATs is dropped in the ``wan`` bridge, so
+every A<->B datagram crosses the base's relay. What is checked:
+- confidentiality: a known 32-byte marker sent over the overlay (UDP and TCP) never appears in any byte
+  captured on the base host;
+- tampering: a base started with ``HUSARNET_BASE_TEST_FLIP_BITS=1`` flips a bit in every relayed datagram;
+  the receivers count ``bad_mac`` and keep their session (no teardown by forged packets), and traffic
+  resumes on the same pair once an honest base is back;
+- row 10 via the base: a node that knows the base but is not whitelisted gets neither a path nor any
+  traffic through; its relayed attempts are dropped by the receiver as ``not_whitelisted``.
+Verdicts come from the control sockets (counters, path state) and from sniffers, never from logs.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from husarnet_ros.testing import e2e, traffic
+from husarnet_ros.testing.netns import Lab, reference_topology, wait_until
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
+
+for _reason in (e2e.daemon_available(), e2e.base_available()):
+    if _reason:
+        pytestmark.append(pytest.mark.skip(reason=_reason))
+
+MARKER = b"husarnet-ros-relay-marker-0x5eC!"  # 32 bytes
+assert len(MARKER) == 32
+FLIP_ENV = {"HUSARNET_BASE_TEST_FLIP_BITS": "1"}
+# Scaled timers: keepalive 2 s, rekey after 24 s, reject after 36 s; long enough that no regular rekey
+# falls into the tampering phase, short enough to keep the test quick.
+SCALE = 0.2
+
+
+def _relayed_pair(lab: Lab, t, base: e2e.BaseServer, *, trust=None, timers_scale: float = SCALE):
+    """A and B with the base; direct UDP between the NATs dropped (the base stays reachable)."""
+    block = lab.block_udp(t.wan, t.NAT_A_IP, t.NAT_B_IP)
+    ds = e2e.start_mesh(
+        lab,
+        {"A": t.peerA, "B": t.peerB},
+        trust=trust,
+        timers_scale=timers_scale,
+        extra={"A": {"base": [base.spec]}, "B": {"base": [base.spec]}},
+    )
+    return block, ds
+
+
+def _tcp_send(lab: Lab, server_ns, client_ns, address: str, payload: bytes, port: int) -> bytes:
+    """Send ``payload`` over one TCP connection from client_ns to [address]:port; return what arrived."""
+    srv = lab.socket(server_ns, socket.AF_INET6, socket.SOCK_STREAM)
+    cli = lab.socket(client_ns, socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("::", port))
+        srv.listen(1)
+        srv.settimeout(15)
+        cli.settimeout(15)
+        cli.connect((address, port))
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(15)
+            cli.sendall(payload)
+            cli.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := conn.recv(65536):
+                got += chunk
+        return got
+    finally:
+        cli.close()
+        srv.close()
+
+
+def _ping_ok(lab: Lab, ns, address: str) -> bool:
+    return traffic.ping(lab, ns, address, count=1, wait=1).received == 1
+
+
+def test_rows8_9_relay_sees_no_plaintext_and_tampering_is_dropped_without_teardown():
+    with Lab("rsec") as lab:
+        t = reference_topology(lab)
+        base = e2e.start_base(lab, t, timers_scale=SCALE)
+        block, ds = _relayed_pair(lab, t, base)
+        a, b = ds["A"], ds["B"]
+        assert wait_until(lambda: _ping_ok(lab, t.peerA, b.address), 30, interval=0.2), (a.status(), a.peers())
+        a.wait_path(b.address, paths=("relay",), timeout=15)
+        b.wait_path(a.address, paths=("relay",), timeout=15)
+
+        # --- row 9: confidentiality. Capture everything on the base host while the marker crosses.
+        sniff = lab.sniff(t.base, "eth0")
+        relay_tx0 = a.counters()["base_relay_tx"]
+        rec = traffic.UdpRecorder.start(lab, t.peerB, "::", 7000, echo=False)
+        s = lab.socket(t.peerA, socket.AF_INET6, socket.SOCK_DGRAM)
+        for _ in range(5):
+            s.sendto(MARKER, (b.address, 7000))
+            time.sleep(0.05)
+        s.close()
+        assert wait_until(lambda: MARKER in rec.payloads(), 5), "the marker must cross the overlay"
+        assert _tcp_send(lab, t.peerB, t.peerA, b.address, MARKER * 64, 7001) == MARKER * 64
+        time.sleep(0.3)
+        frames = sniff.stop()
+        assert a.counters()["base_relay_tx"] - relay_tx0 >= 5, "the marker must have gone through the relay"
+        assert a.path_to(b.address) == "relay"
+        assert len(frames) >= 10
+        leaked = [f for f in frames if MARKER in f.data or MARKER[:16] in f.data or MARKER[16:] in f.data]
+        assert leaked == [], f"{len(leaked)} frames on the base host carry the plaintext marker"
+
+        # --- row 8: a tampering relay. Same key and state, every relayed datagram gets one bit flipped.
+        base.proc.stop()
+        hs_before = {n: x.counters()["handshakes_completed"] for n, x in ds.items()}
+        age_before = b.peer(a.address)["session_age"]
+        evil = e2e.start_base(lab, t, timers_scale=SCALE, state_dir=base.state_dir, env=FLIP_ENV)
+        assert wait_until(lambda: a.status()["base"] != "none" and b.status()["base"] != "none", 15)
+        before = {n: e2e.drops(x) for n, x in ds.items()}
+        rec2 = traffic.UdpRecorder.start(lab, t.peerB, "::", 7002, echo=False)
+        s = lab.socket(t.peerA, socket.AF_INET6, socket.SOCK_DGRAM)
+        for i in range(20):
+            s.sendto(b"tampered %d" % i, (b.address, 7002))
+            time.sleep(0.05)
+        s.close()
+        assert wait_until(lambda: b.counters()["bad_mac"] - before["B"]["bad_mac"] >= 20, 5), e2e.delta(
+            before["B"], e2e.drops(b)
+        )
+        time.sleep(0.5)
+        assert rec2.payloads() == [], "a tampered datagram reached the application"
+        got_b = e2e.delta(before["B"], e2e.drops(b))
+        assert got_b.get("bad_mac", 0) >= 20, got_b
+        # The forged packets did not tear the session down: same keys, no new handshake completed.
+        entry = b.peer(a.address)
+        assert entry is not None and entry["is_secure"], entry
+        assert entry["session_age"] >= age_before, (entry, age_before)
+        assert {n: x.counters()["handshakes_completed"] for n, x in ds.items()} == hs_before
+        assert evil.proc.alive and a.proc.alive and b.proc.alive
+
+        # --- an honest base again: the same pair carries traffic (it may rekey, the session was never lost).
+        evil.proc.stop()
+        honest = e2e.start_base(lab, t, timers_scale=SCALE, state_dir=base.state_dir)
+        assert wait_until(lambda: _ping_ok(lab, t.peerA, b.address), 30, interval=0.2), (a.peers(), b.peers())
+        assert traffic.ping(lab, t.peerB, a.address, count=3, interval=0.2).received == 3
+        assert a.path_to(b.address) == "relay"
+        problems = e2e.stop_all_and_check(lab, ds.values())
+        assert not problems, problems
+        assert honest.proc.stop() == 0
+        assert sum(lab.rule_packets(r) for r in block) > 0  # direct attempts really hit the block
+    e2e.assert_lab_clean(lab)
+
+
+def test_row10_non_whitelisted_node_gets_nothing_through_the_relay():
+    """B whitelists A, A whitelists nobody: B's relayed attempts die at A as not_whitelisted."""
+    with Lab("r10b") as lab:
+        t = reference_topology(lab)
+        base = e2e.start_base(lab, t, timers_scale=SCALE)
+        _block, ds = _relayed_pair(lab, t, base, trust=[("B", "A")])
+        a, b = ds["A"], ds["B"]
+        assert wait_until(lambda: a.status()["base"] != "none" and b.status()["base"] != "none", 15)
+        rec = traffic.UdpRecorder.start(lab, t.peerA, "::", 7000, echo=False)
+        before_a = a.counters()
+        s = lab.socket(t.peerB, socket.AF_INET6, socket.SOCK_DGRAM)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            s.sendto(b"let me in", (a.address, 7000))
+            time.sleep(0.1)
+        s.close()
+        assert wait_until(lambda: a.counters()["not_whitelisted"] > before_a["not_whitelisted"], 5), e2e.delta(
+            before_a, a.counters()
+        )
+        after_a = a.counters()
+        assert after_a["base_relayed_rx"] > before_a["base_relayed_rx"], "B's attempts must have reached A by relay"
+        assert after_a["handshakes_completed"] == before_a["handshakes_completed"]
+        assert rec.payloads() == []
+        assert b.path_to(a.address) == "none"
+        entry = a.peer(b.address)
+        assert entry is None or (entry["path"] == "none" and not entry["is_secure"]), entry
+        # And A -> B is refused locally as well.
+        nw = a.counters()["not_whitelisted"]
+        assert traffic.ping(lab, t.peerA, b.address, count=2, wait=1).received == 0
+        assert a.counters()["not_whitelisted"] > nw
+        problems = e2e.stop_all_and_check(lab, ds.values())
+        assert not problems, problems
+        assert base.proc.stop() == 0
+    e2e.assert_lab_clean(lab)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -22,33 +21,14 @@ from ..core.base_client import BaseClient
 from ..core.constants import Timers
 from ..core.counters import Counters
 from ..core.identity import Identity
+from ..core.peer import IndexTable
 from ..core.session import Keypair
 
 Endpoint = tuple[str, int]
 
 
-class SimIndex:
-    """The engine's IndexTable contract in its smallest form: random index -> owner."""
-
-    def __init__(self) -> None:
-        self.table: dict[int, Any] = {}
-
-    def reserve(self, owner: Any) -> int:
-        while True:
-            idx = secrets.randbits(32)
-            if idx and idx not in self.table:
-                self.table[idx] = owner
-                return idx
-
-    def set(self, index: int, owner: Any) -> None:
-        self.table[index] = owner
-
-    def get(self, index: int) -> Any:
-        return self.table.get(index)
-
-    def remove(self, index: int, owner: Any = None) -> None:
-        if owner is None or self.table.get(index) is owner:
-            self.table.pop(index, None)
+#: The engine's own index table: simulated nodes route base datagrams by receiver index exactly as the engine does.
+SimIndex = IndexTable
 
 
 class SharedUdp(asyncio.DatagramProtocol):

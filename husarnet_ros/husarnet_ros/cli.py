@@ -371,6 +371,45 @@ def cmd_genid(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: What a node keeps in its state directory (the dds/ subdirectory included).
+STATE_ENTRIES = frozenset({"id", "whitelist.json", "websetup.json", "base_keys.json", "dds"})
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    """Refuse a directory that holds anything but node state: setup-tun runs as root and hands it to USER.
+
+    A mistyped ``--state-dir /home`` must not give other people's files away.
+    Leftover temporary files of atomic writes (``.<name>.*.tmp``) are state too.
+    """
+    foreign = sorted(
+        e.name
+        for e in os.scandir(state_dir)
+        if e.name not in STATE_ENTRIES
+        and not (e.name.startswith(".") and e.name.endswith(".tmp") and e.name[1:].split(".", 1)[0] in STATE_ENTRIES)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise CliError(
+            f"{state_dir} holds {shown}: not a husarnet_ros state directory; "
+            "give --state-dir a dedicated (new or empty) directory",
+            EXIT_USAGE,
+        )
+
+
+def _give_state_dir(state_dir: Path, uid: int, gid: int) -> None:
+    """Make USER own the state directory and the node's files in it (the id file is refused if others can read it)."""
+    os.chown(state_dir, uid, gid)
+    for name in sorted(STATE_ENTRIES):
+        path = state_dir / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        os.chown(path, uid, gid, follow_symlinks=False)
+        if path.is_dir() and not path.is_symlink():
+            for root, dirs, files in os.walk(path):
+                for entry in dirs + files:
+                    os.chown(os.path.join(root, entry), uid, gid, follow_symlinks=False)
+
+
 def cmd_setup_tun(args: argparse.Namespace) -> int:
     import pwd
 
@@ -392,12 +431,9 @@ def cmd_setup_tun(args: argparse.Namespace) -> int:
             raise CliError(f"no such user: {args.user}", EXIT_USAGE) from None
         state_dir = Path(args.state_dir)
         ensure_state_dir(state_dir)
+        _check_state_dir(state_dir)
         ident = Identity.load_or_create(state_dir / "id")
-        # The node runs as that user and must own its state (the id file is refused if others can read it).
-        os.chown(state_dir, pw.pw_uid, pw.pw_gid)
-        for root, dirs, files in os.walk(state_dir):
-            for name in dirs + files:
-                os.chown(os.path.join(root, name), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+        _give_state_dir(state_dir, pw.pw_uid, pw.pw_gid)
         setup_persistent_tun(args.interface, pw.pw_uid, ident.address, args.mtu or DEFAULT_MTU)
     except TunError as exc:
         raise CliError(str(exc)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -73,6 +74,36 @@ def test_setup_tun_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == cli.EXIT_USAGE and "--user" in err
     code, _, err = run(["setup-tun", "--user", "no-such-user-hnet"], capsys)
     assert code == cli.EXIT_USAGE and "no such user" in err
+
+
+def test_setup_tun_refuses_a_directory_that_is_not_node_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run as root, setup-tun hands the state directory to USER: a mistyped --state-dir must give nothing away."""
+    (tmp_path / "thesis.tex").write_text("someone else's work")
+    (tmp_path / ".id.abc.tmp").write_text("")  # a leftover of an atomic write is state, not foreign
+    before = (tmp_path / "thesis.tex").stat().st_uid
+    code, _, err = run(
+        ["setup-tun", "--user", "nobody", "--state-dir", str(tmp_path), "--interface", "hnt-never"], capsys
+    )
+    assert code == cli.EXIT_USAGE and "thesis.tex" in err and "dedicated" in err
+    assert (tmp_path / "thesis.tex").stat().st_uid == before
+    assert not (tmp_path / "id").exists()  # refused before anything was created
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")
+def test_setup_tun_gives_only_the_node_files_to_the_user(tmp_path: Path) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    Identity.generate().save(tmp_path / "id")
+    (tmp_path / "dds").mkdir()
+    (tmp_path / "dds" / "dds.env").write_text("")
+    (tmp_path / ".profile").write_text("")  # hidden, not ours: left alone
+    cli._give_state_dir(tmp_path, nobody.pw_uid, nobody.pw_gid)
+    for p in (tmp_path, tmp_path / "id", tmp_path / "dds", tmp_path / "dds" / "dds.env"):
+        assert p.stat().st_uid == nobody.pw_uid, p
+    assert (tmp_path / ".profile").stat().st_uid == os.geteuid()
 
 
 def test_websetup_without_secret_or_state(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:

@@ -132,18 +132,10 @@ def node_parameter_names() -> list[str]:
     return [literal(c.args[0]) for c in calls(tree, "ParamSpec") if c.args]
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def test_config_file_lists_every_parameter() -> None:
+def test_config_file_lists_every_parameter(tree: ast.Module) -> None:
     doc = yaml.safe_load(CONFIG.read_text())
+    flatten = _helpers(tree)["_flatten"]  # the launch file's own: nested sections -> dotted names
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
     params = flatten(doc["husarnet"]["ros__parameters"])
     names = node_parameter_names()
     assert len(names) >= 17

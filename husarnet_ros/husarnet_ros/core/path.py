@@ -84,9 +84,11 @@ class PathSet:
                 p.kind = kind
             return p
         if len(self.paths) >= MAX_CANDIDATES:
-            victims = [q for q in self.paths.values() if not q.validated and q is not self.current]
-            if victims:
-                del self.paths[min(victims, key=lambda q: q.added).endpoint]
+            # Oldest unvalidated hint first; else the validated path heard from longest ago (a peer that
+            # sends authenticated packets from ever new ports must not grow the table either).
+            others = [q for q in self.paths.values() if q is not self.current]
+            victim = min(others, key=lambda q: (q.validated, q.last_auth_rx if q.validated else q.added))
+            del self.paths[victim.endpoint]
         p = Path(endpoint, kind, source, now)
         self.paths[endpoint] = p
         return p

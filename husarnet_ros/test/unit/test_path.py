@@ -107,6 +107,15 @@ def test_candidates_bounded():
     assert ("198.18.4.0", 1) not in ps.paths  # oldest unvalidated hints go first
 
 
+def test_validated_paths_bounded_too():
+    ps = PathSet()
+    for i in range(3 * MAX_CANDIDATES):  # a peer whose authenticated packets come from ever new ports
+        ps.on_authenticated((f"198.18.4.{i}", 1), KIND_DIRECT, float(i))
+    assert len(ps.paths) == MAX_CANDIDATES
+    assert ps.current is not None and ps.current.endpoint in ps.paths
+    assert ("198.18.4.0", 1) not in ps.paths  # heard from longest ago goes first
+
+
 @pytest.mark.parametrize(
     ("text", "endpoint"),
     [

@@ -1,6 +1,8 @@
 """make bench: raw veth vs wireguard-go vs this overlay, side by side, in one run on the same namespaces.
 
-Two namespaces joined by a veth (198.18.0.1 <-> 198.18.0.2, fd00:1::/64).  For each column:
+Two namespaces joined by a veth (198.18.0.1 <-> 198.18.0.2, fd00:1::/64).  Columns: raw veth, wireguard-go,
+husarnet_ros (super-packet mode where the path is clean, the default) and husarnet_ros per-seg (every
+segment sealed on its own, HUSARNET_ROS_SUPER=0).  For each column:
 
 * TCP throughput, 1 and 4 streams (iperf3, 10 s; ``--quick`` 3 s);
 * UDP datagrams/s delivered at 64 and 1200 bytes (iperf3 -u -b 0);
@@ -108,8 +110,10 @@ def column_wireguard(pair: c.Pair, args: argparse.Namespace) -> dict[str, Any]:
         c.stop_procs(procs)
 
 
-def column_overlay(pair: c.Pair, args: argparse.Namespace) -> dict[str, Any]:
+def column_overlay(pair: c.Pair, args: argparse.Namespace, super_mode: bool = True) -> dict[str, Any]:
+    """The daemon pair; ``super_mode`` False forces per-segment sealing (HUSARNET_ROS_SUPER=0, issue #6)."""
     lab = pair.lab
+    os.environ["HUSARNET_ROS_SUPER"] = "1" if super_mode else "0"  # inherited by the daemons
     try:
         import husarnet_ros.daemon  # noqa: F401
     except Exception as e:
@@ -130,6 +134,7 @@ def column_overlay(pair: c.Pair, args: argparse.Namespace) -> dict[str, Any]:
         r = measure(pair, addr_b, [p for d in daemons for p in c.descendants(d.proc.pid)], args.seconds, args.pings)
         r["setup_s"] = ready
         r["counters_a"] = {k: v for k, v in daemons[0].counters().items() if v}
+        r["counters_b"] = {k: v for k, v in daemons[1].counters().items() if v}
         return r
     except Exception as e:
         return {"skipped": f"overlay could not run: {e}"}
@@ -155,7 +160,8 @@ def column_fastpath(pair: c.Pair, args: argparse.Namespace) -> dict[str, Any]:
 COLUMNS: dict[str, Callable[[c.Pair, argparse.Namespace], dict[str, Any]]] = {
     "raw veth": column_raw,
     "wireguard-go": column_wireguard,
-    "husarnet_ros": column_overlay,  # the daemon's set-up time includes identity load and the handshake
+    "husarnet_ros": column_overlay,  # super-packet mode where the path is clean (the default)
+    "husarnet_ros per-seg": lambda pair, args: column_overlay(pair, args, super_mode=False),
     "fastpath proto": column_fastpath,
 }
 
@@ -212,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="3 s per throughput test instead of 10, fewer pings")
     p.add_argument("--loss", type=float, default=0.0, metavar="PERCENT", help="random loss on the veth path, both ways")
-    p.add_argument("--only", action="append", choices=["raw", "wireguard", "overlay", "fastpath"], help="repeatable")
+    p.add_argument(
+        "--only", action="append", choices=["raw", "wireguard", "overlay", "overlay-seg", "fastpath"], help="repeatable"
+    )
     p.add_argument("--fastpath", action="store_true", help="also run the issue #6 prototype column")
     p.add_argument("--workers", type=int, default=2, help="fastpath prototype threads per direction")
     p.add_argument("--output", type=Path, default=RESULTS / "latest.json")
@@ -233,8 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("make bench needs root (network namespaces, TUN devices)", file=sys.stderr)
         return 2
-    keys = {"raw": "raw veth", "wireguard": "wireguard-go", "overlay": "husarnet_ros", "fastpath": "fastpath proto"}
-    wanted = [keys[k] for k in args.only] if args.only else ["raw veth", "wireguard-go", "husarnet_ros"]
+    keys = {
+        "raw": "raw veth",
+        "wireguard": "wireguard-go",
+        "overlay": "husarnet_ros",
+        "overlay-seg": "husarnet_ros per-seg",
+        "fastpath": "fastpath proto",
+    }
+    default = ["raw veth", "wireguard-go", "husarnet_ros", "husarnet_ros per-seg"]
+    wanted = [keys[k] for k in args.only] if args.only else default
     if args.fastpath and "fastpath proto" not in wanted:
         wanted.append("fastpath proto")
     if args.nice:

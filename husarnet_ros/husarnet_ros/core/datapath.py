@@ -30,24 +30,50 @@ from typing import Any, Protocol
 
 from .constants import OVERLAY_PREFIX, Timers
 from .counters import Counters
-from .offload import OffloadError, split_for_send
+from .offload import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+    VNET_HDR_LEN,
+    OffloadError,
+    split_for_send,
+)
 from .peer import IndexTable, Peer
-from .session import Keypair, SessionDrop
+from .session import Keypair, SessionDrop, check_super, open_super, seal_super
+from .superpacket import REPORT_INTERVAL, REPORT_MIN_INTERVAL, Reassembly
 from .transport import AnyEndpoint, RelayEndpoint
 from .wire import (
     DATA_MIN_LEN,
+    DATA_SUPER_HEADER,
+    DATA_SUPER_HEADER_LEN,
     INNER_BASE_FIRST,
     INNER_BASE_LAST,
     INNER_PROBE,
     INNER_PROBE_REPLY,
+    INNER_SUPER_REPORT,
     IPV6_HEADER_LEN,
+    MSG_DATA_SUPER,
     PROBE_LEN,
+    SUPER_MAX_FRAGMENT,
+    SUPER_MAX_FRAGMENTS,
+    SUPER_MAX_SEALED,
+    SUPER_REPORT_LEN,
+    Malformed,
     build_probe_reply,
+    build_super_fragments,
+    build_super_report,
+    parse_super_report,
 )
 
 log = logging.getLogger(__name__)
 
 _U32 = struct.Struct("<I")
+_VNET = struct.Struct("<BBHHHH")
+_SUPER_BYTE = bytes((MSG_DATA_SUPER,))
 #: How often (seconds) the datapath may ask the loop for a handshake for the same peer.
 _HANDSHAKE_NUDGE_INTERVAL = 0.05
 
@@ -85,6 +111,9 @@ class Datapath:
         timers: Timers,
         clock: Callable[[], float],
         wallclock: Callable[[], float],
+        mtu: int = 1371,
+        super_packets: bool = False,
+        deliver_super: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self.address = address
         self.peers = peers
@@ -98,6 +127,14 @@ class Datapath:
         self._tun: Any = None
         self._tun_thread: threading.Thread | None = None
         self._nudged: dict[bytes, float] = {}
+        #: Super-packet mode (:mod:`superpacket`): on iff this node can take super-packets (TUN offload)
+        #: and sends them; used per peer only where both ends agreed and the path measures clean.
+        self.mtu = mtu
+        self.super_packets = super_packets
+        self.deliver_super = deliver_super
+        # A fragment is as large as a full-size Data datagram (overlay MTU + header + tag): never larger.
+        self.fragment_size = min(SUPER_MAX_FRAGMENT, mtu + DATA_MIN_LEN - DATA_SUPER_HEADER_LEN)
+        self._reassembly = Reassembly()  # receive thread only (super fragments never come relayed)
 
     # --- outbound: TUN -> peers ------------------------------------------------
     def _nudge(self, address: bytes, packet: bytes | None, now: float) -> None:
@@ -109,14 +146,36 @@ class Datapath:
         self._nudged[address] = now
         self.hooks.need_handshake(address, packet)
 
-    def send_packets(self, packets: list[bytes]) -> None:
-        """Seal and send a batch of IPv6 packets read from the TUN."""
+    def send_packets(
+        self,
+        packets: list[bytes],
+        groups: dict[AnyEndpoint, list[bytes]] | None = None,
+        sent_peers: list[Peer] | None = None,
+        sent: tuple[int, int] = (0, 0),
+    ) -> None:
+        """Seal and send a batch of IPv6 packets read from the TUN.
+
+        ``groups`` may already hold datagrams per endpoint (super-packet fragments of the same TUN
+        batch, for ``sent_peers``, ``sent`` = (packets, bytes)); they leave with this batch's, one transport
+        call per endpoint.
+        """
         now = self.clock()
         me = self.address
         peers = self.peers
-        groups: dict[AnyEndpoint, list[bytes]] = {}
+        is_allowed = self.hooks.is_allowed
+        if groups is None:
+            groups = {}
+        if sent_peers is None:
+            sent_peers = []
         drops: dict[str, int] = {}
-        tx_packets = tx_bytes = 0
+        tx_packets, tx_bytes = sent
+        fresh = False
+        # Per batch, not per packet: the peer, its keypair and path, and the whitelist verdict.
+        last_dst = None
+        peer: Peer | None = None
+        kp: Keypair | None = None
+        group: list[bytes] | None = None
+        seal = None
         for pkt in packets:
             if len(pkt) < IPV6_HEADER_LEN or pkt[0] >> 4 != 6:
                 drops["malformed"] = drops.get("malformed", 0) + 1
@@ -128,50 +187,144 @@ class Datapath:
                 reason = "bad_local_src" if pkt[8:10] == OVERLAY_PREFIX else "not_overlay"
                 drops[reason] = drops.get(reason, 0) + 1
                 continue
-            dst = bytes(pkt[24:40])
-            peer = peers.get(dst)
-            if peer is None or not self.hooks.is_allowed(dst):
+            dst = pkt[24:40]
+            if dst != last_dst:
+                last_dst = dst
+                group = seal = None
+                fresh = True
+                peer = peers.get(dst)
+                if peer is None or not is_allowed(dst):
+                    peer = None
+                else:
+                    kp = peer.current
+                    endpoint = peer.paths.endpoint
+                    if kp is not None and endpoint is not None:
+                        group = groups.get(endpoint)
+                        if group is None:
+                            groups[endpoint] = group = []
+                        seal = kp.seal
+            if peer is None:
+                dst = bytes(dst)
                 if dst[:2] != OVERLAY_PREFIX:
                     drops["unknown_peer"] = drops.get("unknown_peer", 0) + 1
-                elif not self.hooks.is_allowed(dst):
+                elif not is_allowed(dst):
                     drops["not_whitelisted"] = drops.get("not_whitelisted", 0) + 1
                 else:
                     drops["no_session"] = drops.get("no_session", 0) + 1
                     self._nudge(dst, bytes(pkt), now)
                 continue
-            kp = peer.current
-            endpoint = peer.paths.endpoint
-            if kp is None or endpoint is None:
+            if seal is None or group is None:
                 peer.stage(bytes(pkt))
                 drops["no_session"] = drops.get("no_session", 0) + 1
-                self._nudge(dst, None, now)
+                self._nudge(peer.address, None, now)
                 continue
             try:
-                datagram = kp.seal(pkt)
+                datagram = seal(pkt)
             except SessionDrop:
                 peer.stage(bytes(pkt))
                 drops["expired"] = drops.get("expired", 0) + 1
-                self._nudge(dst, None, now)
+                self._nudge(peer.address, None, now)
+                last_dst = None  # look again: a new keypair may be current by the next packet
                 continue
-            group = groups.get(endpoint)
-            if group is None:
-                groups[endpoint] = group = []
             group.append(datagram)
-            n = len(pkt)
-            peer.tx_bytes += n
-            peer.last_tx = peer.last_tx_data = now
+            if fresh:
+                sent_peers.append(peer)
+                fresh = False
             tx_packets += 1
+            n = len(pkt)
             tx_bytes += n
-            if kp.needs_rekey(now, self.timers):
-                self._nudge(dst, None, now)
+            peer.tx_bytes += n
+        self._after_send(groups, sent_peers, tx_packets, tx_bytes, drops, now)
+
+    def _after_send(
+        self,
+        groups: dict[AnyEndpoint, list[bytes]],
+        sent_peers: list[Peer],
+        tx_packets: int,
+        tx_bytes: int,
+        drops: dict[str, int],
+        now: float,
+    ) -> None:
+        """Hand each endpoint's datagrams to the transport; per-batch peer stamps, rekey nudges and counters."""
         for endpoint, datagrams in groups.items():
-            self.hooks.send_datagrams(datagrams, endpoint)
+            if datagrams:
+                self.hooks.send_datagrams(datagrams, endpoint)
+        if sent_peers:
+            for peer in {id(p): p for p in sent_peers}.values():
+                peer.last_tx = peer.last_tx_data = now
+                kp = peer.current
+                if kp is not None and kp.needs_rekey(now, self.timers):
+                    self._nudge(peer.address, None, now)
         c = self.counters
         if tx_packets:
             c.inc("tx_packets", tx_packets)
             c.inc("tx_bytes", tx_bytes)
         for reason, n in drops.items():
             c.inc(reason, n)
+
+    def send_reads(self, reads: list[bytes]) -> None:
+        """A batch of TUN reads with virtio-net headers: super-packets sealed whole where agreed, the rest split.
+
+        A TSO/USO read to a peer in super-packet mode is sealed once (virtio-net header included, so
+        the receiver writes it back with its gso parameters) and leaves as fragments of at most a
+        full-size Data datagram, one GSO run per super-packet.  Everything else is cut into
+        MTU-sized packets with checksums (:func:`offload.split_for_send`) and sealed one by one.
+        """
+        mtu = self.mtu
+        packets: list[bytes] = []
+        groups: dict[AnyEndpoint, list[bytes]] = {}
+        sent_peers: list[Peer] = []
+        bad = sent = sent_bytes = 0
+        use_super = self.super_packets
+        now = self.clock()
+        for buf in reads:
+            if use_super and len(buf) > VNET_HDR_LEN + mtu and buf[1] & ~VIRTIO_NET_HDR_GSO_ECN:
+                n = self._send_super(buf, now, groups, sent_peers)
+                if n:
+                    sent += 1
+                    sent_bytes += n
+                    continue
+            try:
+                packets.extend(split_for_send(buf, True, mtu))
+            except OffloadError:
+                bad += 1
+        if bad:
+            self.counters.inc("malformed", bad)
+        if sent:
+            self.counters.inc("super_tx", sent)
+        if packets:
+            self.send_packets(packets, groups, sent_peers, (sent, sent_bytes))
+        elif groups:
+            self._after_send(groups, sent_peers, sent, sent_bytes, {}, now)
+
+    def _send_super(
+        self, buf: bytes, now: float, groups: dict[AnyEndpoint, list[bytes]], sent_peers: list[Peer]
+    ) -> int:
+        """Seal one super-packet read for a peer in super mode; its size, or 0 to send it per segment."""
+        pkt_src = buf[VNET_HDR_LEN + 8 : VNET_HDR_LEN + 24]
+        dst = bytes(buf[VNET_HDR_LEN + 24 : VNET_HDR_LEN + 40])
+        if buf[VNET_HDR_LEN] >> 4 != 6 or pkt_src != self.address:
+            return 0
+        peer = self.peers.get(dst)
+        if peer is None or not self.hooks.is_allowed(dst):
+            return 0
+        kp = peer.current
+        endpoint = peer.paths.endpoint
+        if endpoint is None or isinstance(endpoint, RelayEndpoint) or not peer.superpkt.usable(kp, now):
+            return 0  # never on the relay path; never before agreement or during a loss hold
+        try:
+            counter, sealed = seal_super(kp, buf)
+            frags = build_super_fragments(kp.remote_index, counter, sealed, self.fragment_size)
+        except (SessionDrop, ValueError):
+            return 0
+        group = groups.get(endpoint)
+        if group is None:
+            groups[endpoint] = group = []
+        group.extend(frags)
+        sent_peers.append(peer)
+        n = len(buf) - VNET_HDR_LEN
+        peer.tx_bytes += n
+        return n
 
     def send_plaintext(self, peer: Peer, plaintext: bytes, endpoint: AnyEndpoint | None = None) -> bool:
         """Seal a control payload (keepalive, probe) on the peer's current keypair; False if there is none."""
@@ -193,37 +346,54 @@ class Datapath:
         self.receive_many([(datagram, src)])
 
     def receive_many(self, batch: list[tuple[bytes, AnyEndpoint]]) -> None:
-        """Open a batch of Data datagrams and deliver the IPv6 packets they carry."""
+        """Open a batch of Data (and DataSuper) datagrams and deliver the IPv6 packets they carry."""
         now = self.clock()
         me = self.address
         out: list[bytes] = []
+        supers: list[bytes] = []
         drops: dict[str, int] = {}
         rx_packets = rx_bytes = 0
         index_get = self.index.get
+        is_allowed = self.hooks.is_allowed
+        allowed: dict[bytes, bool] = {}  # whitelist verdicts, once per peer per batch
+        active: dict[int, Peer] = {}  # peers heard from in this batch
         for datagram, src in batch:
-            if len(datagram) < DATA_MIN_LEN:
+            if datagram[:1] == _SUPER_BYTE:  # lengths checked there: a last fragment may be tiny
+                opened = self._super_fragment(datagram, src, now, drops)
+                if opened is None:
+                    continue
+                kp, plaintext = opened
+            elif len(datagram) < DATA_MIN_LEN:
                 drops["malformed"] = drops.get("malformed", 0) + 1
                 continue
-            kp = index_get(_U32.unpack_from(datagram, 4)[0])
-            if not isinstance(kp, Keypair):
-                drops["unknown_peer"] = drops.get("unknown_peer", 0) + 1
-                continue
-            try:
-                plaintext = kp.open(datagram)
-            except SessionDrop as drop:
-                drops[drop.reason] = drops.get(drop.reason, 0) + 1
-                continue
+            else:
+                kp = index_get(_U32.unpack_from(datagram, 4)[0])
+                if not isinstance(kp, Keypair):
+                    drops["unknown_peer"] = drops.get("unknown_peer", 0) + 1
+                    continue
+                try:
+                    plaintext = kp.open(datagram)
+                except SessionDrop as drop:
+                    drops[drop.reason] = drops.get(drop.reason, 0) + 1
+                    continue
             peer = kp.owner
             if not isinstance(peer, Peer):
-                self.hooks.base_plaintext(peer, kp, plaintext, src)
+                if datagram[0] == MSG_DATA_SUPER:
+                    drops["malformed"] = drops.get("malformed", 0) + 1
+                else:
+                    self.hooks.base_plaintext(peer, kp, plaintext, src)
                 continue
-            if not self.hooks.is_allowed(peer.address):
+            address = peer.address
+            ok = allowed.get(address)
+            if ok is None:
+                ok = allowed[address] = is_allowed(address)
+            if not ok:
                 drops["not_whitelisted"] = drops.get("not_whitelisted", 0) + 1
                 continue
             if kp is peer.next:
                 self._confirm(peer, kp)
-            if isinstance(src, RelayEndpoint) and src.peer_address != peer.address:
-                src = RelayEndpoint(src.base_key, peer.address)  # the key, not the base's stamp, names the sender
+            if isinstance(src, RelayEndpoint) and src.peer_address != address:
+                src = RelayEndpoint(src.base_key, address)  # the key, not the base's stamp, names the sender
             # Authenticated and past the replay window: only now may the peer's endpoint move.
             cur = peer.paths.current
             if cur is None or cur.endpoint != src or now - cur.last_auth_rx > 0.5:
@@ -232,16 +402,27 @@ class Datapath:
                     peer.paths.on_authenticated(src, kind, now)
             else:
                 cur.last_auth_rx = now
-            peer.last_rx = now
-            peer.last_seen_wall = self.wallclock()
+            active[id(peer)] = peer
             if not plaintext:
                 continue  # keepalive
+            if datagram[0] == MSG_DATA_SUPER:
+                reason = _check_super_plaintext(plaintext, address, me)
+                if reason is not None:
+                    drops[reason] = drops.get(reason, 0) + 1
+                    continue
+                supers.append(plaintext)
+                n = len(plaintext) - VNET_HDR_LEN
+                peer.rx_bytes += n
+                peer.last_rx_data = now
+                rx_packets += 1
+                rx_bytes += n
+                continue
             first = plaintext[0]
             if first >> 4 == 6:
                 if len(plaintext) < IPV6_HEADER_LEN:
                     drops["malformed"] = drops.get("malformed", 0) + 1
                     continue
-                if plaintext[8:24] != peer.address:
+                if plaintext[8:24] != address:
                     drops["bad_inner_src"] = drops.get("bad_inner_src", 0) + 1
                     continue
                 if plaintext[24:40] != me and plaintext[24] != 0xFF:
@@ -258,21 +439,136 @@ class Datapath:
                 self.send_plaintext(peer, build_probe_reply(plaintext[1:]), src)
             elif first == INNER_PROBE_REPLY and len(plaintext) == PROBE_LEN:
                 self.hooks.probe_reply(peer, src, bytes(plaintext[1:]), now)
+            elif first == INNER_SUPER_REPORT and len(plaintext) == SUPER_REPORT_LEN:
+                self._on_super_report(peer, kp, plaintext, now, drops)
             elif INNER_BASE_FIRST <= first <= INNER_BASE_LAST:
                 drops["malformed"] = drops.get("malformed", 0) + 1  # base messages only from a base
             else:
                 drops["malformed"] = drops.get("malformed", 0) + 1
+        if active:
+            wall = self.wallclock()
+            for peer in active.values():
+                peer.last_rx = now
+                peer.last_seen_wall = wall
         if out:
             try:
                 self.deliver(out)
             except Exception:
                 log.exception("delivering %d packets failed", len(out))
+        if supers:
+            self.counters.inc("super_rx", len(supers))
+            try:
+                if self.deliver_super is not None:
+                    self.deliver_super(supers)
+            except Exception:
+                log.exception("delivering %d super-packets failed", len(supers))
+        if self.super_packets:
+            self._super_housekeeping(active, now, drops)
         c = self.counters
         if rx_packets:
             c.inc("rx_packets", rx_packets)
             c.inc("rx_bytes", rx_bytes)
         for reason, n in drops.items():
             c.inc(reason, n)
+
+    # --- super-packet mode: receive side -------------------------------------------
+    def _super_fragment(
+        self, datagram: bytes, src: AnyEndpoint, now: float, drops: dict[str, int]
+    ) -> tuple[Keypair, bytes] | None:
+        """Keep one DataSuper fragment; once its message is whole, open it: (keypair, plaintext) or None.
+
+        Every check that needs no AEAD runs before the fragment is kept: we accept super-packets at
+        all, not relayed, header strict, keypair known and its counter inside the replay window.
+        """
+        if not self.super_packets or isinstance(src, RelayEndpoint):
+            drops["fragment_dropped"] = drops.get("fragment_dropped", 0) + 1
+            return None
+        n = len(datagram)
+        if n <= DATA_SUPER_HEADER_LEN or n > DATA_SUPER_HEADER_LEN + SUPER_MAX_FRAGMENT:
+            drops["fragment_malformed"] = drops.get("fragment_malformed", 0) + 1
+            return None
+        word, receiver, counter, index, count, reserved = DATA_SUPER_HEADER.unpack_from(datagram)
+        if word != MSG_DATA_SUPER or reserved or not index < count <= SUPER_MAX_FRAGMENTS:
+            drops["fragment_malformed"] = drops.get("fragment_malformed", 0) + 1
+            return None
+        kp = self.index.get(receiver)
+        if not isinstance(kp, Keypair) or not isinstance(kp.owner, Peer):
+            drops["unknown_peer"] = drops.get("unknown_peer", 0) + 1
+            return None
+        verdict = check_super(kp, counter)
+        if verdict is not None:
+            drops[verdict] = drops.get(verdict, 0) + 1
+            return None
+        try:
+            sealed = self._reassembly.add(receiver, kp, counter, index, count, datagram[DATA_SUPER_HEADER_LEN:], now)
+        except ValueError as exc:
+            reason = str(exc)
+            drops[reason] = drops.get(reason, 0) + 1
+            return None
+        if sealed is None:
+            return None
+        if len(sealed) > SUPER_MAX_SEALED:
+            drops["fragment_malformed"] = drops.get("fragment_malformed", 0) + 1
+            return None
+        try:
+            plaintext = open_super(kp, counter, sealed)
+        except SessionDrop as drop:
+            drops[drop.reason] = drops.get(drop.reason, 0) + 1
+            return None
+        kp.owner.superpkt.rx_received += count
+        return kp, plaintext
+
+    def _super_housekeeping(self, active: dict[int, Peer], now: float, drops: dict[str, int]) -> None:
+        """Expire stale reassemblies (counted as missing), then send the reports that are due."""
+        if len(self._reassembly):
+            for kp, received, missing in self._reassembly.expire(now):
+                st = kp.owner.superpkt
+                st.rx_received += received
+                st.rx_missing += missing
+                active[id(kp.owner)] = kp.owner
+                drops["reassembly_timeout"] = drops.get("reassembly_timeout", 0) + 1
+        for peer in active.values():
+            st = peer.superpkt
+            since = now - st.reported_at
+            kp = peer.current
+            if kp is None:
+                continue
+            due = (
+                (st.rx_missing and since >= REPORT_MIN_INTERVAL)
+                or (st.rx_received and since >= REPORT_INTERVAL)
+                or (st.is_agreed(kp) and (st.announced is not kp or since >= 2 * REPORT_INTERVAL))
+            )
+            if not due:
+                continue
+            report = build_super_report(True, st.rx_received, st.rx_missing)
+            if self.send_plaintext(peer, report):
+                st.rx_received = st.rx_missing = 0
+                st.reported_at = now
+                st.announced = kp
+
+    # --- super-packet mode: send side (reports from the receiver) ------------------
+    def _on_super_report(self, peer: Peer, kp: Keypair, plaintext: bytes, now: float, drops: dict[str, int]) -> None:
+        """The peer accepts DataSuper on ``kp`` and/or tells us how many of our fragments went missing."""
+        if not self.super_packets:
+            drops["malformed"] = drops.get("malformed", 0) + 1  # we never offered super-packets
+            return
+        try:
+            report = parse_super_report(plaintext)
+        except Malformed:
+            drops["malformed"] = drops.get("malformed", 0) + 1
+            return
+        st = peer.superpkt
+        if report.accept:
+            st.agree(kp)  # authenticated on this session: both ends have agreed
+        if st.on_report(report.received, report.missing, now):
+            self.counters.inc("super_fallback")
+            log.info(
+                "super-packets to %s: %d of %d fragments missing, per-segment for %.0f s",
+                peer.address.hex(),
+                report.missing,
+                report.received + report.missing,
+                st.hold,
+            )
 
     def _confirm(self, peer: Peer, kp: Keypair) -> None:
         """Key confirmation (responder): the initiator used our new keypair, so it becomes current."""
@@ -298,7 +594,8 @@ class Datapath:
     def _tun_loop(self) -> None:
         tun = self._tun
         vnet = tun.vnet_hdr
-        mtu = tun.mtu
+        self.mtu = tun.mtu
+        self.fragment_size = min(SUPER_MAX_FRAGMENT, tun.mtu + DATA_MIN_LEN - DATA_SUPER_HEADER_LEN)
         while True:
             try:
                 reads = tun.read_many(64)
@@ -306,21 +603,13 @@ class Datapath:
                 return
             if not reads:
                 continue
-            if vnet:
-                # TSO: one read may be a 64 kB super-packet; cut it into MTU-sized packets with checksums.
-                packets: list[bytes] = []
-                bad = 0
-                for buf in reads:
-                    try:
-                        packets.extend(split_for_send(buf, True, mtu))
-                    except OffloadError:
-                        bad += 1
-                if bad:
-                    self.counters.inc("malformed", bad)
-            else:
-                packets = reads
             try:
-                self.send_packets(packets)
+                if vnet:
+                    # TSO: one read may be a 64 kB super-packet: sealed whole (super-packet mode) or cut
+                    # into MTU-sized packets with checksums.
+                    self.send_reads(reads)
+                else:
+                    self.send_packets(reads)
             except Exception:
                 log.exception("sending a TUN batch failed")
 
@@ -331,3 +620,37 @@ class Datapath:
         if self._tun_thread is not None:
             self._tun_thread.join(timeout=5)
             self._tun_thread = None
+
+
+def _check_super_plaintext(plaintext: bytes, peer_address: bytes, me: bytes) -> str | None:
+    """Why an opened super-packet must not reach the TUN (drop counter name), or None if it may.
+
+    The plaintext is a virtio-net header and one IPv6 packet.  Its inner source must be the
+    authenticated peer and its destination us (unicast only); the gso parameters must describe a
+    TCP or UDP packet whose checksum field lies inside it, so the kernel never gets offsets that
+    point elsewhere.
+    """
+    n = len(plaintext)
+    if n < VNET_HDR_LEN + IPV6_HEADER_LEN or plaintext[VNET_HDR_LEN] >> 4 != 6:
+        return "bad_super_hdr"
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(plaintext)
+    pkt_len = n - VNET_HDR_LEN
+    if plaintext[VNET_HDR_LEN + 8 : VNET_HDR_LEN + 24] != peer_address:
+        return "bad_inner_src"
+    if plaintext[VNET_HDR_LEN + 24 : VNET_HDR_LEN + 40] != me:
+        return "bad_inner_dst"
+    gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    nh = plaintext[VNET_HDR_LEN + 6]
+    if gso == VIRTIO_NET_HDR_GSO_TCPV6:
+        if nh != IPPROTO_TCP or gso_size == 0:
+            return "bad_super_hdr"
+    elif gso == VIRTIO_NET_HDR_GSO_UDP_L4:
+        if nh != IPPROTO_UDP or gso_size == 0:
+            return "bad_super_hdr"
+    elif gso != VIRTIO_NET_HDR_GSO_NONE:
+        return "bad_super_hdr"
+    if flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM or hdr_len > pkt_len:
+        return "bad_super_hdr"
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and (csum_start < IPV6_HEADER_LEN or csum_start + csum_offset + 2 > pkt_len):
+        return "bad_super_hdr"
+    return None

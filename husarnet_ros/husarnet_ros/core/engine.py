@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import secrets
 import threading
@@ -39,7 +40,7 @@ from .counters import Counters
 from .datapath import Datapath
 from .fsutil import StateFileError, ensure_state_dir
 from .identity import Identity, format_address, parse_address
-from .offload import Coalescer
+from .offload import MAX_PACKET, Coalescer, OffloadError, split_for_send
 from .path import KIND_NONE, KIND_RELAY, Network, classify
 from .peer import IndexTable, Peer, PendingHandshake
 from .session import Keypair
@@ -56,6 +57,7 @@ from .transport import (
 from .whitelist import Whitelist, WhitelistError
 from .wire import (
     MSG_DATA,
+    MSG_DATA_SUPER,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
     MSG_HELLO,
@@ -68,6 +70,7 @@ from .wire import (
 log = logging.getLogger(__name__)
 
 _DATA_WORD = MSG_DATA.to_bytes(4, "little")
+_DATA_WORDS = (_DATA_WORD, MSG_DATA_SUPER.to_bytes(4, "little"))
 
 #: Hello flag: "this Hello answers yours" (never answered again, so Hellos cannot ping-pong).
 HELLO_FLAG_REPLY = 1
@@ -103,6 +106,10 @@ class EngineConfig:
     use_tun: bool = True
     timers: Timers = field(default_factory=Timers)
     offload: bool = True  # TUN virtio-net headers (TSO/GRO super-packets) when the kernel allows
+    #: Seal TSO/USO super-packets whole to peers that agree and while the path is clean (issue #6).
+    #: None: on iff the TUN runs with offloads and HUSARNET_ROS_SUPER is not "0"; True also works in
+    #: memory (received super-packets are split for ``on_packet``).
+    super_packets: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -317,6 +324,8 @@ class Engine:
             timers=self.timers,
             clock=self._clock,
             wallclock=self._wallclock,
+            mtu=cfg.mtu,
+            deliver_super=self._deliver_super,
         )
         # TUN device.
         if cfg.use_tun:
@@ -333,6 +342,10 @@ class Engine:
                     self._tun = TunDevice.open(cfg.interface_name, self.address, cfg.mtu)
                 except TunError as exc2:
                     raise EngineError(str(exc2)) from None
+        if cfg.super_packets is None:
+            self._datapath.super_packets = self.offload_active and os.environ.get("HUSARNET_ROS_SUPER", "1") != "0"
+        else:
+            self._datapath.super_packets = cfg.super_packets
         # Hosts file block (own names + whitelist hostnames + websetup names).
         if cfg.hosts_file:
             from .hosts import HostsError, HostsFile, HostsSync
@@ -684,6 +697,12 @@ class Engine:
             raise EngineError("engine is not running")
         self._datapath.send_packets([bytes(packet)])
 
+    def inject_reads(self, reads: list[bytes]) -> None:
+        """In-memory mode: send TUN reads with virtio-net headers (TSO/USO super-packets) as if read from the TUN."""
+        if self._datapath is None or self._state != "running":
+            raise EngineError("engine is not running")
+        self._datapath.send_reads([bytes(r) for r in reads])
+
     def add_candidates(
         self, address: bytes, endpoints: list[AnyEndpoint], *, public_key: bytes | None = None, source: str = "base"
     ) -> None:
@@ -762,7 +781,7 @@ class Engine:
         if self._scoped and not isinstance(src, RelayEndpoint):
             src = self._scoped.get(src, src)
         word = int.from_bytes(data[:4], "little")
-        if word == MSG_DATA:
+        if word in (MSG_DATA, MSG_DATA_SUPER):
             assert self._datapath is not None
             self._datapath.receive(data, src)
             return
@@ -782,13 +801,13 @@ class Engine:
         """A GRO batch from the UDP socket: Data messages opened together, the rest one by one."""
         if self._scoped:
             batch = [(d, self._scoped.get(src, src)) for d, src in batch]
-        data = [item for item in batch if item[0][:4] == _DATA_WORD]
+        data = [item for item in batch if item[0][:4] in _DATA_WORDS]
         if data:
             assert self._datapath is not None
             self._datapath.receive_many(data)
         if len(data) != len(batch):
             for d, src in batch:
-                if d[:4] != _DATA_WORD:
+                if d[:4] not in _DATA_WORDS:
                     self._on_datagram(d, src)
 
     def _on_control(self, word: int, data: bytes, src: AnyEndpoint) -> None:
@@ -964,7 +983,7 @@ class Engine:
         idx = self._index.reserve(pending)
         try:
             msg, state = hs.create_initiation(
-                self.identity, peer.public_key, idx, hs.tai64n(self._wallclock()), hs.local_features()
+                self.identity, peer.public_key, idx, hs.tai64n(self._wallclock()), self._local_features()
             )
         except Exception:
             self._index.remove(idx, pending)
@@ -1114,11 +1133,13 @@ class Engine:
         placeholder = object()
         idx = self._index.reserve(placeholder)
         try:
-            msg, km = hs.create_response(st, idx, hs.local_features())
+            msg, km = hs.create_response(st, idx, self._local_features())
         except Exception:
             self._index.remove(idx, placeholder)
             raise
         kp = Keypair(km, now, peer, timers=self.timers, clock=self._clock)
+        if st.features & hs.FEATURE_OFFLOAD and self._local_features() & hs.FEATURE_OFFLOAD:
+            peer.superpkt.agree(kp)  # both ends offered super-packets in this authenticated handshake
         with peer.lock:
             self._index.set(idx, kp)
             old_next = peer.next
@@ -1333,6 +1354,30 @@ class Engine:
         if cb is not None:
             for p in packets:
                 cb(p)
+
+    def _deliver_super(self, supers: list[bytes]) -> None:
+        """Inbound super-packets (virtio-net header + packet): one TUN write each, or split for ``on_packet``."""
+        tun = self._tun
+        if tun is not None and tun.vnet_hdr:
+            for p in supers:
+                try:
+                    tun.write(p)
+                except OSError as exc:
+                    log.debug("TUN write failed: %s", exc)
+            return
+        packets: list[bytes] = []
+        for p in supers:
+            try:
+                packets.extend(split_for_send(p, True, MAX_PACKET))
+            except OffloadError:
+                self.counters.inc("malformed")
+        if packets:
+            self._deliver(packets)
+
+    def _local_features(self) -> int:
+        """Handshake feature bits: the cipher's, plus FEATURE_OFFLOAD when we take super-packets."""
+        dp = self._datapath
+        return hs.local_features() | (hs.FEATURE_OFFLOAD if dp is not None and dp.super_packets else 0)
 
     def _notify(self, kind: str) -> None:
         for fn in list(self._listeners):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .path import PathSet
+from .superpacket import SuperState
 
 #: Packets queued per peer while a handshake is in flight (WireGuard's MaxStagedPackets is 128).
 MAX_STAGED_PACKETS = 128
@@ -106,6 +107,7 @@ class Peer:
     last_seen_wall: float = 0.0
     session_started: float = 0.0
     pings: dict = field(default_factory=dict, repr=False)  # nonce -> (sent_at, future)
+    superpkt: SuperState = field(default_factory=SuperState, repr=False)  # super-packet agreement and loss
 
     def keypairs(self) -> list[Any]:
         return [kp for kp in (self.current, self.previous, self.next) if kp is not None]

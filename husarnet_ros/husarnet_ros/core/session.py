@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .constants import Timers
 from .replay import ReplayFilter
-from .wire import DATA_HEADER, DATA_HEADER_LEN, DATA_MIN_LEN, MSG_DATA
+from .wire import DATA_HEADER, DATA_HEADER_LEN, DATA_MIN_LEN, MSG_DATA, SUPER_MAX_PLAINTEXT, TAG_LEN, super_aad
 
 if TYPE_CHECKING:
     from .handshake import KeyMaterial
@@ -194,6 +194,53 @@ class Keypair:
         if self.send_counter >= timers.rekey_after_messages:
             return True
         return self.is_initiator and now - self.created >= timers.rekey_after_time
+
+
+# --- DataSuper (one seal per TSO/USO super-packet) -------------------------------
+def seal_super(kp: Keypair, plaintext: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+    """Seal a super-packet plaintext on ``kp``; returns ``(counter, ciphertext + tag)``.
+
+    The counter comes from the same sequence as :meth:`Keypair.seal` (one nonce space per key) and
+    the type word, receiver index and counter are authenticated as associated data, so a super
+    ciphertext cannot be replayed as Data or vice versa.  Raises SessionDrop('expired') like seal.
+    """
+    if len(plaintext) > SUPER_MAX_PLAINTEXT:
+        raise ValueError("super-packet plaintext too large")
+    n = next(kp._next_counter)
+    now = kp._clock()
+    if n >= kp._reject_after_messages or now >= kp._deadline:
+        raise SessionDrop("expired")
+    kp.send_counter = n + 1
+    kp.last_tx = now
+    return n, kp._seal_aead.encrypt(_NONCE.pack(n), plaintext, super_aad(kp.remote_index, n))
+
+
+def check_super(kp: Keypair, counter: int) -> str | None:
+    """Replay-window verdict for a super message's counter *before* any fragment is kept (None = acceptable)."""
+    return kp._replay.check(counter)
+
+
+def open_super(kp: Keypair, counter: int, sealed: bytes | bytearray | memoryview) -> bytes:
+    """Authenticate and decrypt a reassembled super message: window check, AEAD, then commit.
+
+    Raises SessionDrop with reason 'malformed', 'too_old', 'replay', 'bad_mac' or 'expired'.
+    """
+    if len(sealed) < TAG_LEN:
+        raise SessionDrop("malformed")
+    verdict = kp._replay.check(counter)
+    if verdict is not None:
+        raise SessionDrop(verdict)
+    now = kp._clock()
+    if now >= kp._deadline:
+        raise SessionDrop("expired")
+    try:
+        plaintext = kp._open_aead.decrypt(_NONCE.pack(counter), sealed, super_aad(kp.local_index, counter))
+    except InvalidTag:
+        raise SessionDrop("bad_mac") from None
+    if not kp._replay.commit(counter):
+        raise SessionDrop("replay")
+    kp.last_rx = now
+    return plaintext
 
 
 def random_index() -> int:

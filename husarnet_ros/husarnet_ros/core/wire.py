@@ -27,7 +27,8 @@ MSG_HANDSHAKE_INIT = 1
 MSG_HANDSHAKE_RESP = 2
 MSG_DATA = 4
 MSG_HELLO = 5
-MESSAGE_TYPES = frozenset((MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_DATA, MSG_HELLO))
+MSG_DATA_SUPER = 6
+MESSAGE_TYPES = frozenset((MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_DATA, MSG_HELLO, MSG_DATA_SUPER))
 
 KEY_LEN = 32
 TAG_LEN = 16
@@ -203,6 +204,72 @@ def data_receiver_index(buf: bytes | bytearray | memoryview) -> int:
     return data_header(buf)[0]
 
 
+# --- DataSuper: one sealed TSO/USO super-packet in path-MTU-sized fragments ------
+#: type(1) res(3) receiver_index(4) counter(8) fragment_index(1) fragment_count(1) res(2); a slice of
+#: the ciphertext follows.  The counter is the keypair's Data counter (one nonce space, one replay window).
+DATA_SUPER_HEADER = struct.Struct("<IIQBBH")
+DATA_SUPER_HEADER_LEN = DATA_SUPER_HEADER.size  # 20
+#: What the AEAD authenticates besides the ciphertext: type word, receiver index and counter, so a Data
+#: ciphertext can never be passed off as a super-packet (or the other way round).
+DATA_SUPER_AAD = struct.Struct("<IIQ")
+#: One super message is at most this many fragments (one UDP GSO sendmsg carries 64 segments).
+SUPER_MAX_FRAGMENTS = 64
+#: Bound on one fragment's ciphertext slice: a fragment never makes the receiver hold more than this.
+SUPER_MAX_FRAGMENT = 2048
+#: Plaintext: virtio-net header (10) + one IPv6 packet of at most 40 + 65535 bytes.
+SUPER_MAX_PLAINTEXT = 10 + 40 + 65535
+SUPER_MAX_SEALED = SUPER_MAX_PLAINTEXT + TAG_LEN
+
+
+class SuperFragment(NamedTuple):
+    """Header fields of one DataSuper fragment."""
+
+    receiver_index: int
+    counter: int
+    index: int
+    count: int
+
+
+def parse_super_fragment(buf: bytes | bytearray | memoryview) -> SuperFragment:
+    """Header of a DataSuper fragment; Malformed unless index < count <= 64 and the slice is 1..2048 bytes."""
+    n = len(buf)
+    if n <= DATA_SUPER_HEADER_LEN or n > DATA_SUPER_HEADER_LEN + SUPER_MAX_FRAGMENT:
+        raise Malformed("super fragment length out of range")
+    word, receiver, counter, index, count, reserved = DATA_SUPER_HEADER.unpack_from(buf)
+    if word != MSG_DATA_SUPER or reserved:
+        raise Malformed("not a super fragment (type or reserved bytes)")
+    if not 0 <= index < count <= SUPER_MAX_FRAGMENTS:
+        raise Malformed("super fragment index/count out of range")
+    return SuperFragment(receiver, counter, index, count)
+
+
+def build_super_fragments(receiver_index: int, counter: int, sealed: bytes, fragment_size: int) -> list[bytes]:
+    """Cut ``sealed`` (ciphertext + tag) into DataSuper fragments of ``fragment_size`` bytes (the last shorter).
+
+    Every fragment but the last has the same length, so the list leaves in one UDP GSO sendmsg.
+    ValueError if the message would need more than :data:`SUPER_MAX_FRAGMENTS` fragments.
+    """
+    _need_u32("receiver_index", receiver_index)
+    if not 0 < fragment_size <= SUPER_MAX_FRAGMENT:
+        raise ValueError("fragment_size out of range")
+    if not TAG_LEN <= len(sealed) <= SUPER_MAX_SEALED:
+        raise ValueError("sealed super-packet size out of range")
+    count = -(-len(sealed) // fragment_size)
+    if count > SUPER_MAX_FRAGMENTS:
+        raise ValueError("super-packet needs too many fragments for this fragment size")
+    pack = DATA_SUPER_HEADER.pack
+    mv = memoryview(sealed)
+    return [
+        pack(MSG_DATA_SUPER, receiver_index, counter, i, count, 0) + mv[i * fragment_size : (i + 1) * fragment_size]
+        for i in range(count)
+    ]
+
+
+def super_aad(receiver_index: int, counter: int) -> bytes:
+    """Associated data of a super message (see :data:`DATA_SUPER_AAD`)."""
+    return DATA_SUPER_AAD.pack(MSG_DATA_SUPER, receiver_index, counter)
+
+
 # --- Hello: signed key announcement -----------------------------------------
 @dataclass(frozen=True, slots=True)
 class Hello:
@@ -263,12 +330,19 @@ INNER_BASE_LAST = 0x2F
 PROBE_NONCE_LEN = 8
 PROBE_LEN = 1 + PROBE_NONCE_LEN
 IPV6_HEADER_LEN = 40
+#: Super-packet status (both directions, in-session): "I accept DataSuper on this session" and the
+#: fragments the sender of the report received / found missing since its previous report.
+INNER_SUPER_REPORT = 0x04
+SUPER_REPORT = struct.Struct("<BBHII")  # kind, flags, reserved, fragments received, fragments missing
+SUPER_REPORT_LEN = SUPER_REPORT.size  # 12
+SUPER_FLAG_ACCEPT = 0x01
 
 KIND_KEEPALIVE = "keepalive"
 KIND_IPV6 = "ipv6"
 KIND_PROBE = "probe"
 KIND_PROBE_REPLY = "probe_reply"
 KIND_BASE = "base"
+KIND_SUPER_REPORT = "super_report"
 
 
 def inner_kind(plaintext: bytes | bytearray | memoryview) -> str:
@@ -285,6 +359,8 @@ def inner_kind(plaintext: bytes | bytearray | memoryview) -> str:
         return KIND_PROBE
     if first == INNER_PROBE_REPLY:
         return KIND_PROBE_REPLY
+    if first == INNER_SUPER_REPORT:
+        return KIND_SUPER_REPORT
     if INNER_BASE_FIRST <= first <= INNER_BASE_LAST:
         return KIND_BASE
     if first >> 4 == 4:
@@ -319,6 +395,31 @@ def parse_probe(plaintext: bytes | bytearray | memoryview) -> Probe:
     if first not in (INNER_PROBE, INNER_PROBE_REPLY):
         raise Malformed("not a probe")
     return Probe(first == INNER_PROBE_REPLY, bytes(plaintext[1:]))
+
+
+class SuperReport(NamedTuple):
+    """Super-packet status: whether the sender accepts DataSuper, and its reassembly results."""
+
+    accept: bool
+    received: int
+    missing: int
+
+
+def build_super_report(accept: bool, received: int, missing: int) -> bytes:
+    """Plaintext of a super-packet status report (counts saturate at 2**32 - 1)."""
+    return SUPER_REPORT.pack(
+        INNER_SUPER_REPORT, SUPER_FLAG_ACCEPT if accept else 0, 0, min(received, _U32_MAX), min(missing, _U32_MAX)
+    )
+
+
+def parse_super_report(plaintext: bytes | bytearray | memoryview) -> SuperReport:
+    """Parse a super-packet status report (exactly 12 bytes, unknown flags and reserved bytes zero)."""
+    if len(plaintext) != SUPER_REPORT_LEN:
+        raise Malformed(f"super report must be {SUPER_REPORT_LEN} bytes, got {len(plaintext)}")
+    kind, flags, reserved, received, missing = SUPER_REPORT.unpack(plaintext)
+    if kind != INNER_SUPER_REPORT or reserved or flags & ~SUPER_FLAG_ACCEPT:
+        raise Malformed("not a super report")
+    return SuperReport(bool(flags & SUPER_FLAG_ACCEPT), received, missing)
 
 
 def ipv6_src_dst(packet: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:

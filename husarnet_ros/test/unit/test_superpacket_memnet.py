@@ -1,0 +1,247 @@
+"""Super-packet mode (issue #6) between engines on the in-memory network.
+
+A TSO read (virtio-net header + 64 kB TCP super-packet) injected at A must come
+out at B as exactly the segments a per-segment split would produce (byte for
+byte, checksums valid), sealed once and carried as path-MTU fragments
+(DataSuper, type 6).  Negotiation, fallback under loss, and the attacks on
+fragments (forged, duplicate, truncated, replayed, table flooding) are checked
+through counters and delivered packets only.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from test_im_common import EP_A, EP_B, Lab, Node, connect, identity, spec, wait_for
+from test_offload import ref_l4_valid, tso_read
+
+from husarnet_ros.core import offload as o
+from husarnet_ros.core import superpacket as sp
+from husarnet_ros.core.constants import DEFAULT_MTU
+from husarnet_ros.core.memnet import Impairment
+from husarnet_ros.core.wire import (
+    DATA_SUPER_HEADER,
+    DATA_SUPER_HEADER_LEN,
+    MSG_DATA,
+    MSG_DATA_SUPER,
+)
+
+
+def super_read(a: Node, b: Node, payload: bytes, seq: int = 1000) -> bytes:
+    """A TSO read from A to B as the kernel hands it to the TUN reader."""
+    r = bytearray(tso_read(payload, DEFAULT_MTU - 60 - 12, seq=seq))
+    r[10 + 8 : 10 + 24] = a.address
+    r[10 + 24 : 10 + 40] = b.address
+    # Recompute the partial (pseudo-header) sum for the real addresses.
+    pkt = r[10:]
+    length = len(pkt) - 40
+    pseudo = bytes(pkt[8:40]) + struct.pack(">IxxxB", length, 6)
+    s = 0
+    for i in range(0, len(pseudo), 2):
+        s += pseudo[i] << 8 | pseudo[i + 1]
+        s = (s & 0xFFFF) + (s >> 16)
+    r[10 + 40 + 16 : 10 + 40 + 18] = struct.pack(">H", s)
+    return bytes(r)
+
+
+def make_pair(lb: Lab, super_a: bool = True, super_b: bool = True) -> tuple[Node, Node]:
+    ia, ib = identity(0), identity(1)
+    a = lb.node(ia, EP_A, peers=[spec(ib, EP_B)], whitelist=[ib])
+    b = lb.node(ib, EP_B, whitelist=[ia])
+    a.engine.config.super_packets = super_a
+    b.engine.config.super_packets = super_b
+    lb.start()
+    connect(a, b)
+    return a, b
+
+
+def agreed(a: Node, b: Node) -> bool:
+    p = a.peer(b)
+    return p is not None and p.superpkt.is_agreed(p.current)
+
+
+def tcp_payloads(node: Node) -> bytes:
+    with node._got_lock:
+        got = list(node.got)
+    return b"".join(p[40 + 32 :] for p in got if p[6] == 6 and len(p) > 72)
+
+
+def test_superpacket_transfer_is_one_message_and_segments_match(tmp_path: Path) -> None:
+    with Lab(tmp_path, log_sent=True) as lb:
+        a, b = make_pair(lb)
+        assert wait_for(lambda: agreed(a, b) and agreed(b, a)), "super-packet mode was not agreed"
+        payload = bytes(range(256)) * 250  # 64000 bytes
+        read = super_read(a, b, payload)
+        expected = o.split_for_send(read, True, DEFAULT_MTU)
+        before = len(a.sent_of_type(MSG_DATA_SUPER))
+        a.engine.inject_reads([read])
+        assert wait_for(lambda: tcp_payloads(b) == payload), b.engine.counters.snapshot()
+        frags = a.sent_of_type(MSG_DATA_SUPER)[before:]
+        assert 40 <= len(frags) <= 64
+        counters = {DATA_SUPER_HEADER.unpack_from(f)[2] for f in frags}
+        assert len(counters) == 1  # one sealed message
+        assert max(len(f) for f in frags) <= DEFAULT_MTU + 32  # never larger than a full Data datagram
+        with b._got_lock:
+            segs = [p for p in b.got if p[6] == 6 and len(p) > 72]
+        assert segs == expected
+        assert all(ref_l4_valid(s) for s in segs)
+        assert b.counter("super_rx") == 1 and a.counter("super_tx") == 1
+
+
+def test_tiny_last_fragment_is_kept(tmp_path: Path) -> None:
+    """A last fragment shorter than a Data header + tag (here 5 bytes of ciphertext) still completes the message."""
+    with Lab(tmp_path, log_sent=True) as lb:
+        a, b = make_pair(lb)
+        assert wait_for(lambda: agreed(a, b))
+        frag = DEFAULT_MTU + 32 - DATA_SUPER_HEADER_LEN
+        payload = b"t" * (30 * frag + 5 - (10 + 40 + 32 + 16))
+        before = len(a.sent_of_type(MSG_DATA_SUPER))
+        a.engine.inject_reads([super_read(a, b, payload)])
+        assert wait_for(lambda: tcp_payloads(b) == payload), b.engine.counters.snapshot()
+        frags = a.sent_of_type(MSG_DATA_SUPER)[before:]
+        assert len(frags[-1]) == DATA_SUPER_HEADER_LEN + 5
+        assert b.counter("reassembly_timeout") == 0
+
+
+def test_mixed_offload_and_plain_peer_use_per_segment(tmp_path: Path) -> None:
+    with Lab(tmp_path, log_sent=True) as lb:
+        a, b = make_pair(lb, super_a=True, super_b=False)
+        time.sleep(0.3)
+        assert a.peer(b).superpkt.agreed == [] and b.peer(a).superpkt.agreed == []
+        payload = b"x" * 30000
+        a.engine.inject_reads([super_read(a, b, payload)])
+        assert wait_for(lambda: tcp_payloads(b) == payload)
+        assert a.sent_of_type(MSG_DATA_SUPER) == []
+        assert len(a.sent_of_type(MSG_DATA)) >= 22
+        assert b.counter("malformed") == 0
+
+
+def test_plain_initiator_and_offload_responder(tmp_path: Path) -> None:
+    with Lab(tmp_path, log_sent=True) as lb:
+        a, b = make_pair(lb, super_a=False, super_b=True)
+        time.sleep(0.3)
+        payload = b"y" * 20000
+        b.engine.inject_reads([super_read(b, a, payload)])
+        assert wait_for(lambda: tcp_payloads(a) == payload)
+        assert b.sent_of_type(MSG_DATA_SUPER) == []
+        assert a.counter("malformed") == 0
+
+
+def test_lossy_path_falls_back_to_per_segment(tmp_path: Path) -> None:
+    with Lab(tmp_path, log_sent=True) as lb:
+        a, b = make_pair(lb)
+        assert wait_for(lambda: agreed(a, b))
+        lb.net.set_impairment(Impairment(drop=0.05), src=EP_A, dst=EP_B)
+        st = a.peer(b).superpkt
+        deadline = time.monotonic() + 10
+        seq = 0
+        while a.counter("super_fallback") == 0 and time.monotonic() < deadline:
+            a.engine.inject_reads([super_read(a, b, b"z" * 60000, seq=seq)])
+            seq += 60000
+            time.sleep(0.02)
+        assert a.counter("super_fallback") >= 1, (a.engine.counters.snapshot(), b.engine.counters.snapshot())
+        assert b.counter("reassembly_timeout") >= 1
+        assert not st.usable(a.peer(b).current, a.engine._clock())
+        sent = len(a.sent_of_type(MSG_DATA_SUPER))
+        a.engine.inject_reads([super_read(a, b, b"w" * 60000, seq=seq)])
+        time.sleep(0.1)
+        assert len(a.sent_of_type(MSG_DATA_SUPER)) == sent  # per segment while the hold lasts
+
+
+def test_super_state_hysteresis() -> None:
+    kp = object()
+    st = sp.SuperState()
+    st.agree(kp)
+    assert st.usable(kp, 0.0)
+    assert not st.on_report(100000, 0, 1.0)  # clean
+    assert st.on_report(1000, 5, 2.0)  # 0.5 % missing
+    assert st.hold == sp.MIN_HOLD and not st.usable(kp, 2.5) and st.usable(kp, 3.0 + 1e-9)
+    assert st.on_report(1000, 5, 3.5)  # lossy again right after the retry: longer hold
+    assert st.hold == 2 * sp.MIN_HOLD
+    assert not st.on_report(10**6, 0, 6.0)
+    assert not st.on_report(10**6, 0, 20.0)  # clean long enough: back-off forgotten
+    assert st.hold == 0.0
+    assert st.on_report(100, 1, 21.0) and st.hold == sp.MIN_HOLD
+    assert not sp.SuperState().usable(kp, 0.0)  # never without agreement
+
+
+def fragments_of(a: Node, b: Node, payload: bytes, seq: int = 0) -> list[bytes]:
+    before = len(a.sent_of_type(MSG_DATA_SUPER))
+    a.engine.inject_reads([super_read(a, b, payload, seq=seq)])
+    assert wait_for(lambda: len(a.sent_of_type(MSG_DATA_SUPER)) > before)
+    time.sleep(0.05)
+    return a.sent_of_type(MSG_DATA_SUPER)[before:]
+
+
+def test_forged_duplicate_truncated_fragments_are_dropped_and_counted(tmp_path: Path) -> None:
+    with Lab(tmp_path, log_sent=True) as lb:
+        a, b = make_pair(lb)
+        assert wait_for(lambda: agreed(a, b))
+        # Block A->B so we control what B sees.
+        lb.net.set_impairment(Impairment(drop=1.0), src=EP_A, dst=EP_B)
+        frags = fragments_of(a, b, b"q" * 50000)
+        lb.net.set_impairment(Impairment(), src=EP_A, dst=EP_B)
+        got0 = len(b.got)
+        # A header without ciphertext, reserved bits set, index >= count: malformed fragments.
+        lb.net.inject(frags[0][:DATA_SUPER_HEADER_LEN], EP_A, EP_B)
+        bad = bytearray(frags[0])
+        bad[18] = 1
+        lb.net.inject(bytes(bad), EP_A, EP_B)
+        bad = bytearray(frags[0])
+        bad[16] = bad[17]
+        lb.net.inject(bytes(bad), EP_A, EP_B)
+        assert wait_for(lambda: b.counter("fragment_malformed") == 3)
+        # A forged fragment (flipped byte) plus the genuine rest: reassembles, fails the tag, nothing delivered.
+        forged = bytearray(frags[1])
+        forged[-1] ^= 1
+        lb.net.inject(bytes(forged), EP_A, EP_B)
+        lb.net.inject(frags[1], EP_A, EP_B)  # duplicate index: refused
+        for f in frags[:1] + frags[2:]:
+            lb.net.inject(f, EP_A, EP_B)
+        assert wait_for(lambda: b.counter("bad_mac") == 1), b.engine.counters.snapshot()
+        assert b.counter("fragment_duplicate") == 1
+        assert len(b.got) == got0
+
+
+def test_replayed_super_message_is_not_delivered_twice(tmp_path: Path) -> None:
+    with Lab(tmp_path, log_sent=True) as lb:
+        a, b = make_pair(lb)
+        assert wait_for(lambda: agreed(a, b))
+        payload = b"p" * 40000
+        frags = fragments_of(a, b, payload)
+        assert wait_for(lambda: tcp_payloads(b) == payload)
+        n = len(b.got)
+        for f in frags:
+            lb.net.inject(f, EP_A, EP_B)
+        assert wait_for(lambda: b.counter("replay") >= len(frags))
+        assert len(b.got) == n
+
+
+def test_reassembly_table_is_bounded() -> None:
+    r = sp.Reassembly(max_entries=4, timeout=0.25)
+    owner = object()
+    for counter in range(100):
+        assert r.add(7, owner, counter, 0, 64, b"x" * 2048, 0.0) is None
+        assert len(r) <= 4
+    lost = r.expire(0.0)
+    assert len(lost) == 96 and all(m == 63 for _, _, m in lost)
+    assert len(r.expire(1.0)) == 4 and len(r) == 0
+    with pytest.raises(ValueError, match="fragment_malformed"):
+        r.add(7, owner, 1, 0, 2, b"x" * 2049, 0.0)
+    with pytest.raises(ValueError, match="fragment_malformed"):
+        r.add(7, owner, 1, 2, 2, b"x", 0.0)
+    assert r.add(7, owner, 1, 0, 3, b"a" * 10, 0.0) is None
+    with pytest.raises(ValueError, match="fragment_mismatch"):
+        r.add(7, owner, 1, 1, 3, b"b" * 9, 0.0)  # middle fragment of another size
+    with pytest.raises(ValueError, match="fragment_mismatch"):
+        r.add(7, owner, 1, 2, 4, b"b", 0.0)  # another count
+    with pytest.raises(ValueError, match="fragment_mismatch"):
+        r.add(7, owner, 1, 2, 3, b"b" * 11, 0.0)  # last longer than the others
+    with pytest.raises(ValueError, match="fragment_duplicate"):
+        r.add(7, owner, 1, 0, 3, b"a" * 10, 0.0)
+    assert r.add(7, owner, 1, 2, 3, b"c" * 4, 0.0) is None
+    assert r.add(7, owner, 1, 1, 3, b"b" * 10, 0.0) == b"a" * 10 + b"b" * 10 + b"c" * 4
+    assert r.add(7, owner, 2, 0, 1, b"solo", 0.0) == b"solo"

@@ -599,18 +599,21 @@ class BaseServer:
         if kp is None or kp.owner is not conn:
             self.counters.inc("unknown_peer")
             return
+        plaintext = self._open(conn, kp, frame)
+        if plaintext is not None:
+            self._dispatch(conn, plaintext, None)
+
+    def _open(self, conn: NodeConn, kp: Keypair, datagram: bytes) -> bytes | None:
+        """Authenticate one Data datagram of ``conn``'s session; None (and a drop counter) if it is not genuine."""
         try:
-            plaintext = kp.open(frame)
+            plaintext = kp.open(datagram)
         except SessionDrop as drop:
             self.counters.inc(drop.reason)
-            return
-        self._authenticated(conn, kp)
-        self._dispatch(conn, plaintext, None)
-
-    def _authenticated(self, conn: NodeConn, kp: Keypair) -> None:
+            return None
         conn.last_rx = self.clock()
         if kp is not conn.send_kp and conn.send_kp is not None and kp.created > conn.send_kp.created:
             conn.send_kp = kp  # key confirmation of a rekey
+        return plaintext
 
     # --- UDP ---------------------------------------------------------------------------------
     def handle_udp(self, data: bytes, src: Endpoint) -> None:
@@ -625,19 +628,16 @@ class BaseServer:
         if conn.state != "up":
             self.counters.inc("no_session")
             return
-        try:
-            plaintext = kp.open(data)
-        except SessionDrop as drop:
-            self.counters.inc(drop.reason)
+        plaintext = self._open(conn, kp, data)
+        if plaintext is None:
             return
         # Authenticated and fresh: only now may the node's UDP endpoint move (roaming / NAT rebinding).
         moved = conn.udp_endpoint is not None and conn.udp_endpoint != src
         conn.udp_endpoint = src
-        conn.udp_seen = self.clock()
+        conn.udp_seen = conn.last_rx
         if moved:
             self.counters.inc("udp_endpoint_moved")
             conn.send_tcp(bp.build_observed(src))
-        self._authenticated(conn, kp)
         self._dispatch(conn, plaintext, src)
 
     def send_udp(self, datagram: bytes, endpoint: Endpoint) -> bool:

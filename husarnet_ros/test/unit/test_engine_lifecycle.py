@@ -124,7 +124,10 @@ def test_daemon_control_socket_and_sigterm(tmp_path):
             "ok": True,
             "changed": True,
         }
-        peers = control(ctl, "peers")["peers"]
+        # The reply means "persisted"; the engine's loop applies the change to its peer table a moment later.
+        deadline = time.monotonic() + 5.0
+        while not (peers := control(ctl, "peers")["peers"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert [(p["address"], p["hostname"], p["is_whitelisted"], p["path"]) for p in peers] == [
             (other.address_str, "robot2", True, "none")
         ]

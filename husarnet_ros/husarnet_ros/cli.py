@@ -273,12 +273,13 @@ def _report(success: bool, message: str) -> int:
 def cmd_ip(args: argparse.Namespace) -> int:
     if args.hostname is None and args.state_dir:
         # Without a running node: the address is a function of the identity file.
+        from .core.fsutil import StateFileError
         from .core.identity import Identity
 
         try:
             print(Identity.load(Path(args.state_dir) / "id").address_str)
             return EXIT_OK
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, StateFileError) as exc:  # missing, unsafe (mode) or corrupt
             raise CliError(f"cannot read the identity in {args.state_dir}: {exc}") from None
 
     def run(c: NodeClient) -> int:
@@ -414,7 +415,7 @@ def cmd_setup_tun(args: argparse.Namespace) -> int:
     import pwd
 
     from .core.constants import DEFAULT_MTU
-    from .core.fsutil import ensure_state_dir
+    from .core.fsutil import StateFileError, ensure_state_dir
     from .core.identity import Identity
     from .core.tun import TunError, remove_tun, setup_persistent_tun
 
@@ -435,7 +436,7 @@ def cmd_setup_tun(args: argparse.Namespace) -> int:
         ident = Identity.load_or_create(state_dir / "id")
         _give_state_dir(state_dir, pw.pw_uid, pw.pw_gid)
         setup_persistent_tun(args.interface, pw.pw_uid, ident.address, args.mtu or DEFAULT_MTU)
-    except TunError as exc:
+    except (TunError, StateFileError) as exc:  # StateFileError: an existing id file is unsafe or corrupt
         raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None

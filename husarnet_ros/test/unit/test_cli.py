@@ -67,6 +67,9 @@ def test_ip_from_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert code == 0 and out.strip() == ident.address_str
     code, _, err = run(["ip", "--state-dir", str(tmp_path / "missing")], capsys)
     assert code == cli.EXIT_FAILED and "identity" in err
+    (tmp_path / "id").chmod(0o644)  # readable by others: refused with the fix, not a traceback
+    code, _, err = run(["ip", "--state-dir", str(tmp_path)], capsys)
+    assert code == cli.EXIT_FAILED and "chmod 600" in err
 
 
 def test_setup_tun_usage(capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,6 +92,17 @@ def test_setup_tun_refuses_a_directory_that_is_not_node_state(
     assert code == cli.EXIT_USAGE and "thesis.tex" in err and "dedicated" in err
     assert (tmp_path / "thesis.tex").stat().st_uid == before
     assert not (tmp_path / "id").exists()  # refused before anything was created
+
+
+def test_setup_tun_with_an_unsafe_id_file_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Identity.generate().save(tmp_path / "id")
+    (tmp_path / "id").chmod(0o644)
+    code, _, err = run(
+        ["setup-tun", "--user", "nobody", "--state-dir", str(tmp_path), "--interface", "hnt-never"], capsys
+    )
+    assert code == cli.EXIT_FAILED and "chmod 600" in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")

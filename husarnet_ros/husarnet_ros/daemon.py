@@ -31,7 +31,8 @@ from typing import Any
 
 from .core.constants import DEFAULT_INTERFACE, DEFAULT_MTU, DEFAULT_UDP_PORT, Timers
 from .core.engine import Engine, EngineConfig, EngineError, PeerInfo
-from .core.identity import Identity, IdentityError, format_address, parse_address
+from .core.fsutil import StateFileError
+from .core.identity import Identity, format_address, parse_address
 from .core.whitelist import WhitelistError
 
 log = logging.getLogger("husarnet_ros.daemon")
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             ident = Identity.load_or_create(args.state_dir / "id")
-        except (IdentityError, OSError) as exc:
+        except (StateFileError, OSError) as exc:  # IdentityError is one; so is an id file others can read
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(ident.address_str)

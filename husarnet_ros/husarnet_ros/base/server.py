@@ -833,7 +833,11 @@ def main(argv: list[str] | None = None) -> int:
     if soft < hard:  # one fd per node: take everything we are allowed
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.print_key:
-        ident = Identity.load_or_create(ensure_state_dir(config.state_dir) / "id")
+        try:
+            ident = Identity.load_or_create(ensure_state_dir(config.state_dir) / "id")
+        except (OSError, StateFileError) as exc:
+            log.error("cannot load the base identity: %s", exc)
+            return 1
         print(ident.public_key.hex())
         return 0
     try:

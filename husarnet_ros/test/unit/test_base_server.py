@@ -687,3 +687,12 @@ def test_timers_scale_option_scales_and_is_bounded() -> None:
     assert cfg.timers == Timers().scaled(0.5)
     with pytest.raises(SystemExit, match="timers-scale"):
         config_from_args(build_arg_parser().parse_args(["--state-dir", "/nonexistent", "--timers-scale", "0"]))
+
+
+def test_print_key_with_an_unsafe_id_file_is_a_one_line_error(tmp_path, caplog) -> None:
+    from husarnet_ros.base.server import main
+
+    Identity.generate().save(tmp_path / "id")
+    (tmp_path / "id").chmod(0o644)
+    assert main(["--state-dir", str(tmp_path), "--print-key"]) == 1
+    assert "chmod 600" in caplog.text

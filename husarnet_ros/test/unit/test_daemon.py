@@ -55,3 +55,11 @@ def test_control_client_refuses_an_endless_reply(tmp_path, monkeypatch) -> None:
     finally:
         t.join(timeout=5)
         srv.close()
+
+
+def test_print_address_with_an_unsafe_id_file_is_a_one_line_error(tmp_path, capsys) -> None:
+    Identity.generate().save(tmp_path / "id")
+    (tmp_path / "id").chmod(0o644)
+    assert daemon.main(["--state-dir", str(tmp_path), "--print-address"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "chmod 600" in err

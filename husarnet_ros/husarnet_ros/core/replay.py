@@ -93,7 +93,7 @@ class ReplayFilter:
                 if index != current:  # entering new blocks: zero them (at most the whole ring)
                     nblocks = self._nblocks
                     if index - current >= nblocks:
-                        blocks[:] = _zeros(nblocks)
+                        blocks[:] = [0] * nblocks
                     else:
                         for i in range(current + 1, index + 1):
                             blocks[i % nblocks] = 0
@@ -106,7 +106,3 @@ class ReplayFilter:
                 return False
             blocks[slot] = old | bit
             return True
-
-
-def _zeros(n: int) -> list[int]:
-    return [0] * n

@@ -19,6 +19,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -245,6 +246,28 @@ def test_websetup_over_the_overlay_replay_underlay_and_crash():
         assert _ws_counters(a)["replay"] == 1
         _dg, reply = dash.request("whitelist-rm", (w,))
         assert reply.ok and not _listed(a, w)
+
+        # --- 50 concurrent copies of one fresh command (row 13): applied exactly once.
+        v = Identity.generate().address_str
+        _c, burst = dash.build("whitelist-add", (v,))
+        before = _ws_counters(a)
+        senders = [threading.Thread(target=dash.send, args=(burst,)) for _ in range(50)]
+        for th in senders:
+            th.start()
+        for th in senders:
+            th.join()
+        replies = dash.replies(1.5)
+        assert len([r for r in replies if r is not None and r.ok]) == 1, replies
+        assert _listed(a, v)
+        got = _ws_counters(a)
+        assert got["accepted"] - before["accepted"] == 1, got
+        refused = sum(got[k] - before[k] for k in ("replay", "rate_limited"))
+        assert refused == 49, (before, got)
+
+        # Row 12: neither the secret nor its hex form is in any log the lab kept.
+        for log in lab.tmp.glob("*.log"):
+            data = log.read_bytes()
+            assert secret not in data and secret.hex().encode() not in data, log
 
         problems = e2e.stop_all_and_check(lab, [a, b])
         assert not problems, problems

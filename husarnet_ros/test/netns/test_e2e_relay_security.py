@@ -14,7 +14,9 @@ Verdicts come from the control sockets (counters, path state) and from sniffers,
 
 from __future__ import annotations
 
+import json
 import socket
+import sys
 import time
 
 import pytest
@@ -72,6 +74,43 @@ def _tcp_send(lab: Lab, server_ns, client_ns, address: str, payload: bytes, port
     finally:
         cli.close()
         srv.close()
+
+
+# Run inside mallory's namespace: log in to the base with mallory's own key, then RELAY junk to B: random
+# bytes, Data with a random receiver index, and handshake initiations that claim A's key. Prints a count.
+_INJECT = r"""
+import asyncio, json, os, sys, time
+from pathlib import Path
+from husarnet_ros.base.simnode import SimNode
+from husarnet_ros.core import handshake as hs, wire
+from husarnet_ros.core.identity import Identity, parse_address
+from husarnet_ros.testing.rogue import forged_identity
+
+spec, state, b_addr, a_state, b_state = sys.argv[1:6]
+a_id, b_id = Identity.load(Path(a_state) / "id"), Identity.load(Path(b_state) / "id")
+
+async def main():
+    node = SimNode(spec, state, host="0.0.0.0")
+    await node.start()
+    assert await node.wait_state("tcp", "udp", timeout=10), node.client.error
+    me = node.identity
+    dst = parse_address(b_addr)
+    sent = 0
+    for i in range(5):
+        junk = [
+            os.urandom(60),
+            wire.build_data_header(int.from_bytes(os.urandom(4), "little"), i) + os.urandom(48),
+            hs.create_initiation(forged_identity(a_id, me), b_id.public_key, 1000 + i, hs.tai64n(time.time()), 0)[0],
+        ]
+        for dg in junk:
+            sent += bool(node.client.relay(dst, dg))
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    await node.close()
+    print(json.dumps({"sent": sent}))
+
+asyncio.run(main())
+"""
 
 
 def _ping_ok(lab: Lab, ns, address: str) -> bool:
@@ -140,6 +179,36 @@ def test_rows8_9_relay_sees_no_plaintext_and_tampering_is_dropped_without_teardo
         assert wait_until(lambda: _ping_ok(lab, t.peerA, b.address), 30, interval=0.2), (a.peers(), b.peers())
         assert traffic.ping(lab, t.peerB, a.address, count=3, interval=0.2).received == 3
         assert a.path_to(b.address) == "relay"
+
+        # --- row 8: mallory, logged in to the same base, relays junk to B (some claiming A's key).
+        hs_before = {n: x.counters()["handshakes_completed"] for n, x in ds.items()}
+        before_b = b.counters()
+        res = lab.run(
+            t.mallory,
+            [
+                sys.executable,
+                "-c",
+                _INJECT,
+                base.spec,
+                str(lab.tmp / "state-M"),
+                b.address,
+                str(a.state_dir),
+                str(b.state_dir),
+            ],
+            check=False,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        sent = json.loads(res.stdout.strip().splitlines()[-1])["sent"]
+        assert sent == 15
+        assert wait_until(lambda: b.counters()["base_relayed_rx"] - before_b["base_relayed_rx"] >= sent, 5)
+        got = e2e.delta(before_b, b.counters())
+        # Random bytes -> malformed, unknown index -> unknown_peer, initiation claiming A's key -> bad_id.
+        assert (got.get("malformed", 0), got.get("unknown_peer", 0), got.get("bad_id", 0)) == (5, 5, 5), got
+        assert {n: x.counters()["handshakes_completed"] for n, x in ds.items()} == hs_before
+        assert traffic.ping(lab, t.peerA, b.address, count=3, interval=0.2).received == 3
+        entry = b.peer(a.address)
+        assert entry["is_secure"] and entry["path"] == "relay", entry
         problems = e2e.stop_all_and_check(lab, ds.values())
         assert not problems, problems
         assert honest.proc.stop() == 0

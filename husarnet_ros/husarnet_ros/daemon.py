@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", type=Path, default=None, help="unix control socket path")
     p.add_argument("--timers-scale", type=float, default=1.0, help="multiply every protocol interval")
     p.add_argument("--hosts-file", default=None, help="hosts file to keep peer names in (default: none)")
+    p.add_argument(
+        "--websetup-whitelist",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="overlay address allowed to send websetup commands, repeatable (default: nobody)",
+    )
+    p.add_argument("--no-websetup", action="store_true", help="do not listen for websetup commands")
     p.add_argument("--no-tun", action="store_true", help="no TUN device (control-plane experiments only)")
     p.add_argument("--no-offload", action="store_true", help="plain TUN packets (no TSO/GRO super-packets)")
     p.add_argument("--log-level", default="INFO")
@@ -228,6 +236,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         whitelist_enabled=not args.no_whitelist,
         whitelist=list(args.whitelist),
         hosts_file=args.hosts_file,
+        websetup_enabled=not args.no_websetup,
+        websetup_whitelist=list(args.websetup_whitelist),
         use_tun=not args.no_tun,
         offload=not args.no_offload,
         timers=scaled_timers(args.timers_scale),

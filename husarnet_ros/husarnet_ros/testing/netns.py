@@ -383,7 +383,7 @@ def daemon_argv(
 ) -> list[str]:
     """Turn keyword options into daemon flags: ``peer=[..]`` -> ``--peer X --peer Y``; ``True`` -> flag.
 
-    ``module`` runs another entry point with the daemon's flags (e.g. ``husarnet_ros.testing.ws_daemon``).
+    ``module`` runs another entry point that takes the daemon's flags.
     """
     argv = [sys.executable, "-m", module, "--state-dir", str(state_dir), "--control", str(control_path)]
     for key, value in options.items():
@@ -838,9 +838,8 @@ table ip hrnat {{
         """Run ``python -m husarnet_ros.daemon`` in ``host`` and wait until its control socket answers.
 
         Keyword options become flags (``peer=[...]``, ``whitelist=[...]``, ``no_whitelist=True``,
-        ``base=[...]``, ``no_lan_discovery=True``, ``timers_scale=0.1``, ``hostname=...``).
-        ``daemon_module`` picks the entry point (default the real daemon; ``husarnet_ros.testing.ws_daemon``
-        adds ``websetup_whitelist=[...]``).
+        ``base=[...]``, ``no_lan_discovery=True``, ``timers_scale=0.1``, ``hostname=...``,
+        ``websetup_whitelist=[...]``). ``daemon_module`` picks another entry point with the same flags.
         """
         state = Path(state_dir) if state_dir is not None else self.tmp / f"state-{host.name}"
         state.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -6,8 +6,7 @@ commands with the real CLI (``husarnet-ros websetup send``) and with datagrams b
 node's secret (read from A's state dir), so the exact bytes can be replayed. mallory, on the same LAN,
 sends the same valid datagrams from the underlay.
 
-The daemon has no flag for the websetup whitelist, so A runs through ``husarnet_ros.testing.ws_daemon``
-(the real daemon plus ``--websetup-whitelist``). Verdicts: the whitelist and counters from the control
+A runs the real daemon with ``--websetup-whitelist <B>``. Verdicts: the whitelist and counters from the control
 socket, the websetup counters in ``status``, the hosts file, and whether any reply datagram came back.
 """
 
@@ -114,7 +113,6 @@ def _start_a(lab: Lab, t, state: Path, b_addr: str, hosts: Path):
     return lab.start_daemon(
         t.peerC,
         state,
-        daemon_module="husarnet_ros.testing.ws_daemon",
         websetup_whitelist=[b_addr],
         whitelist=[b_addr],
         peer=[f"{b_addr}@{e2e.endpoint(t.PEER_D_IP)}"],

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from .constants import OVERLAY_PREFIX, Timers
 from .counters import Counters
+from .identity import format_address
 from .offload import (
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -60,8 +61,10 @@ from .wire import (
     PROBE_LEN,
     SUPER_MAX_FRAGMENT,
     SUPER_MAX_FRAGMENTS,
+    SUPER_MAX_PLAINTEXT,
     SUPER_MAX_SEALED,
     SUPER_REPORT_LEN,
+    TAG_LEN,
     Malformed,
     build_probe_reply,
     build_super_fragments,
@@ -74,6 +77,7 @@ log = logging.getLogger(__name__)
 _U32 = struct.Struct("<I")
 _VNET = struct.Struct("<BBHHHH")
 _SUPER_BYTE = bytes((MSG_DATA_SUPER,))
+_U64 = struct.Struct("<Q")
 #: How often (seconds) the datapath may ask the loop for a handshake for the same peer.
 _HANDSHAKE_NUDGE_INTERVAL = 0.05
 
@@ -279,7 +283,7 @@ class Datapath:
         now = self.clock()
         for buf in reads:
             if use_super and len(buf) > VNET_HDR_LEN + mtu and buf[1] & ~VIRTIO_NET_HDR_GSO_ECN:
-                n = self._send_super(buf, now, groups, sent_peers)
+                n = self._send_super(buf, now, sent_peers)
                 if n:
                     sent += 1
                     sent_bytes += n
@@ -294,17 +298,17 @@ class Datapath:
             self.counters.inc("super_tx", sent)
         if packets:
             self.send_packets(packets, groups, sent_peers, (sent, sent_bytes))
-        elif groups:
+        elif sent:
             self._after_send(groups, sent_peers, sent, sent_bytes, {}, now)
 
-    def _send_super(
-        self, buf: bytes, now: float, groups: dict[AnyEndpoint, list[bytes]], sent_peers: list[Peer]
-    ) -> int:
+    def _send_super(self, buf: bytes, now: float, sent_peers: list[Peer]) -> int:
         """Seal one super-packet read for a peer in super mode; its size, or 0 to send it per segment."""
         pkt_src = buf[VNET_HDR_LEN + 8 : VNET_HDR_LEN + 24]
         dst = bytes(buf[VNET_HDR_LEN + 24 : VNET_HDR_LEN + 40])
         if buf[VNET_HDR_LEN] >> 4 != 6 or pkt_src != self.address:
             return 0
+        if len(buf) + TAG_LEN > SUPER_MAX_FRAGMENTS * self.fragment_size or len(buf) > SUPER_MAX_PLAINTEXT:
+            return 0  # checked before sealing: a counter is never spent on a message we cannot send
         peer = self.peers.get(dst)
         if peer is None or not self.hooks.is_allowed(dst):
             return 0
@@ -317,10 +321,9 @@ class Datapath:
             frags = build_super_fragments(kp.remote_index, counter, sealed, self.fragment_size)
         except (SessionDrop, ValueError):
             return 0
-        group = groups.get(endpoint)
-        if group is None:
-            groups[endpoint] = group = []
-        group.extend(frags)
+        # Sent now, not with the batch: the receiver starts on it while we seal the next one, and no
+        # message sealed meanwhile on another thread (a report, a keepalive) overtakes a batch of these.
+        self.hooks.send_datagrams(frags, endpoint)
         sent_peers.append(peer)
         n = len(buf) - VNET_HDR_LEN
         peer.tx_bytes += n
@@ -357,12 +360,14 @@ class Datapath:
         is_allowed = self.hooks.is_allowed
         allowed: dict[bytes, bool] = {}  # whitelist verdicts, once per peer per batch
         active: dict[int, Peer] = {}  # peers heard from in this batch
+        track = self.super_packets  # message counts per keypair for the loss reports: [lo, hi, count]
+        seen: dict[Keypair, list[int]] = {}
         for datagram, src in batch:
             if datagram[:1] == _SUPER_BYTE:  # lengths checked there: a last fragment may be tiny
                 opened = self._super_fragment(datagram, src, now, drops)
                 if opened is None:
                     continue
-                kp, plaintext = opened
+                kp, plaintext, counter = opened
             elif len(datagram) < DATA_MIN_LEN:
                 drops["malformed"] = drops.get("malformed", 0) + 1
                 continue
@@ -376,6 +381,17 @@ class Datapath:
                 except SessionDrop as drop:
                     drops[drop.reason] = drops.get(drop.reason, 0) + 1
                     continue
+                counter = _U64.unpack_from(datagram, 8)[0] if track else 0
+            if track:
+                t = seen.get(kp)
+                if t is None:
+                    seen[kp] = [counter, counter, 1]
+                else:
+                    if counter < t[0]:
+                        t[0] = counter
+                    elif counter > t[1]:
+                        t[1] = counter
+                    t[2] += 1
             peer = kp.owner
             if not isinstance(peer, Peer):
                 if datagram[0] == MSG_DATA_SUPER:
@@ -462,7 +478,10 @@ class Datapath:
                     self.deliver_super(supers)
             except Exception:
                 log.exception("delivering %d super-packets failed", len(supers))
-        if self.super_packets:
+        if track:
+            for kp, (lo, hi, count) in seen.items():
+                if isinstance(kp.owner, Peer):
+                    kp.owner.superpkt.count_messages(kp, lo, hi, count)
             self._super_housekeeping(active, now, drops)
         c = self.counters
         if rx_packets:
@@ -474,8 +493,8 @@ class Datapath:
     # --- super-packet mode: receive side -------------------------------------------
     def _super_fragment(
         self, datagram: bytes, src: AnyEndpoint, now: float, drops: dict[str, int]
-    ) -> tuple[Keypair, bytes] | None:
-        """Keep one DataSuper fragment; once its message is whole, open it: (keypair, plaintext) or None.
+    ) -> tuple[Keypair, bytes, int] | None:
+        """Keep one DataSuper fragment; once its message is whole, open it: (keypair, plaintext, counter) or None.
 
         Every check that needs no AEAD runs before the fragment is kept: we accept super-packets at
         all, not relayed, header strict, keypair known and its counter inside the replay window.
@@ -516,7 +535,7 @@ class Datapath:
             drops[drop.reason] = drops.get(drop.reason, 0) + 1
             return None
         kp.owner.superpkt.rx_received += count
-        return kp, plaintext
+        return kp, plaintext, counter
 
     def _super_housekeeping(self, active: dict[int, Peer], now: float, drops: dict[str, int]) -> None:
         """Expire stale reassemblies (counted as missing), then send the reports that are due."""
@@ -533,16 +552,22 @@ class Datapath:
             kp = peer.current
             if kp is None:
                 continue
+            agreed = st.is_agreed(kp)
             due = (
                 (st.rx_missing and since >= REPORT_MIN_INTERVAL)
                 or (st.rx_received and since >= REPORT_INTERVAL)
-                or (st.is_agreed(kp) and (st.announced is not kp or since >= 2 * REPORT_INTERVAL))
+                or (
+                    agreed
+                    and (
+                        st.announced is not kp
+                        or (st.msg_count and since >= REPORT_INTERVAL)
+                        or (since >= REPORT_MIN_INTERVAL and st.gaps())
+                    )
+                )
             )
             if not due:
                 continue
-            report = build_super_report(True, st.rx_received, st.rx_missing)
-            if self.send_plaintext(peer, report):
-                st.rx_received = st.rx_missing = 0
+            if self.send_plaintext(peer, build_super_report(True, *st.take_report())):
                 st.reported_at = now
                 st.announced = kp
 
@@ -560,13 +585,14 @@ class Datapath:
         st = peer.superpkt
         if report.accept:
             st.agree(kp)  # authenticated on this session: both ends have agreed
-        if st.on_report(report.received, report.missing, now):
+        if st.on_report(report.received, report.missing, report.messages, report.span, now):
             self.counters.inc("super_fallback")
             log.info(
-                "super-packets to %s: %d of %d fragments missing, per-segment for %.0f s",
-                peer.address.hex(),
+                "super-packets to %s: %d of %d messages lost (%d fragments missing), per-segment for >= %.0f s",
+                format_address(peer.address),
+                report.span - report.messages,
+                report.span,
                 report.missing,
-                report.received + report.missing,
                 st.hold,
             )
 

@@ -32,11 +32,11 @@ from .wire import SUPER_MAX_FRAGMENT, SUPER_MAX_FRAGMENTS, SUPER_MAX_SEALED
 #: Partial super messages held at once (all peers); at 2 kB x 64 fragments that is 4 MB at most.
 MAX_ENTRIES = 32
 #: A message whose fragments have not all arrived after this long is lost (GSO sends them back to back).
-REASSEMBLY_TIMEOUT = 0.25
-#: Loss above this fraction of fragments sends the peer back to per-segment sealing.
+REASSEMBLY_TIMEOUT = 0.1
+#: Loss above this fraction of messages sends the peer back to per-segment sealing.
 LOSS_THRESHOLD = 0.001
-#: Fragments a loss window covers before it is judged clean and restarted.
-LOSS_WINDOW = 20000
+#: Messages a loss window must cover before the path counts as measured clean.
+LOSS_WINDOW = 2000
 #: First fallback hold in seconds; doubles on each fallback that follows a retry, up to MAX_HOLD.
 MIN_HOLD = 1.0
 MAX_HOLD = 30.0
@@ -44,7 +44,7 @@ MAX_HOLD = 30.0
 CLEAN_RESET = 10.0
 #: Receiver reports: at most every REPORT_MIN_INTERVAL when fragments went missing, else every REPORT_INTERVAL.
 REPORT_MIN_INTERVAL = 0.05
-REPORT_INTERVAL = 0.5
+REPORT_INTERVAL = 0.2
 
 
 class _Entry:
@@ -152,13 +152,19 @@ class SuperState:
     #: the handshake's FEATURE_OFFLOAD bits (responder) or the peer's authenticated acceptance report.
     agreed: list = field(default_factory=list)
     announced: Any = None  # the keypair on which we last sent our acceptance
-    # receiver side: fragments since our last report, and when we sent it
+    # receiver side: fragments and messages since our last report, and when we sent it
     rx_received: int = 0
     rx_missing: int = 0
+    msg_kp: Any = None  # the session the message counts are about
+    msg_base: int = -1  # first counter not yet covered by a report (-1: no report yet on msg_kp)
+    msg_lo: int = 0
+    msg_hi: int = -1
+    msg_count: int = 0
     reported_at: float = -1e9
-    # sender side: loss window, fallback hold and back-off
-    win_received: int = 0
+    # sender side: loss window, "measured clean", fallback hold and back-off
+    win_total: int = 0
     win_missing: int = 0
+    clean: bool = False
     hold_until: float = 0.0
     hold: float = 0.0
     clean_since: float = 0.0
@@ -173,26 +179,77 @@ class SuperState:
         return kp is not None and any(k is kp for k in self.agreed)
 
     def usable(self, kp: Any, now: float) -> bool:
-        """Send DataSuper on ``kp`` now?  Only on an agreed session and outside a loss hold."""
-        return now >= self.hold_until and self.is_agreed(kp)
+        """Send DataSuper on ``kp`` now?  Only on an agreed session, measured clean, outside a loss hold."""
+        return self.clean and now >= self.hold_until and self.is_agreed(kp)
 
-    def on_report(self, received: int, missing: int, now: float) -> bool:
-        """Fold a receiver report into the loss window; True if this report starts a fallback hold."""
-        if now < self.hold_until:
-            return False  # reports about fragments sent before the hold add nothing
-        self.win_received += received
-        self.win_missing += missing
-        total = self.win_received + self.win_missing
-        if self.win_missing and self.win_missing > LOSS_THRESHOLD * total:
+    # --- receiver side ---------------------------------------------------------------
+    def count_messages(self, kp: Any, lo: int, hi: int, count: int) -> None:
+        """``count`` messages with counters in [lo, hi] opened on ``kp`` (one batch's worth).
+
+        Counts continue across reports on the same session: the next report's span starts right after
+        the previous one's highest counter, so a message lost at a boundary is still seen, and one that
+        arrives late (reordered behind a report) is counted as received in the next report, which
+        offsets the gap it left in the previous one.
+        """
+        if kp is not self.msg_kp:
+            self.msg_kp = kp
+            self.msg_base = -1
+            self.msg_lo, self.msg_hi, self.msg_count = lo, hi, count
+            return
+        if self.msg_base < 0:
+            self.msg_lo = min(self.msg_lo, lo)
+        self.msg_hi = max(self.msg_hi, hi)
+        self.msg_count += count
+
+    def gaps(self) -> int:
+        """Counters missing in the span seen since the last report (lost, or not yet arrived)."""
+        return max(0, self.msg_hi - self.msg_lo + 1 - self.msg_count) if self.msg_count else 0
+
+    def take_report(self) -> tuple[int, int, int, int]:
+        """(fragments received, fragments missing, messages, counter span) since the last report; resets them.
+
+        ``messages`` may exceed ``span`` when late messages make up for gaps already reported.
+        """
+        span = max(0, self.msg_hi - self.msg_lo + 1) if self.msg_count else 0
+        out = (self.rx_received, self.rx_missing, self.msg_count, span)
+        self.rx_received = self.rx_missing = 0
+        if self.msg_count:
+            self.msg_base = self.msg_lo = max(self.msg_hi + 1, self.msg_lo)
+            self.msg_hi = self.msg_lo - 1
+            self.msg_count = 0
+        return out
+
+    # --- sender side -----------------------------------------------------------------
+    def on_report(self, received: int, missing: int, messages: int, span: int, now: float) -> bool:
+        """Fold a receiver report into the loss window; True if this report ends super-packet mode.
+
+        Loss is counted in messages (the counter gaps the receiver saw): a super-packet with one
+        missing fragment never opens, so it is one lost message, as is a lost Data datagram.  Loss is
+        then measured in the unit TCP loses, whatever the mode.  The path counts as clean once a
+        window of at least LOSS_WINDOW messages lost at most LOSS_THRESHOLD of them; 3 or more losses
+        above that rate end super-packet mode for a hold that doubles while losses follow retries.
+        (``received``/``missing`` fragments are diagnostics: every incomplete super-packet already
+        shows as a gap.)
+        """
+        del received, missing
+        self.win_total += span
+        self.win_missing = max(0, self.win_missing + span - messages)  # late messages offset earlier gaps
+        if self.win_missing >= 3 and self.win_missing > LOSS_THRESHOLD * max(self.win_total, LOSS_WINDOW):
+            was_clean = self.clean
+            self.clean = False
+            self.win_total = self.win_missing = 0
+            if not was_clean:
+                return False  # per segment already: it stays so until a clean window
             retried = self.hold > 0 and now - self.clean_since < CLEAN_RESET
             self.hold = min(MAX_HOLD, self.hold * 2) if retried else MIN_HOLD
             self.hold_until = now + self.hold
-            self.clean_since = self.hold_until
-            self.win_received = self.win_missing = 0
             self.fallbacks += 1
             return True
-        if total >= LOSS_WINDOW:
-            self.win_received = self.win_missing = 0
-        if self.hold and now - self.clean_since >= CLEAN_RESET:
+        if self.win_total >= LOSS_WINDOW:
+            if not self.clean:
+                self.clean = True
+                self.clean_since = now
+            self.win_total = self.win_missing = 0
+        if self.hold and self.clean and now - self.clean_since >= CLEAN_RESET:
             self.hold = 0.0  # clean for long enough: the next fallback starts short again
         return False

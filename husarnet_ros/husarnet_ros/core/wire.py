@@ -330,11 +330,13 @@ INNER_BASE_LAST = 0x2F
 PROBE_NONCE_LEN = 8
 PROBE_LEN = 1 + PROBE_NONCE_LEN
 IPV6_HEADER_LEN = 40
-#: Super-packet status (both directions, in-session): "I accept DataSuper on this session" and the
-#: fragments the sender of the report received / found missing since its previous report.
+#: Super-packet status (both directions, in-session): "I accept DataSuper on this session", the
+#: DataSuper fragments the reporter received / found missing, and the messages (Data and DataSuper) it
+#: received on the session against the span of counters they cover, all since its previous report.
 INNER_SUPER_REPORT = 0x04
-SUPER_REPORT = struct.Struct("<BBHII")  # kind, flags, reserved, fragments received, fragments missing
-SUPER_REPORT_LEN = SUPER_REPORT.size  # 12
+#: kind, flags, reserved, fragments received, fragments missing, messages received, counter span
+SUPER_REPORT = struct.Struct("<BBHIIII")
+SUPER_REPORT_LEN = SUPER_REPORT.size  # 20
 SUPER_FLAG_ACCEPT = 0x01
 
 KIND_KEEPALIVE = "keepalive"
@@ -398,17 +400,22 @@ def parse_probe(plaintext: bytes | bytearray | memoryview) -> Probe:
 
 
 class SuperReport(NamedTuple):
-    """Super-packet status: whether the sender accepts DataSuper, and its reassembly results."""
+    """Super-packet status: whether the reporter accepts DataSuper, its reassembly and message counts."""
 
     accept: bool
-    received: int
-    missing: int
+    received: int  # DataSuper fragments received
+    missing: int  # DataSuper fragments of messages that never completed
+    messages: int = 0  # messages (any kind) received on the session
+    span: int = 0  # counters the report covers: span - messages were lost (negative: late ones made up)
 
 
-def build_super_report(accept: bool, received: int, missing: int) -> bytes:
+def build_super_report(accept: bool, received: int, missing: int, messages: int = 0, span: int = 0) -> bytes:
     """Plaintext of a super-packet status report (counts saturate at 2**32 - 1)."""
     return SUPER_REPORT.pack(
-        INNER_SUPER_REPORT, SUPER_FLAG_ACCEPT if accept else 0, 0, min(received, _U32_MAX), min(missing, _U32_MAX)
+        INNER_SUPER_REPORT,
+        SUPER_FLAG_ACCEPT if accept else 0,
+        0,
+        *(min(v, _U32_MAX) for v in (received, missing, messages, span)),
     )
 
 
@@ -416,10 +423,10 @@ def parse_super_report(plaintext: bytes | bytearray | memoryview) -> SuperReport
     """Parse a super-packet status report (exactly 12 bytes, unknown flags and reserved bytes zero)."""
     if len(plaintext) != SUPER_REPORT_LEN:
         raise Malformed(f"super report must be {SUPER_REPORT_LEN} bytes, got {len(plaintext)}")
-    kind, flags, reserved, received, missing = SUPER_REPORT.unpack(plaintext)
+    kind, flags, reserved, received, missing, messages, span = SUPER_REPORT.unpack(plaintext)
     if kind != INNER_SUPER_REPORT or reserved or flags & ~SUPER_FLAG_ACCEPT:
         raise Malformed("not a super report")
-    return SuperReport(bool(flags & SUPER_FLAG_ACCEPT), received, missing)
+    return SuperReport(bool(flags & SUPER_FLAG_ACCEPT), received, missing, messages, span)
 
 
 def ipv6_src_dst(packet: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:

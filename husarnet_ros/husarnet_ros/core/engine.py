@@ -74,6 +74,8 @@ _DATA_WORDS = (_DATA_WORD, MSG_DATA_SUPER.to_bytes(4, "little"))
 
 #: Hello flag: "this Hello answers yours" (never answered again, so Hellos cannot ping-pong).
 HELLO_FLAG_REPLY = 1
+#: Verified beacons remembered from peers that are not whitelisted (bounded; see _remember_unlisted_beacon).
+MAX_UNLISTED_BEACONS = 256
 #: Control datagrams (handshakes, Hellos) waiting for the loop; beyond this they are dropped (rate_limited).
 MAX_CONTROL_BACKLOG = 1024
 #: Initiations the responder processes per second (token bucket), so a flood cannot eat the loop.
@@ -224,6 +226,9 @@ class Engine:
         self._websetup: Any = None  # websetup.WebsetupServer
         self._base_tasks: list[asyncio.Task] = []
         self._beacon_endpoints: set[Endpoint] = set()
+        # Verified beacons of peers not (yet) whitelisted: address -> (public key, endpoint, when seen).
+        # Whitelisting one of them then connects at once instead of waiting up to a beacon interval.
+        self._unlisted_beacons: dict[bytes, tuple[bytes, Endpoint, float]] = {}
         self._scoped: dict[Endpoint, Endpoint] = {}  # unscoped link-local source -> scoped endpoint
         self._beacons: Any = None
         self._control_posted = 0  # written by receive threads (under _post_lock)
@@ -857,6 +862,11 @@ class Engine:
     def _learn(self, address: bytes, endpoints: list[AnyEndpoint], public_key: bytes | None, source: str) -> None:
         """Endpoint hints from the base or a beacon: remember them and start a handshake if the peer is allowed."""
         if not self.is_allowed(address):
+            if source == "beacon" and public_key is not None and endpoints:
+                from .identity import address_from_pubkey
+
+                if address_from_pubkey(public_key) == address:
+                    self._remember_unlisted_beacon(address, public_key, endpoints[0])
             return
         peer = self._get_peer(address, create=True)
         if peer is None:
@@ -888,6 +898,14 @@ class Engine:
         elif source in ("beacon", "base"):
             self._probe_round(peer, now)
 
+    def _remember_unlisted_beacon(self, address: bytes, public_key: bytes, endpoint: Endpoint) -> None:
+        """Keep a bounded cache of LAN neighbours we may be asked to whitelist (oldest evicted)."""
+        cache = self._unlisted_beacons
+        cache.pop(address, None)
+        if len(cache) >= MAX_UNLISTED_BEACONS:
+            cache.pop(next(iter(cache)))
+        cache[address] = (public_key, endpoint, self._clock())
+
     def _on_beacon(self, address: bytes, public_key: bytes, endpoint: Endpoint) -> None:
         self._learn(address, [endpoint], public_key, "beacon")
 
@@ -917,8 +935,11 @@ class Engine:
             if peer is not None:
                 assert self.whitelist is not None
                 peer.hostname = self.whitelist.entries().get(address, "") or peer.hostname
-                if peer.paths.paths:
-                    self._start_handshake(peer)
+                seen = self._unlisted_beacons.pop(address, None)
+                if seen is not None and self._clock() - seen[2] <= self.timers.probe_interval:
+                    self._learn(address, [seen[1]], seen[0], "beacon")  # connects at once
+                else:
+                    self._start_handshake(peer)  # known paths, or asks the base; else the next beacon
         else:
             for peer in list(self._peers.values()):
                 if not self.is_allowed(peer.address):

@@ -448,3 +448,43 @@ def test_message_count_limit_forces_rekey_without_loss(lab):
     assert a.peer(b).current is not first
     assert a.counter("handshakes_completed") >= n // 100
     assert all(kp.send_counter < 100 for kp in a.peer(b).keypairs())
+
+
+def test_whitelisting_a_lan_neighbour_seen_in_a_beacon_connects_without_waiting_for_the_next(lab) -> None:
+    """Beacons heard before the whitelist entry existed are remembered, so whitelisting connects at once.
+
+    The two beacons are the only endpoint hints either side ever gets (no static peer, no base, no more
+    beacons), so the pair can only connect if the engine kept them.
+    """
+    lb = lab()
+    a = lb.node(0, EP_A)
+    b = lb.node(1, EP_B)
+    lb.start()
+    a.engine.add_candidates(b.address, [EP_B], public_key=b.id.public_key, source="beacon")
+    b.engine.add_candidates(a.address, [EP_A], public_key=a.id.public_key, source="beacon")
+    assert wait_for(lambda: a.engine._unlisted_beacons and b.engine._unlisted_beacons)
+    assert a.peer(b) is None and b.peer(a) is None  # remembered, but nothing allocated or sent for them
+
+    a.engine.whitelist.add(b.address)
+    b.engine.whitelist.add(a.address)
+    connect(a, b)
+    assert a.secure_with(b) and b.secure_with(a)
+    assert a.engine._unlisted_beacons == {} and b.engine._unlisted_beacons == {}
+
+
+def test_unlisted_beacon_cache_is_bounded_and_keeps_only_verified_keys(lab, monkeypatch) -> None:
+    from husarnet_ros.core import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "MAX_UNLISTED_BEACONS", 3)
+    lb = lab()
+    a = lb.node(0, EP_A)
+    lb.start()
+    others = [identity(i) for i in range(2, 7)]
+    for i, ident in enumerate(others):
+        a.engine.add_candidates(ident.address, [("198.18.1.1", 1000 + i)], public_key=ident.public_key, source="beacon")
+    # A key that does not hash to the claimed address is never remembered.
+    a.engine.add_candidates(others[0].address, [("198.18.1.9", 9)], public_key=identity(1).public_key, source="beacon")
+    assert wait_for(lambda: len(a.engine._unlisted_beacons) == 3)
+    time.sleep(0.1)
+    assert list(a.engine._unlisted_beacons) == [o.address for o in others[2:]]  # oldest evicted
+    assert a.engine.peers() == []

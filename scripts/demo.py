@@ -254,8 +254,14 @@ def quick_demo(lab: Lab, scale: float) -> bool:
 
 
 def ros_available() -> str | None:
-    """None when rclpy, std_msgs and husarnet_msgs import (in a child: the parent stays ROS-free)."""
-    probe = "import rclpy, std_msgs.msg, husarnet_msgs.msg, husarnet_msgs.srv"
+    """None when rclpy, std_msgs and the built husarnet_msgs import (in a child: the parent stays ROS-free).
+
+    Importing the classes matters: from the repo root the source dir husarnet_msgs/ imports as an
+    empty namespace package.
+    """
+    probe = (
+        "import rclpy, std_msgs.msg; from husarnet_msgs.msg import PeerArray; from husarnet_msgs.srv import PingPeer"
+    )
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     if res.returncode != 0:
         return (res.stderr.strip().splitlines() or ["?"])[-1]

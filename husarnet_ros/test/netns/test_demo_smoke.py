@@ -28,7 +28,9 @@ RUN_TIMEOUT = 150  # the demo promises < 2 minutes; this only stops a hung run
 
 
 def _ros_skip_reason() -> str | None:
-    probe = "import rclpy, std_msgs.msg, husarnet_msgs.msg, husarnet_msgs.srv"
+    probe = (
+        "import rclpy, std_msgs.msg; from husarnet_msgs.msg import PeerArray; from husarnet_msgs.srv import PingPeer"
+    )
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["?"])[-1]

@@ -187,9 +187,9 @@ class SuperState:
         """``count`` messages with counters in [lo, hi] opened on ``kp`` (one batch's worth).
 
         Counts continue across reports on the same session: the next report's span starts right after
-        the previous one's highest counter, so a message lost at a boundary is still seen, and one that
-        arrives late (reordered behind a report) is counted as received in the next report, which
-        offsets the gap it left in the previous one.
+        the previous one's highest counter, so a message lost at a boundary is still seen; one that
+        arrives late (reordered behind a report) is counted in the next report without widening its span
+        (the sender does not let it cancel the gap already reported: its judgement stays conservative).
         """
         if kp is not self.msg_kp:
             self.msg_kp = kp
@@ -233,7 +233,8 @@ class SuperState:
         """
         del received, missing
         self.win_total += span
-        self.win_missing = max(0, self.win_missing + span - messages)  # late messages offset earlier gaps
+        # Conservative: a report whose late messages outnumber its gaps does not cancel earlier losses.
+        self.win_missing += max(0, span - messages)
         if self.win_missing >= 3 and self.win_missing > LOSS_THRESHOLD * max(self.win_total, LOSS_WINDOW):
             was_clean = self.clean
             self.clean = False

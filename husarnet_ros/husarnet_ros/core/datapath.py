@@ -362,9 +362,20 @@ class Datapath:
         active: dict[int, Peer] = {}  # peers heard from in this batch
         track = self.super_packets  # message counts per keypair for the loss reports: [lo, hi, count]
         seen: dict[Keypair, list[int]] = {}
-        for datagram, src in batch:
+        skip = 0
+        for i, (datagram, src) in enumerate(batch):
+            if skip:
+                skip -= 1
+                continue
             if datagram[:1] == _SUPER_BYTE:  # lengths checked there: a last fragment may be tiny
-                opened = self._super_fragment(datagram, src, now, drops)
+                # A whole super message in order in this batch (one or two GRO buffers) is joined at
+                # once; anything else goes fragment by fragment through the reassembly table.
+                run = self._super_run(batch, i, src)
+                if run > 1:
+                    skip = run - 1
+                    opened = self._super_whole(batch, i, run, src, now, drops)
+                else:
+                    opened = self._super_fragment(datagram, src, now, drops)
                 if opened is None:
                     continue
                 kp, plaintext, counter = opened
@@ -528,6 +539,68 @@ class Datapath:
             return None
         if len(sealed) > SUPER_MAX_SEALED:
             drops["fragment_malformed"] = drops.get("fragment_malformed", 0) + 1
+            return None
+        try:
+            plaintext = open_super(kp, counter, sealed)
+        except SessionDrop as drop:
+            drops[drop.reason] = drops.get(drop.reason, 0) + 1
+            return None
+        kp.owner.superpkt.rx_received += count
+        return kp, plaintext, counter
+
+    def _super_run(self, batch: list[tuple[bytes, AnyEndpoint]], i: int, src: AnyEndpoint) -> int:
+        """Length of the complete in-order fragment run of one super message starting at ``batch[i]``, or 0.
+
+        Complete means: fragments 0..count-1 in order, from one source, with one header (type,
+        receiver index, counter) and count, every slice but the last of one size, the last not longer.
+        """
+        first = batch[i][0]
+        n = len(first)
+        if n <= DATA_SUPER_HEADER_LEN or n > DATA_SUPER_HEADER_LEN + SUPER_MAX_FRAGMENT or first[16] != 0:
+            return 0
+        count = first[17]
+        if not 1 < count <= SUPER_MAX_FRAGMENTS or i + count > len(batch) or first[18:20] != b"\0\0":
+            return 0
+        head = first[:16]
+        tail = first[17:20]
+        for k in range(1, count):
+            d, s2 = batch[i + k]
+            if d[:16] != head or d[16] != k or d[17:20] != tail or s2 != src:
+                return 0
+            if len(d) != n and (k != count - 1 or len(d) > n or len(d) <= DATA_SUPER_HEADER_LEN):
+                return 0
+        return count
+
+    def _super_whole(
+        self,
+        batch: list[tuple[bytes, AnyEndpoint]],
+        i: int,
+        count: int,
+        src: AnyEndpoint,
+        now: float,
+        drops: dict[str, int],
+    ) -> tuple[Keypair, bytes, int] | None:
+        """Open a complete run found by :meth:`_super_run`: the same checks as fragment by fragment, once."""
+        first = batch[i][0]
+        if not self.super_packets or isinstance(src, RelayEndpoint):
+            drops["fragment_dropped"] = drops.get("fragment_dropped", 0) + count
+            return None
+        word, receiver, counter, _index, _count, _reserved = DATA_SUPER_HEADER.unpack_from(first)
+        if word != MSG_DATA_SUPER:
+            drops["fragment_malformed"] = drops.get("fragment_malformed", 0) + count
+            return None
+        kp = self.index.get(receiver)
+        if not isinstance(kp, Keypair) or not isinstance(kp.owner, Peer):
+            drops["unknown_peer"] = drops.get("unknown_peer", 0) + count
+            return None
+        verdict = check_super(kp, counter)
+        if verdict is not None:
+            drops[verdict] = drops.get(verdict, 0) + count
+            return None
+        self._reassembly.forget_message(receiver, counter)  # stray earlier copies of these fragments
+        sealed = b"".join([d[DATA_SUPER_HEADER_LEN:] for d, _ in batch[i : i + count]])
+        if len(sealed) > SUPER_MAX_SEALED:
+            drops["fragment_malformed"] = drops.get("fragment_malformed", 0) + count
             return None
         try:
             plaintext = open_super(kp, counter, sealed)

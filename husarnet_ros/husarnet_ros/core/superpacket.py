@@ -138,6 +138,10 @@ class Reassembly:
             lost.append((e.owner, e.have, e.count - e.have))
         return lost
 
+    def forget_message(self, local_index: int, counter: int) -> None:
+        """Drop a partial message (its fragments arrived again, complete, and are handled whole)."""
+        self._entries.pop((local_index, counter), None)
+
     def forget(self, local_index: int) -> None:
         """Drop every partial message of a keypair that went away."""
         for key in [k for k in self._entries if k[0] == local_index]:

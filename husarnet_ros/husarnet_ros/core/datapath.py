@@ -87,6 +87,8 @@ class ControlHooks(Protocol):
 
     def send_datagrams(self, datagrams: list[bytes], endpoint: AnyEndpoint) -> None: ...
 
+    def send_control(self, datagram: bytes, endpoint: AnyEndpoint) -> None: ...
+
     def need_handshake(self, address: bytes, packet: bytes | None) -> None: ...
 
     def keypair_confirmed(self, peer: Peer) -> None: ...
@@ -340,7 +342,7 @@ class Datapath:
         except SessionDrop:
             return False
         peer.last_tx = self.clock()
-        self.hooks.send_datagrams([datagram], endpoint)
+        self.hooks.send_control(datagram, endpoint)
         return True
 
     # --- inbound: socket -> TUN ------------------------------------------------

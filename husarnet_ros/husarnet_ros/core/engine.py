@@ -754,6 +754,16 @@ class Engine:
         if transport is not None:
             send_many(transport, datagrams, endpoint)
 
+    def send_control(self, datagram: bytes, endpoint: AnyEndpoint) -> None:
+        """One handshake, Hello, probe or keepalive: like data, but never waits long on a full socket.
+
+        These are sent from the control loop, which must not stall behind a saturated data path.
+        """
+        if isinstance(endpoint, RelayEndpoint):
+            self.send_datagrams([datagram], endpoint)
+        elif self._transport is not None:
+            self._transport.send(datagram, endpoint)
+
     def need_handshake(self, address: bytes, packet: bytes | None) -> None:
         self._post(self._on_need_handshake, address, packet)
 
@@ -995,7 +1005,7 @@ class Engine:
         if peer.public_key is None:
             msg = build_hello(self.identity, peer.address, self._hello_timestamp())
             for ep in endpoints:
-                self.send_datagrams([msg], ep)
+                self.send_control(msg, ep)
             peer.hello_sent_at = now
             return
         if peer.handshake is not None:
@@ -1013,7 +1023,7 @@ class Engine:
         peer.handshake = pending
         # The same initiation on every path: the responder answers the first copy only.
         for ep in endpoints:
-            self.send_datagrams([msg], ep)
+            self.send_control(msg, ep)
         self.counters.inc("handshakes_sent")
 
     def _ahead_of_us(self, tai64n: bytes) -> bool:
@@ -1168,7 +1178,7 @@ class Engine:
             peer.paths.add_candidate(src, self.path_kind(src), "handshake", now)
         if old_next is not None:
             self._index.remove(old_next.local_index, old_next)
-        self.send_datagrams([msg], src)
+        self.send_control(msg, src)
 
     # ========================================================================= key discovery (Hello)
     def _on_hello(self, data: bytes, src: AnyEndpoint) -> None:
@@ -1206,7 +1216,7 @@ class Engine:
         if not hello.flags & HELLO_FLAG_REPLY and now - peer.hello_replied_at >= self.timers.rekey_timeout / 2:
             peer.hello_replied_at = now
             reply = build_hello(self.identity, hello.address, self._hello_timestamp(), HELLO_FLAG_REPLY)
-            self.send_datagrams([reply], src)
+            self.send_control(reply, src)
         if peer.handshake_started is not None and peer.handshake is None:
             self._attempt(peer, now)  # we were waiting for this key
 

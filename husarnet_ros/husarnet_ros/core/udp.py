@@ -24,6 +24,8 @@ import select
 import socket
 import struct
 import threading
+import time
+from collections.abc import Callable
 
 Endpoint = tuple[str, int]
 
@@ -33,6 +35,11 @@ UDP_GRO = 104
 UDP_MAX_SEGMENTS = 64  # kernel limit per GSO send (raised to 128 only in recent kernels)
 MAX_GSO_BYTES = 65507  # largest UDP payload of one send on IPv4; IPv6 allows a little more
 RECV_BUFSIZE = 65536 + 2048  # one GRO buffer (up to 64 kB) with slack
+# How long a send may wait for room in a full socket buffer before the datagram is dropped.  The data
+# path waits longer (back-pressure towards TCP beats loss); control datagrams come from the asyncio
+# loop, which must never stall behind a saturated data path.
+DATA_SEND_WAIT = 1.0
+CONTROL_SEND_WAIT = 0.05
 _CMSG_SPACE = socket.CMSG_SPACE(4)
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
@@ -147,22 +154,26 @@ class UdpSocket:
             self._addr_cache[endpoint] = addr
         return addr
 
-    def _wait_writable(self) -> None:
-        select.select([], [self.sock], [], 1.0)
+    def _retry_full(self, op: Callable[[], object], wait: float) -> bool:
+        """Run a non-blocking send, waiting at most ``wait`` seconds in total while the buffer is full.
+
+        Returns False when the buffer stayed full (the datagram is dropped, like a full NIC queue would):
+        a bounded wait keeps back-pressure on the data path without ever stalling the control loop.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                op()
+                return True
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                select.select([], [self.sock], [], left)
 
     def send(self, datagram: bytes, endpoint: Endpoint) -> None:
-        """One datagram; waits (briefly) when the socket buffer is full, never raises on network errors."""
-        addr = self._dest(endpoint)
-        for _ in range(100):
-            try:
-                self.sock.sendto(datagram, addr)
-                return
-            except BlockingIOError:
-                self._wait_writable()
-            except OSError as e:
-                if self._closed or e.errno in _TRANSIENT:
-                    return
-                raise
+        """One (control) datagram; waits at most CONTROL_SEND_WAIT when full, never raises on network errors."""
+        self._sendto(datagram, self._dest(endpoint), CONTROL_SEND_WAIT)
 
     def send_many(self, datagrams: list[bytes], endpoint: Endpoint) -> None:
         """Send datagrams in order; runs of equal size (the last of a run may be shorter) leave in one sendmsg.
@@ -199,40 +210,31 @@ class UdpSocket:
                 self._send_gso(datagrams[i:j], size, addr)
             i = j
 
-    def _sendto(self, d: bytes, addr: tuple[str, int, int, int]) -> None:
-        for _ in range(100):
-            try:
-                self.sock.sendto(d, addr)
-                return
-            except BlockingIOError:
-                self._wait_writable()
-            except OSError as e:
-                if self._closed or e.errno in _TRANSIENT:
-                    return
+    def _sendto(self, d: bytes, addr: tuple[str, int, int, int], wait: float = DATA_SEND_WAIT) -> None:
+        try:
+            self._retry_full(lambda: self.sock.sendto(d, addr), wait)
+        except OSError as e:
+            if not (self._closed or e.errno in _TRANSIENT):
                 raise
 
     def _send_gso(self, run: list[bytes], size: int, addr: tuple[str, int, int, int]) -> None:
         cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
         buf = b"".join(run)
-        for _ in range(100):
-            try:
-                self.sock.sendmsg([buf], cmsg, 0, addr)
+        try:
+            self._retry_full(lambda: self.sock.sendmsg([buf], cmsg, 0, addr), DATA_SEND_WAIT)
+            return
+        except OSError as e:
+            if self._closed:
                 return
-            except BlockingIOError:
-                self._wait_writable()
-            except OSError as e:
-                if self._closed:
+            if e.errno == errno.EIO:
+                # The route's device cannot checksum GSO segments: never try again on this socket.
+                self.gso = False
+            elif e.errno not in (errno.EINVAL, errno.EMSGSIZE):
+                if e.errno in _TRANSIENT:
                     return
-                if e.errno == errno.EIO:
-                    # The route's device cannot checksum GSO segments: never try again on this socket.
-                    self.gso = False
-                elif e.errno not in (errno.EINVAL, errno.EMSGSIZE):
-                    if e.errno in _TRANSIENT:
-                        return
-                    raise
-                for d in run:  # EINVAL/EMSGSIZE: segment larger than the path allows; let IP decide per datagram
-                    self._sendto(d, addr)
-                return
+                raise
+        for d in run:  # EIO/EINVAL/EMSGSIZE: segments the path refuses as a run; let IP decide per datagram
+            self._sendto(d, addr)
 
     # --- receive ----------------------------------------------------------------
 

@@ -1,0 +1,57 @@
+"""A full socket buffer delays a send by a bounded time, then drops it: the control loop never stalls."""
+
+from __future__ import annotations
+
+import pytest
+
+from husarnet_ros.core import udp
+
+
+@pytest.fixture
+def sock():
+    s = udp.UdpSocket(0, gso=False, gro=False)
+    yield s
+    s.close()
+
+
+def test_send_into_a_full_buffer_gives_up_after_the_control_wait(sock, monkeypatch) -> None:
+    waits: list[float] = []
+
+    def fake_select(r, w, x, timeout):
+        waits.append(timeout)
+        return [], [], []
+
+    monkeypatch.setattr(udp.select, "select", fake_select)
+    calls = 0
+
+    def always_full() -> None:
+        nonlocal calls
+        calls += 1
+        raise BlockingIOError
+
+    assert sock._retry_full(always_full, udp.CONTROL_SEND_WAIT) is False
+    assert calls >= 1 and waits
+    assert max(waits) <= udp.CONTROL_SEND_WAIT  # never one long wait
+
+
+def test_send_succeeds_once_the_buffer_drains(sock, monkeypatch) -> None:
+    monkeypatch.setattr(udp.select, "select", lambda r, w, x, t: ([], w, []))
+    results = [BlockingIOError, BlockingIOError, None]
+
+    def drains() -> None:
+        outcome = results.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    assert sock._retry_full(drains, udp.DATA_SEND_WAIT) is True
+    assert results == []
+
+
+def test_public_send_uses_the_short_control_wait(sock, monkeypatch) -> None:
+    seen: list[float] = []
+    monkeypatch.setattr(sock, "_retry_full", lambda op, wait: seen.append(wait) or True)
+    sock.send(b"x", ("127.0.0.1", 9))
+    sock.send_many([b"a", b"b"], ("127.0.0.1", 9))
+    assert seen[0] == udp.CONTROL_SEND_WAIT
+    assert seen[1:] == [udp.DATA_SEND_WAIT, udp.DATA_SEND_WAIT]
+    assert udp.CONTROL_SEND_WAIT < udp.DATA_SEND_WAIT

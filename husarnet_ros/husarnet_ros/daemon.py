@@ -207,10 +207,16 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             self.path.unlink()
 
 
-def control(path: str | os.PathLike[str], cmd: str, **args: Any) -> dict[str, Any]:
-    """Send one command to a daemon's control socket and return its JSON reply."""
+def control(
+    path: str | os.PathLike[str], cmd: str, *, socket_timeout: float | None = None, **args: Any
+) -> dict[str, Any]:
+    """Send one command to a daemon's control socket and return its JSON reply.
+
+    ``socket_timeout`` bounds the whole exchange; by default it outlasts the command's own ``timeout``
+    (a ping's) by 5 s.  Raises ConnectionError when the daemon does not answer.
+    """
     req = {"cmd": cmd, **args}
-    timeout = float(args.get("timeout", 2.0)) + 5.0
+    timeout = socket_timeout if socket_timeout is not None else float(args.get("timeout", 2.0)) + 5.0
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(os.fspath(path))

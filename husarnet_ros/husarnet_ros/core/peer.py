@@ -112,9 +112,6 @@ class Peer:
     def keypairs(self) -> list[Any]:
         return [kp for kp in (self.current, self.previous, self.next) if kp is not None]
 
-    def has_session(self) -> bool:
-        return self.current is not None
-
     def stage(self, packet: bytes) -> None:
         """Keep a packet for when the session is up (oldest dropped when full)."""
         self.staged.append(packet)

@@ -32,7 +32,6 @@ import contextlib
 import ctypes
 import ipaddress
 import itertools
-import json
 import os
 import re
 import shutil
@@ -359,23 +358,13 @@ def decode_udp(frame: bytes, *, ethernet: bool = True) -> UdpPacket | None:
 
 
 def control(path: str | Path, cmd: str, timeout: float = 10.0, **args: Any) -> dict:
-    """Send one JSON command line to a daemon control socket and return the JSON reply."""
-    req = json.dumps({"cmd": cmd, **args}).encode() + b"\n"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(req)
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-            if len(buf) > 16 << 20:
-                raise LabError("control reply larger than 16 MiB")
-    if not buf:
-        raise LabError(f"control socket {path}: empty reply to {cmd}")
-    return json.loads(buf.decode())
+    """Send one JSON command line to a daemon control socket and return the JSON reply (LabError if none)."""
+    from husarnet_ros.daemon import control as daemon_control
+
+    try:
+        return daemon_control(path, cmd, socket_timeout=timeout, **args)
+    except ConnectionError as exc:
+        raise LabError(f"control socket {path}: {exc} (command {cmd})") from exc
 
 
 def daemon_argv(

@@ -8,56 +8,20 @@ play out in well under a second.
 from __future__ import annotations
 
 import dataclasses
-import struct
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+# Shared with the test_im_* suite: endpoints, shrunk timers, cached identities, packet and polling helpers.
+from test_im_common import EP_A, EP_B, FAST, MALLORY, identity, packet, wait_for
+
 from husarnet_ros.core.constants import Timers
 from husarnet_ros.core.engine import Engine, EngineConfig
 from husarnet_ros.core.identity import Identity, format_address
 from husarnet_ros.core.memnet import Impairment, MemoryNetwork
 from husarnet_ros.core.wire import MSG_DATA
-
-EP_A = ("198.18.0.1", 5582)
-EP_B = ("198.18.0.2", 5582)
-EP_C = ("198.18.0.3", 5582)
-MALLORY = ("198.18.0.66", 5582)
-
-FAST = Timers(
-    rekey_after_time=120.0,
-    reject_after_time=180.0,
-    rekey_attempt_time=20.0,
-    rekey_timeout=0.2,
-    keepalive_timeout=0.5,
-    probe_interval=0.5,
-    path_timeout=1.5,
-)
-
-_IDS: list[Identity] = []
-
-
-def identity(i: int) -> Identity:
-    """Cached identities (generation costs ~1300 tries each)."""
-    while len(_IDS) <= i:
-        _IDS.append(Identity.generate())
-    return _IDS[i]
-
-
-def packet(src: bytes, dst: bytes, payload: bytes) -> bytes:
-    """A minimal IPv6 packet (next header 59: no next header) carrying ``payload``."""
-    return struct.pack(">IHBB", 6 << 28, len(payload), 59, 64) + src + dst + payload
-
-
-def wait_for(cond, timeout: float = 5.0, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return bool(cond())
 
 
 class Node:

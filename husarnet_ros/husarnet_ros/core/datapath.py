@@ -78,8 +78,6 @@ _U32 = struct.Struct("<I")
 _VNET = struct.Struct("<BBHHHH")
 _SUPER_BYTE = bytes((MSG_DATA_SUPER,))
 _U64 = struct.Struct("<Q")
-#: At most this many TUN reads taken by the receive thread after a delivery (the reader takes the rest).
-_ANSWER_READS = 8
 #: How often (seconds) the datapath may ask the loop for a handshake for the same peer.
 _HANDSHAKE_NUDGE_INTERVAL = 0.05
 
@@ -134,8 +132,6 @@ class Datapath:
         self.wallclock = wallclock
         self._tun: Any = None
         self._tun_thread: threading.Thread | None = None
-        #: Held while TUN packets are read and sent (reader thread, or receive thread's answers).
-        self._tun_lock = threading.Lock()
         self._nudged: dict[bytes, float] = {}
         #: Super-packet mode (:mod:`superpacket`): on iff this node can take super-packets (TUN offload)
         #: and sends them; used per peer only where both ends agreed and the path measures clean.
@@ -495,8 +491,6 @@ class Datapath:
                     self.deliver_super(supers)
             except Exception:
                 log.exception("delivering %d super-packets failed", len(supers))
-        if (out or supers) and self._tun is not None:
-            self._send_answers()
         if track:
             for kp, (lo, hi, count) in seen.items():
                 if isinstance(kp.owner, Peer):
@@ -694,8 +688,6 @@ class Datapath:
     # --- TUN reader thread ---------------------------------------------------------
     def start_tun(self, tun: Any) -> None:
         """Start the thread that reads the TUN in batches and sends what it reads."""
-        self.mtu = tun.mtu
-        self.fragment_size = min(SUPER_MAX_FRAGMENT, tun.mtu + DATA_MIN_LEN - DATA_SUPER_HEADER_LEN)
         self._tun = tun
         self._tun_thread = threading.Thread(target=self._tun_loop, name=f"tun-rx:{tun.name}", daemon=True)
         self._tun_thread.start()
@@ -703,54 +695,24 @@ class Datapath:
     def _tun_loop(self) -> None:
         tun = self._tun
         vnet = tun.vnet_hdr
-        lock = self._tun_lock
+        self.mtu = tun.mtu
+        self.fragment_size = min(SUPER_MAX_FRAGMENT, tun.mtu + DATA_MIN_LEN - DATA_SUPER_HEADER_LEN)
         while True:
             try:
-                if not tun.wait_readable():
-                    continue
+                reads = tun.read_many(64)
             except Exception:  # TunError once closed
                 return
-            # Read and send under the lock the receive thread's answers take too (_send_answers): what
-            # one thread read leaves before anything the other reads later, so no flow is reordered.
-            with lock:
-                try:
-                    reads = tun.read_ready(64)
-                except Exception:
-                    return
-                if reads:
-                    self._send_tun_batch(reads, vnet)
-
-    def _send_tun_batch(self, reads: list[bytes], vnet: bool) -> None:
-        try:
-            if vnet:
-                # TSO: one read may be a 64 kB super-packet: sealed whole (super-packet mode) or cut
-                # into MTU-sized packets with checksums.
-                self.send_reads(reads)
-            else:
-                self.send_packets(reads)
-        except Exception:
-            log.exception("sending a TUN batch failed")
-
-    def _send_answers(self) -> None:
-        """Right after a delivery to the TUN: send what the kernel already queued in answer (receive thread).
-
-        An echo reply or a TCP ACK is usually queued inside the very write that delivered the request.
-        Sending it from here, while this thread holds the GIL, saves the TUN reader's wake-up and the GIL
-        hand-off to it on every round trip (issue #6).  Only packets already queued are taken (no wait);
-        the reader thread still handles everything else, and both paths run the same checks.
-        """
-        tun = self._tun
-        lock = self._tun_lock
-        if not lock.acquire(blocking=False):
-            return  # the reader is reading and sending right now: it takes these too, in order
-        try:
-            reads = tun.read_ready(_ANSWER_READS)
-            if reads:
-                self._send_tun_batch(reads, tun.vnet_hdr)
-        except Exception:  # TunError once closed or failing: the reader thread meets it too and stops
-            log.debug("TUN answers not sent", exc_info=True)
-        finally:
-            lock.release()
+            if not reads:
+                continue
+            try:
+                if vnet:
+                    # TSO: one read may be a 64 kB super-packet: sealed whole (super-packet mode) or cut
+                    # into MTU-sized packets with checksums.
+                    self.send_reads(reads)
+                else:
+                    self.send_packets(reads)
+            except Exception:
+                log.exception("sending a TUN batch failed")
 
     def stop_tun(self) -> None:
         """Close the TUN (wakes the reader) and join the thread."""

@@ -308,53 +308,6 @@ class TunDevice:
                 break
         return out
 
-    def wait_readable(self, timeout: float | None = None) -> bool:
-        """Wait until a packet is queued (True) or ``timeout`` passes (False); TunError once closed.
-
-        Lets a reader take the packets under its own lock (:meth:`read_ready`), so that two threads
-        reading the device never send what they read out of order.
-        """
-        if self._closed:
-            raise TunError(f"TUN device {self.name!r} is closed")
-        ms = -1 if timeout is None else max(0, int(timeout * 1000))
-        try:
-            p = select.poll()
-            p.register(self.fd, select.POLLIN)
-            p.register(self._wake_r, select.POLLIN)
-            ready = p.poll(ms)
-        except (OSError, ValueError):
-            ready = None
-        if self._closed:
-            raise TunError(f"TUN device {self.name!r} is closed")
-        return bool(ready)
-
-    def read_ready(self, max_packets: int = 64, bufsize: int = 65536 + VNET_HDR_LEN) -> list[bytes]:
-        """Up to ``max_packets`` packets already queued, without waiting (no poll); [] when none.
-
-        Raises :class:`TunError` once closed or when the device fails (not for "nothing queued").
-
-        Why: a packet written to the TUN is often answered by the kernel inside that very write (an
-        ICMP echo reply, a TCP ACK); the writer can pick the answer up at once instead of leaving it to
-        the reader thread, whose wake-up (and GIL hand-off) would add to every round trip.
-        """
-        out: list[bytes] = []
-        if self._closed:
-            return out
-        read = os.read
-        fd = self.fd
-        while len(out) < max_packets:
-            try:
-                out.append(read(fd, bufsize))
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if out:
-                    break  # hand over what we have; the error comes back on the next call
-                if self._closed:
-                    raise TunError(f"TUN device {self.name!r} is closed") from None
-                raise TunError(f"reading {self.name!r} failed: {e.strerror}") from None
-        return out
-
     def write(self, packet: bytes | bytearray | memoryview) -> None:
         """Hand one packet (with its virtio-net header when ``vnet_hdr``) to the kernel.
 

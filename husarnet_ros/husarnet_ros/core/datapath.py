@@ -539,16 +539,7 @@ class Datapath:
             return None
         if sealed is None:
             return None
-        if len(sealed) > SUPER_MAX_SEALED:
-            drops["fragment_malformed"] = drops.get("fragment_malformed", 0) + 1
-            return None
-        try:
-            plaintext = open_super(kp, counter, sealed)
-        except SessionDrop as drop:
-            drops[drop.reason] = drops.get(drop.reason, 0) + 1
-            return None
-        kp.owner.superpkt.rx_received += count
-        return kp, plaintext, counter
+        return self._open_super_message(kp, counter, sealed, count, drops, weight=1)
 
     def _super_run(self, batch: list[tuple[bytes, AnyEndpoint]], i: int, src: AnyEndpoint) -> int:
         """Length of the complete in-order fragment run of one super message starting at ``batch[i]``, or 0.
@@ -601,8 +592,18 @@ class Datapath:
             return None
         self._reassembly.forget_message(receiver, counter)  # stray earlier copies of these fragments
         sealed = b"".join([d[DATA_SUPER_HEADER_LEN:] for d, _ in batch[i : i + count]])
+        return self._open_super_message(kp, counter, sealed, count, drops, weight=count)
+
+    def _open_super_message(
+        self, kp: Keypair, counter: int, sealed: bytes, count: int, drops: dict[str, int], *, weight: int
+    ) -> tuple[Keypair, bytes, int] | None:
+        """Open a reassembled super message (one AEAD call) and count its fragments as received.
+
+        ``weight`` is how many fragments an oversize message counts as dropped: the one that completed
+        it on the fragment-by-fragment path, the whole run on the fast path.
+        """
         if len(sealed) > SUPER_MAX_SEALED:
-            drops["fragment_malformed"] = drops.get("fragment_malformed", 0) + count
+            drops["fragment_malformed"] = drops.get("fragment_malformed", 0) + weight
             return None
         try:
             plaintext = open_super(kp, counter, sealed)

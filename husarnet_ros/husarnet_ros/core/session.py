@@ -165,6 +165,10 @@ class Keypair:
         word, receiver, n = DATA_HEADER.unpack_from(datagram)
         if word != MSG_DATA or receiver != self.local_index:
             raise SessionDrop("malformed")
+        return self._authenticate(n, memoryview(datagram)[DATA_HEADER_LEN:], None)
+
+    def _authenticate(self, n: int, ciphertext: bytes | bytearray | memoryview, aad: bytes | None) -> bytes:
+        """The receive rule in one place: window check before the AEAD, window commit only after the tag."""
         verdict = self._replay.check(n)
         if verdict is not None:
             raise SessionDrop(verdict)
@@ -172,7 +176,7 @@ class Keypair:
         if now >= self._deadline:
             raise SessionDrop("expired")
         try:
-            plaintext = self._open_aead.decrypt(_NONCE.pack(n), memoryview(datagram)[DATA_HEADER_LEN:], None)
+            plaintext = self._open_aead.decrypt(_NONCE.pack(n), ciphertext, aad)
         except InvalidTag:
             raise SessionDrop("bad_mac") from None
         if not self._replay.commit(n):
@@ -227,20 +231,7 @@ def open_super(kp: Keypair, counter: int, sealed: bytes | bytearray | memoryview
     """
     if len(sealed) < TAG_LEN:
         raise SessionDrop("malformed")
-    verdict = kp._replay.check(counter)
-    if verdict is not None:
-        raise SessionDrop(verdict)
-    now = kp._clock()
-    if now >= kp._deadline:
-        raise SessionDrop("expired")
-    try:
-        plaintext = kp._open_aead.decrypt(_NONCE.pack(counter), sealed, super_aad(kp.local_index, counter))
-    except InvalidTag:
-        raise SessionDrop("bad_mac") from None
-    if not kp._replay.commit(counter):
-        raise SessionDrop("replay")
-    kp.last_rx = now
-    return plaintext
+    return kp._authenticate(counter, sealed, super_aad(kp.local_index, counter))
 
 
 def random_index() -> int:

@@ -40,7 +40,7 @@ from .counters import Counters
 from .datapath import Datapath
 from .fsutil import StateFileError, ensure_state_dir
 from .identity import Identity, format_address, parse_address
-from .offload import MAX_PACKET, Coalescer, OffloadError, split_for_send
+from .offload import IPPROTO_TCP, MAX_PACKET, PLAIN_VNET_HDR, Coalescer, OffloadError, split_for_send
 from .path import KIND_NONE, KIND_RELAY, Network, classify
 from .peer import IndexTable, Peer, PendingHandshake
 from .session import Keypair
@@ -814,6 +814,9 @@ class Engine:
 
     def _on_batch(self, batch: list[tuple[bytes, Endpoint]]) -> None:
         """A GRO batch from the UDP socket: Data messages opened together, the rest one by one."""
+        if len(batch) == 1:  # light traffic: no filtering pass for one datagram
+            self._on_datagram(*batch[0])
+            return
         if self._scoped:
             batch = [(d, self._scoped.get(src, src)) for d, src in batch]
         data = [item for item in batch if item[0][:4] in _DATA_WORDS]
@@ -1369,6 +1372,14 @@ class Engine:
         """Inbound IPv6 packets: to the TUN, or to ``on_packet`` in memory mode."""
         tun = self._tun
         if tun is not None:
+            if len(packets) == 1 and (len(packets[0]) < 60 or packets[0][6] != IPPROTO_TCP):
+                # A lone packet the Coalescer would pass through unchanged (an echo, a DDS datagram): no
+                # Coalescer round trip, which costs as much as the write itself on a cold CPU.
+                try:
+                    tun.write(PLAIN_VNET_HDR + packets[0] if tun.vnet_hdr else packets[0])
+                except OSError as exc:
+                    log.debug("TUN write failed: %s", exc)
+                return
             if tun.vnet_hdr:
                 # GRO: consecutive segments of one TCP flow become one super-packet write.
                 co = Coalescer(vnet=True)

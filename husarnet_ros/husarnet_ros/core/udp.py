@@ -212,7 +212,10 @@ class UdpSocket:
 
     def _sendto(self, d: bytes, addr: tuple[str, int, int, int], wait: float = DATA_SEND_WAIT) -> None:
         try:
-            self._retry_full(lambda: self.sock.sendto(d, addr), wait)
+            try:
+                self.sock.sendto(d, addr)  # the usual case first: no closure, no clock read
+            except BlockingIOError:
+                self._retry_full(lambda: self.sock.sendto(d, addr), wait)
         except OSError as e:
             if not (self._closed or e.errno in _TRANSIENT):
                 raise

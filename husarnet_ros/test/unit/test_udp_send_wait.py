@@ -47,11 +47,42 @@ def test_send_succeeds_once_the_buffer_drains(sock, monkeypatch) -> None:
     assert results == []
 
 
+class _FullSocket:
+    """Stands in for a socket whose send buffer is full: every send would block."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def sendto(self, *args) -> None:
+        raise BlockingIOError
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
 def test_public_send_uses_the_short_control_wait(sock, monkeypatch) -> None:
     seen: list[float] = []
     monkeypatch.setattr(sock, "_retry_full", lambda op, wait: seen.append(wait) or True)
-    sock.send(b"x", ("127.0.0.1", 9))
-    sock.send_many([b"a", b"b"], ("127.0.0.1", 9))
+    real = sock.sock
+    sock.sock = _FullSocket(real)  # the first, unguarded attempt finds the buffer full
+    try:
+        sock.send(b"x", ("127.0.0.1", 9))
+        sock.send_many([b"a", b"b"], ("127.0.0.1", 9))
+    finally:
+        sock.sock = real
     assert seen[0] == udp.CONTROL_SEND_WAIT
     assert seen[1:] == [udp.DATA_SEND_WAIT, udp.DATA_SEND_WAIT]
     assert udp.CONTROL_SEND_WAIT < udp.DATA_SEND_WAIT
+
+
+def test_a_send_with_room_takes_no_retry_path(sock, monkeypatch) -> None:
+    seen: list[float] = []
+    monkeypatch.setattr(sock, "_retry_full", lambda op, wait: seen.append(wait) or True)
+    peer = udp.UdpSocket(0, gso=False, gro=False)
+    try:
+        sock.send(b"hello", ("127.0.0.1", peer.sock.getsockname()[1]))
+        got = peer.recv_batch(2.0)
+    finally:
+        peer.close()
+    assert [d for d, _ in got] == [b"hello"]
+    assert seen == []

@@ -1,0 +1,201 @@
+"""Where a ping's round trip goes: per-hop wake-up and work times of the overlay daemons (issue #6).
+
+Runs the two-daemon pair of ``make bench``, records scheduler and system-call events with ``perf``
+during a series of pings, and splits each round trip into its hops:
+
+    kernel->A tun wake, A tun work (TUN read .. UDP send), wire->B udp wake, B udp work (UDP receive ..
+    TUN write), B tun wake, B tun work, wire->A udp wake, A udp work, kernel->ping
+
+Also measures how much one AEAD call costs right after the thread slept for 10 ms compared with a
+tight loop (``--cold``): on these shared virtual machines everything a thread touches after an idle
+gap runs from cold caches, so the latency of light traffic is set by how much code each hop runs,
+not by the per-packet cost a throughput test sees.
+
+Tracing slows every system call, so the absolute numbers are larger than ``make bench``'s; compare
+hops and runs with each other.  Needs root and ``perf``.  Usage: ``bench/latency_trace.py [--pings N]
+[--cold]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as c
+
+_EVENTS = "sched:sched_switch,sched:sched_wakeup,raw_syscalls:sys_enter,raw_syscalls:sys_exit"
+_LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[\d+\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
+# x86-64 system call numbers the daemons' data threads use.
+_READ, _WRITE, _POLL, _SENDTO, _RECVMSG = 0, 1, 7, 44, 47
+HOPS = (
+    "kernel -> A tun wake",
+    "A tun work (read .. send)",
+    "wire -> B udp wake",
+    "B udp work (recv .. TUN write)",
+    "B tun wake",
+    "B tun work (read .. send)",
+    "wire -> A udp wake",
+    "A udp work (recv .. TUN write)",
+    "kernel -> ping",
+)
+
+
+def parse(script_output: str) -> list[tuple[float, str, str, str, str]]:
+    """(time us, pid, tid, event, rest) of every line of ``perf script``."""
+    out = []
+    for line in script_output.splitlines():
+        m = _LINE.match(line)
+        if m:
+            comm, pid, tid, t, event, rest = m.groups()
+            out.append((float(t) * 1e6, pid, tid, event, rest if comm != "ping" else "ping " + rest))
+    return out
+
+
+def _nr(rest: str) -> int | None:
+    m = re.match(r"(?:ping )?NR (-?\d+)", rest)
+    return int(m.group(1)) if m else None
+
+
+def roles(events: list[tuple[float, str, str, str, str]], pids: list[int]) -> dict[str, str]:
+    """Which thread of each daemon reads the TUN (most reads) and which receives UDP (most recvmsg)."""
+    counts: dict[tuple[str, str], dict[int, int]] = {}
+    for _t, pid, tid, event, rest in events:
+        if int(pid) in pids and event.endswith("sys_enter"):
+            nr = _nr(rest)
+            if nr is not None:
+                per = counts.setdefault((pid, tid), {})
+                per[nr] = per.get(nr, 0) + 1
+    out: dict[str, str] = {}
+    for side, pid in zip("AB", pids, strict=True):
+        mine = {tid: n for (p, tid), n in counts.items() if p == str(pid)}
+        out[f"{side}tun"] = max(mine, key=lambda t: mine[t].get(_READ, 0))
+        out[f"{side}udp"] = max(mine, key=lambda t: mine[t].get(_RECVMSG, 0))
+    return out
+
+
+def split_round_trips(events: list[tuple[float, str, str, str, str]], role: dict[str, str]) -> list[list[float]]:
+    """Per round trip, the ten time stamps that bound the hops in HOPS (complete round trips only)."""
+    by_tid = {tid: name for name, tid in role.items()}
+    # (thread, exit of poll | enter of the send/write that ends its work) for each stage, in order.
+    wanted = [
+        ("Atun", "exit", _POLL),
+        ("Atun", "enter", _SENDTO),
+        ("Budp", "exit", _POLL),
+        ("Budp", "enter", _WRITE),
+        ("Btun", "exit", _POLL),
+        ("Btun", "enter", _SENDTO),
+        ("Audp", "exit", _POLL),
+        ("Audp", "enter", _WRITE),
+    ]
+    trips: list[list[float]] = []
+    cur: list[float] | None = None
+    for t, _pid, tid, event, rest in events:
+        nr = _nr(rest)
+        if rest.startswith("ping "):
+            if event.endswith("sys_enter") and nr == _SENDTO:
+                cur = [t]
+            elif cur is not None and event.endswith("sys_exit") and nr == _RECVMSG and "= 64" in rest:
+                if len(cur) == 9:
+                    trips.append([*cur, t])
+                cur = None
+            continue
+        if cur is None or len(cur) > 8:
+            continue
+        name, kind, want = wanted[len(cur) - 1]
+        if by_tid.get(tid) == name and event.endswith("sys_" + kind) and nr == want:
+            cur.append(t)
+    return trips
+
+
+def trace(pings: int) -> int:
+    lab_ctx = c.Lab(tag="lattrace")
+    with lab_ctx as lab, tempfile.TemporaryDirectory() as tmp:
+        pair = c.make_pair(lab)
+        sa, sb = lab.tmp / "ov-a", lab.tmp / "ov-b"
+        addr_a, addr_b = lab.daemon_address(sa), lab.daemon_address(sb)
+        common = {"udp_port": 5582, "no_lan_discovery": True, "interface": "hnet0"}
+        daemons = [
+            lab.start_daemon(pair.a, sa, peer=[f"{addr_b}@{c.B4}:5582"], whitelist=[addr_b], **common),
+            lab.start_daemon(pair.b, sb, peer=[f"{addr_a}@{c.A4}:5582"], whitelist=[addr_a], **common),
+        ]
+        try:
+            if c.wait_ping(lab, pair.a, addr_b, 20) is None:
+                print("the overlay did not pass a ping in 20 s", file=sys.stderr)
+                return 1
+            pids = [d.proc.pid for d in daemons]
+            data = os.path.join(tmp, "perf.data")
+            perf = subprocess.Popen(
+                ["perf", "record", "-q", "-a", "-o", data, "-e", _EVENTS],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
+            avg, p99, _loss = c.ping(lab, pair.a, addr_b, pings)
+            perf.send_signal(2)
+            perf.wait(timeout=60)
+            script = subprocess.run(
+                ["perf", "script", "-i", data, "-F", "comm,pid,tid,cpu,time,event,trace"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        finally:
+            for d in daemons:
+                d.stop()
+    events = parse(script)
+    role = roles(events, pids)
+    trips = split_round_trips(events, role)
+    print(f"ping under tracing: avg {avg:.3f} ms, p99 {p99:.3f} ms; {len(trips)} of {pings} round trips complete")
+    if not trips:
+        return 1
+    for i, hop in enumerate(HOPS):
+        print(f"  {hop:34s} median {statistics.median(t[i + 1] - t[i] for t in trips):7.1f} us")
+    print(f"  {'round trip':34s} median {statistics.median(t[9] - t[0] for t in trips):7.1f} us")
+    return 0
+
+
+def cold() -> None:
+    """One AES-GCM seal of 104 bytes, hot versus after an idle gap of the calling thread."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead = AESGCM(os.urandom(32))
+    nonce, pkt = bytes(12), os.urandom(104)
+    for gap in (0.0, 0.0001, 0.001, 0.01):
+        times = []
+        for _ in range(200):
+            if gap:
+                time.sleep(gap)
+            t = time.perf_counter_ns()
+            aead.encrypt(nonce, pkt, None)
+            times.append(time.perf_counter_ns() - t)
+        print(f"  AES-GCM seal after {gap * 1e3:5.1f} ms idle: median {statistics.median(times) / 1000:6.1f} us")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pings", type=int, default=100)
+    p.add_argument("--cold", action="store_true", help="also measure cold versus hot AEAD calls")
+    args = p.parse_args(argv)
+    if args.cold:
+        cold()
+    if os.geteuid() != 0:
+        print("latency_trace needs root (network namespaces, perf -a)", file=sys.stderr)
+        return 2
+    if shutil.which("perf") is None:
+        print("latency_trace needs perf (Debian: apt install linux-perf)", file=sys.stderr)
+        return 2
+    return trace(args.pings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The lone-packet paths of the data plane (issue #6 latency) keep every rule of the batch paths.
+
+A single datagram (or TUN read) takes :meth:`Datapath._receive_lone` / :meth:`Datapath._send_lone`;
+two or more take the batch loops.  Each scenario runs both ways (``lone``: the datagram alone;
+``batch``: the same datagram followed by a junk one that is only counted as ``unknown_peer``) and
+must give the same verdict: what is delivered or sent, which drop counter moves, where the path goes.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from husarnet_ros.core.constants import Timers
+from husarnet_ros.core.counters import Counters
+from husarnet_ros.core.datapath import Datapath
+from husarnet_ros.core.peer import IndexTable, Peer
+from husarnet_ros.core.session import Keypair
+from husarnet_ros.core.wire import INNER_PROBE, INNER_PROBE_REPLY, MSG_DATA, PROBE_LEN
+
+ME = bytes.fromhex("fc940000000000000000000000000001")
+PEER = bytes.fromhex("fc940000000000000000000000000002")
+OTHER = bytes.fromhex("fc940000000000000000000000000003")
+EP = ("198.18.0.2", 5582)
+EP_NEW = ("198.18.0.9", 40000)
+JUNK = struct.pack("<IIQ", MSG_DATA, 0xDEAD, 0) + bytes(16)  # unknown receiver index: counted, nothing else
+
+
+def ip6(src: bytes, dst: bytes, payload: bytes = b"ping") -> bytes:
+    return struct.pack("!IHBB", 6 << 28, len(payload), 59, 64) + src + dst + payload
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, object]] = []
+        self.allowed = {PEER}
+        self.probe_replies: list[bytes] = []
+        self.handshakes: list[bytes] = []
+
+    def send_datagrams(self, datagrams: list[bytes], endpoint: object) -> None:
+        self.sent.extend((d, endpoint) for d in datagrams)
+
+    def send_control(self, datagram: bytes, endpoint: object) -> None:
+        self.sent.append((datagram, endpoint))
+
+    def need_handshake(self, address: bytes, packet: bytes | None) -> None:
+        self.handshakes.append(address)
+
+    def keypair_confirmed(self, peer: Peer) -> None:
+        pass
+
+    def probe_reply(self, peer: Peer, endpoint: object, nonce: bytes, now: float) -> None:
+        self.probe_replies.append(nonce)
+
+    def base_plaintext(self, *args: object) -> None:
+        raise AssertionError("no base in these tests")
+
+    def path_kind(self, endpoint: object) -> str:
+        return "direct"
+
+    def is_allowed(self, address: bytes) -> bool:
+        return address in self.allowed
+
+
+def keypair(local: int, remote: int, send: bytes, recv: bytes, peer_address: bytes, owner: object) -> Keypair:
+    km = SimpleNamespace(
+        cipher="aes-256-gcm",
+        local_index=local,
+        remote_index=remote,
+        is_initiator=True,
+        peer_public_key=bytes(32),
+        peer_address=peer_address,
+        send_key=send,
+        recv_key=recv,
+    )
+    return Keypair(km, time.monotonic(), owner)
+
+
+class Side:
+    """Our datapath with one peer whose keypair is ``kp``; ``remote`` is the peer's side of the same keys."""
+
+    def __init__(self) -> None:
+        self.hooks = Hooks()
+        self.delivered: list[bytes] = []
+        self.counters = Counters()
+        self.index = IndexTable()
+        self.peers: dict[bytes, Peer] = {}
+        self.dp = Datapath(
+            ME,
+            self.peers,
+            self.index,
+            self.counters,
+            self.hooks,
+            self.delivered.extend,
+            timers=Timers(),
+            clock=time.monotonic,
+            wallclock=time.time,
+        )
+        self.peer = Peer(PEER)
+        self.peers[PEER] = self.peer
+        self.kp, self.remote = self.new_keys(1, 2)
+        self.peer.current = self.kp
+        self.peer.paths.add_candidate(EP, "direct", "static", 0.0)
+        self.peer.paths.on_authenticated(EP, "direct", time.monotonic())
+
+    def new_keys(self, local: int, remote: int) -> tuple[Keypair, Keypair]:
+        k1, k2 = bytes([local]) * 32, bytes([remote]) * 32
+        ours = keypair(local, remote, k1, k2, PEER, self.peer)
+        self.index.set(local, ours)
+        return ours, keypair(remote, local, k2, k1, ME, None)
+
+    def receive(self, datagram: bytes, mode: str, src: object = EP) -> None:
+        batch = [(datagram, src)]
+        if mode == "batch":
+            batch.append((JUNK, src))
+        self.dp.receive_many(batch)
+
+    def drops(self) -> dict[str, int]:
+        return {k: v for k, v in self.counters.snapshot().items() if v and k not in ("rx_packets", "rx_bytes")}
+
+
+MODES = ["lone", "batch"]
+
+
+def expected_drops(mode: str, **drops: int) -> dict[str, int]:
+    if mode == "batch":
+        drops["unknown_peer"] = drops.get("unknown_peer", 0) + 1
+    return drops
+
+
+@pytest.fixture
+def side() -> Side:
+    return Side()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_genuine_packet_is_delivered_once_and_a_replay_is_dropped(side: Side, mode: str) -> None:
+    pkt = ip6(PEER, ME)
+    d = side.remote.seal(pkt)
+    side.receive(d, mode)
+    side.receive(d, mode)
+    assert side.delivered == [pkt]
+    assert side.counters.get("rx_packets") == 1
+    assert side.drops() == ({"replay": 1} if mode == "lone" else {"replay": 1, "unknown_peer": 2})
+    assert side.peer.rx_bytes == len(pkt)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("src", "dst", "reason"),
+    [(OTHER, ME, "bad_inner_src"), (PEER, OTHER, "bad_inner_dst"), (ME, ME, "bad_inner_src")],
+)
+def test_inner_addresses_are_checked(side: Side, mode: str, src: bytes, dst: bytes, reason: str) -> None:
+    side.receive(side.remote.seal(ip6(src, dst)), mode)
+    assert side.delivered == []
+    assert side.drops() == expected_drops(mode, **{reason: 1})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tampered_datagram_moves_nothing(side: Side, mode: str) -> None:
+    pkt = ip6(PEER, ME)
+    d = bytearray(side.remote.seal(pkt))
+    d[-1] ^= 1
+    side.receive(bytes(d), mode)
+    assert side.delivered == []
+    assert side.drops() == expected_drops(mode, bad_mac=1)
+    # The window was not moved by the forgery: the genuine datagram with the same counter still counts.
+    d[-1] ^= 1
+    side.receive(bytes(d), mode)
+    assert side.delivered == [pkt]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_peer_removed_from_the_whitelist_is_dropped(side: Side, mode: str) -> None:
+    side.hooks.allowed.clear()
+    side.receive(side.remote.seal(ip6(PEER, ME)), mode)
+    assert side.delivered == []
+    assert side.drops() == expected_drops(mode, not_whitelisted=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_keepalive_refreshes_the_peer_and_delivers_nothing(side: Side, mode: str) -> None:
+    side.peer.last_rx = 0.0
+    side.receive(side.remote.seal(b""), mode)
+    assert side.delivered == []
+    assert side.peer.last_rx > 0.0
+    assert side.drops() == expected_drops(mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_authenticated_packet_from_a_new_endpoint_moves_the_path(side: Side, mode: str) -> None:
+    pkt = ip6(PEER, ME)
+    side.peer.paths.current.last_auth_rx -= 5.0  # the old path went quiet (a live one is kept: no flapping)
+    side.receive(side.remote.seal(pkt), mode, src=EP_NEW)
+    assert side.delivered == [pkt]
+    assert side.peer.paths.endpoint == EP_NEW
+    # A forgery from yet another endpoint does not.
+    forged = bytearray(side.remote.seal(pkt))
+    forged[-1] ^= 1
+    side.receive(bytes(forged), mode, src=("198.18.0.66", 1))
+    assert side.peer.paths.endpoint == EP_NEW
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_previous_keypair_still_opens_during_a_rekey(side: Side, mode: str) -> None:
+    old_remote = side.remote
+    side.peer.previous = side.kp
+    side.peer.current, side.remote = side.new_keys(3, 4)
+    pkt = ip6(PEER, ME, b"late")
+    side.receive(old_remote.seal(pkt), mode)
+    assert side.delivered == [pkt]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_probe_is_answered_on_the_path_it_came_in_on(side: Side, mode: str) -> None:
+    nonce = bytes(range(PROBE_LEN - 1))
+    side.receive(side.remote.seal(bytes([INNER_PROBE]) + nonce), mode, src=EP_NEW)
+    assert len(side.hooks.sent) == 1
+    reply, endpoint = side.hooks.sent[0]
+    assert endpoint == EP_NEW
+    assert side.remote.open(reply) == bytes([INNER_PROBE_REPLY]) + nonce
+    side.receive(side.remote.seal(bytes([INNER_PROBE_REPLY]) + nonce), mode)
+    assert side.hooks.probe_replies == [nonce]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_unknown_inner_type_is_malformed(side: Side, mode: str) -> None:
+    side.receive(side.remote.seal(b"\x01junk"), mode)
+    assert side.delivered == []
+    assert side.drops() == expected_drops(mode, malformed=1)
+
+
+# --- send side ------------------------------------------------------------------------------------------
+
+
+def send(side: Side, packet: bytes, mode: str) -> None:
+    """``lone``: one packet; ``batch``: the packet and a second one to an unknown peer (dropped and counted)."""
+    packets = [packet] if mode == "lone" else [packet, ip6(ME, bytes.fromhex("fd00" + "00" * 14))]
+    side.dp.send_packets(packets)
+
+
+def send_drops(side: Side, mode: str, **drops: int) -> dict[str, int]:
+    if mode == "batch":
+        drops["unknown_peer"] = drops.get("unknown_peer", 0) + 1
+    return {k: v for k, v in drops.items() if v}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_packet_to_a_live_peer_is_sealed_to_its_path(side: Side, mode: str) -> None:
+    pkt = ip6(ME, PEER)
+    send(side, pkt, mode)
+    assert [(side.remote.open(d), ep) for d, ep in side.hooks.sent] == [(pkt, EP)]
+    assert side.counters.get("tx_packets") == 1
+    assert side.counters.get("tx_bytes") == len(pkt)
+    assert side.peer.tx_bytes == len(pkt)
+    assert side.peer.last_tx_data > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("pkt", "reason"),
+    [
+        (ip6(OTHER, PEER), "bad_local_src"),  # someone else's overlay address: never sent
+        (ip6(bytes.fromhex("fd00" + "00" * 14), PEER), "not_overlay"),
+        (ip6(ME, OTHER), "not_whitelisted"),
+        (b"\x60short", "malformed"),
+    ],
+)
+def test_what_may_not_leave_does_not(side: Side, mode: str, pkt: bytes, reason: str) -> None:
+    side.peers[OTHER] = Peer(OTHER)
+    send(side, pkt, mode)
+    assert side.hooks.sent == []
+    assert {k: v for k, v in side.counters.snapshot().items() if v} == send_drops(side, mode, **{reason: 1})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_a_keypair_the_packet_waits_for_a_handshake(side: Side, mode: str) -> None:
+    side.peer.current = None
+    pkt = ip6(ME, PEER)
+    send(side, pkt, mode)
+    assert side.hooks.sent == []
+    assert list(side.peer.staged) == [pkt]
+    assert side.hooks.handshakes == [PEER]
+
+
+def test_a_small_tun_read_with_a_zero_header_is_sent_as_is(side: Side) -> None:
+    pkt = ip6(ME, PEER)
+    side.dp.send_reads([bytes(10) + pkt])
+    assert [side.remote.open(d) for d, _ in side.hooks.sent] == [pkt]
+
+
+def test_a_tun_read_too_short_for_its_header_is_malformed(side: Side) -> None:
+    side.dp.send_reads([b"\x00\x00\x00"])
+    assert side.hooks.sent == []
+    assert side.counters.get("malformed") == 1
+
+
+def test_the_lone_paths_take_the_common_case_and_leave_the_rest(side: Side, monkeypatch) -> None:
+    """The lone paths really run (else the tests above would only test the batch loops twice)."""
+    taken: list[tuple[str, bool]] = []
+    for name in ("_receive_lone", "_send_lone"):
+        real = getattr(side.dp, name)
+
+        def spy(*args, _real=real, _name=name):
+            result = _real(*args)
+            taken.append((_name, result))
+            return result
+
+        monkeypatch.setattr(side.dp, name, spy)
+    side.receive(side.remote.seal(ip6(PEER, ME)), "lone")  # common case
+    side.receive(side.remote.seal(ip6(PEER, ME)), "lone", src=EP_NEW)  # roaming: the batch loop's
+    side.dp.send_packets([ip6(ME, PEER)])  # common case
+    side.dp.send_packets([ip6(ME, OTHER)])  # not whitelisted: the batch loop counts it
+    assert taken == [("_receive_lone", True), ("_receive_lone", False), ("_send_lone", True), ("_send_lone", False)]

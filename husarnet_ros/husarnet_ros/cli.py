@@ -417,6 +417,7 @@ def cmd_setup_tun(args: argparse.Namespace) -> int:
     from .core.constants import DEFAULT_MTU
     from .core.fsutil import StateFileError, ensure_state_dir
     from .core.identity import Identity
+    from .core.superpacket import tso_limit
     from .core.tun import TunError, remove_tun, setup_persistent_tun
 
     try:
@@ -435,7 +436,8 @@ def cmd_setup_tun(args: argparse.Namespace) -> int:
         _check_state_dir(state_dir)
         ident = Identity.load_or_create(state_dir / "id")
         _give_state_dir(state_dir, pw.pw_uid, pw.pw_gid)
-        setup_persistent_tun(args.interface, pw.pw_uid, ident.address, args.mtu or DEFAULT_MTU)
+        mtu = args.mtu or DEFAULT_MTU
+        setup_persistent_tun(args.interface, pw.pw_uid, ident.address, mtu, gso_max_size=tso_limit(mtu))
     except (TunError, StateFileError) as exc:  # StateFileError: an existing id file is unsafe or corrupt
         raise CliError(str(exc)) from None
     except OSError as exc:

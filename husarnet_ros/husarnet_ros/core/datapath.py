@@ -45,8 +45,9 @@ from .offload import (
 )
 from .peer import IndexTable, Peer
 from .session import Keypair, SessionDrop, check_super, open_super, seal_super
-from .superpacket import REPORT_INTERVAL, REPORT_MIN_INTERVAL, Reassembly
+from .superpacket import REPORT_INTERVAL, REPORT_MIN_INTERVAL, Reassembly, fragment_payload
 from .transport import AnyEndpoint, RelayEndpoint
+from .udp import DatagramRun
 from .wire import (
     DATA_MIN_LEN,
     DATA_SUPER_HEADER,
@@ -65,9 +66,9 @@ from .wire import (
     TAG_LEN,
     Malformed,
     build_probe_reply,
-    build_super_fragments,
     build_super_report,
     parse_super_report,
+    super_fragment_parts,
 )
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class ControlHooks(Protocol):
     def send_datagrams(self, datagrams: list[bytes], endpoint: AnyEndpoint) -> None: ...
 
     def send_control(self, datagram: bytes, endpoint: AnyEndpoint) -> None: ...
+
+    def send_segmented(self, parts: list[bytes | memoryview], segment: int, endpoint: AnyEndpoint) -> None: ...
 
     def need_handshake(self, address: bytes, packet: bytes | None) -> None: ...
 
@@ -137,7 +140,7 @@ class Datapath:
         self.super_packets = super_packets
         self.deliver_super = deliver_super
         # A fragment is as large as a full-size Data datagram (overlay MTU + header + tag): never larger.
-        self.fragment_size = min(SUPER_MAX_FRAGMENT, mtu + DATA_MIN_LEN - DATA_SUPER_HEADER_LEN)
+        self.fragment_size = fragment_payload(mtu)
         self._reassembly = Reassembly()  # receive thread only (super fragments never come relayed)
 
     # --- outbound: TUN -> peers ------------------------------------------------
@@ -367,12 +370,12 @@ class Datapath:
             return 0  # never on the relay path; never before agreement or during a loss hold
         try:
             counter, sealed = seal_super(kp, buf)
-            frags = build_super_fragments(kp.remote_index, counter, sealed, self.fragment_size)
+            parts = super_fragment_parts(kp.remote_index, counter, sealed, self.fragment_size)
         except (SessionDrop, ValueError):
             return 0
         # Sent now, not with the batch: the receiver starts on it while we seal the next one, and no
         # message sealed meanwhile on another thread (a report, a keepalive) overtakes a batch of these.
-        self.hooks.send_datagrams(frags, endpoint)
+        self.hooks.send_segmented(parts, DATA_SUPER_HEADER_LEN + self.fragment_size, endpoint)
         sent_peers.append(peer)
         n = len(buf) - VNET_HDR_LEN
         peer.tx_bytes += n
@@ -398,9 +401,19 @@ class Datapath:
         self.receive_many([(datagram, src)])
 
     def receive_many(self, batch: list[tuple[bytes, AnyEndpoint]]) -> None:
-        """Open a batch of Data (and DataSuper) datagrams and deliver the IPv6 packets they carry."""
-        if len(batch) == 1 and self._receive_lone(*batch[0]):
-            return
+        """Open a batch of Data (and DataSuper) datagrams and deliver the IPv6 packets they carry.
+
+        An item may be a :class:`~.udp.DatagramRun` (a GRO buffer of DataSuper fragments): its complete
+        messages are joined straight from the buffer (:meth:`_expand_runs`), anything else in it is cut
+        into datagrams and handled like the rest of the batch.
+        """
+        for item in batch:
+            if type(item[0]) is DatagramRun:
+                batch = self._expand_runs(batch)
+                break
+        else:
+            if len(batch) == 1 and self._receive_lone(*batch[0]):
+                return
         now = self.clock()
         me = self.address
         out: list[bytes] = []
@@ -418,15 +431,19 @@ class Datapath:
             if skip:
                 skip -= 1
                 continue
-            if datagram[:1] == _SUPER_BYTE:  # lengths checked there: a last fragment may be tiny
-                # A whole super message in order in this batch (one or two GRO buffers) is joined at
-                # once; anything else goes fragment by fragment through the reassembly table.
-                run = self._super_run(batch, i, src)
-                if run > 1:
-                    skip = run - 1
-                    opened = self._super_whole(batch, i, run, src, now, drops)
-                else:
-                    opened = self._super_fragment(datagram, src, now, drops)
+            is_super = type(datagram) is SealedSuper or datagram[:1] == _SUPER_BYTE
+            if is_super:
+                if type(datagram) is SealedSuper:  # joined from a GRO buffer (_expand_runs)
+                    opened = self._super_sealed(datagram, src, now, drops)
+                else:  # lengths checked there: a last fragment may be tiny
+                    # A whole super message in order in this batch is joined at once; anything else
+                    # goes fragment by fragment through the reassembly table.
+                    run = self._super_run(batch, i, src)
+                    if run > 1:
+                        skip = run - 1
+                        opened = self._super_whole(batch, i, run, src, now, drops)
+                    else:
+                        opened = self._super_fragment(datagram, src, now, drops)
                 if opened is None:
                     continue
                 kp, plaintext, counter = opened
@@ -456,7 +473,7 @@ class Datapath:
                     t[2] += 1
             peer = kp.owner
             if not isinstance(peer, Peer):
-                if datagram[0] == MSG_DATA_SUPER:
+                if is_super:
                     drops["malformed"] = drops.get("malformed", 0) + 1
                 else:
                     self.hooks.base_plaintext(peer, kp, plaintext, src)
@@ -483,7 +500,7 @@ class Datapath:
             active[id(peer)] = peer
             if not plaintext:
                 continue  # keepalive
-            if datagram[0] == MSG_DATA_SUPER:
+            if is_super:
                 reason = _check_super_plaintext(plaintext, address, me)
                 if reason is not None:
                     drops[reason] = drops.get(reason, 0) + 1
@@ -682,11 +699,48 @@ class Datapath:
         drops: dict[str, int],
     ) -> tuple[Keypair, bytes, int] | None:
         """Open a complete run found by :meth:`_super_run`: the same checks as fragment by fragment, once."""
-        first = batch[i][0]
+        sealed = b"".join([d[DATA_SUPER_HEADER_LEN:] for d, _ in batch[i : i + count]])
+        return self._super_sealed(SealedSuper(batch[i][0], sealed, count), src, now, drops)
+
+    def _expand_runs(self, batch: list[tuple[Any, AnyEndpoint]]) -> list[tuple[Any, AnyEndpoint]]:
+        """The batch with each DatagramRun's complete messages joined (SealedSuper) and the rest cut up.
+
+        A complete message is what :meth:`_super_run` accepts, found in the buffer itself: fragments
+        0..count-1 of one header, in order, every one of the run's size but the last, which may be
+        shorter.  Joining happens before any key is looked up; :meth:`_super_sealed` does every check.
+        """
+        out: list[tuple[Any, AnyEndpoint]] = []
+        for item in batch:
+            run = item[0]
+            if type(run) is not DatagramRun:
+                out.append(item)
+                continue
+            src = item[1]
+            data, seg = run.data, run.seg
+            n = len(data)
+            off = 0
+            while off < n:
+                count = _whole_message_at(data, off, seg)
+                if count:
+                    end = off + count * seg
+                    view = memoryview(data)
+                    parts = [view[o + DATA_SUPER_HEADER_LEN : o + seg] for o in range(off, end, seg)]
+                    out.append((SealedSuper(data[off : off + DATA_SUPER_HEADER_LEN], b"".join(parts), count), src))
+                    off = end
+                else:
+                    out.append((data[off : off + seg], src))
+                    off += seg
+        return out
+
+    def _super_sealed(
+        self, msg: SealedSuper, src: AnyEndpoint, now: float, drops: dict[str, int]
+    ) -> tuple[Keypair, bytes, int] | None:
+        """Open one joined super message: the checks of the fragment-by-fragment path, once for all fragments."""
+        count = msg.count
         if not self.super_packets or isinstance(src, RelayEndpoint):
             drops["fragment_dropped"] = drops.get("fragment_dropped", 0) + count
             return None
-        word, receiver, counter, _index, _count, _reserved = DATA_SUPER_HEADER.unpack_from(first)
+        word, receiver, counter, _index, _count, _reserved = DATA_SUPER_HEADER.unpack_from(msg.header)
         if word != MSG_DATA_SUPER:
             drops["fragment_malformed"] = drops.get("fragment_malformed", 0) + count
             return None
@@ -699,8 +753,7 @@ class Datapath:
             drops[verdict] = drops.get(verdict, 0) + count
             return None
         self._reassembly.forget_message(receiver, counter)  # stray earlier copies of these fragments
-        sealed = b"".join([d[DATA_SUPER_HEADER_LEN:] for d, _ in batch[i : i + count]])
-        return self._open_super_message(kp, counter, sealed, count, drops, weight=count)
+        return self._open_super_message(kp, counter, msg.sealed, count, drops, weight=count)
 
     def _open_super_message(
         self, kp: Keypair, counter: int, sealed: bytes, count: int, drops: dict[str, int], *, weight: int
@@ -805,7 +858,7 @@ class Datapath:
         tun = self._tun
         vnet = tun.vnet_hdr
         self.mtu = tun.mtu
-        self.fragment_size = min(SUPER_MAX_FRAGMENT, tun.mtu + DATA_MIN_LEN - DATA_SUPER_HEADER_LEN)
+        self.fragment_size = fragment_payload(tun.mtu)
         while True:
             try:
                 reads = tun.read_many(64)
@@ -830,6 +883,46 @@ class Datapath:
         if self._tun_thread is not None:
             self._tun_thread.join(timeout=5)
             self._tun_thread = None
+
+
+class SealedSuper:
+    """A whole super message joined from its fragments: the first fragment's header and the sealed bytes."""
+
+    __slots__ = ("count", "header", "sealed")
+
+    def __init__(self, header: bytes, sealed: bytes, count: int) -> None:
+        self.header = header
+        self.sealed = sealed
+        self.count = count
+
+
+def _whole_message_at(data: bytes, off: int, seg: int) -> int:
+    """Fragments of the complete super message starting at ``data[off]`` in a GRO buffer, or 0.
+
+    The rules of :meth:`Datapath._super_run`: fragment 0 of ``count`` (2..64) with a zero reserved
+    field, fragments 1..count-1 following at ``seg`` bytes with the same type word, receiver index,
+    counter and count, each ``seg`` bytes long but the last, which may be shorter (it ends the buffer).
+    """
+    n = len(data)
+    if seg <= DATA_SUPER_HEADER_LEN or seg > DATA_SUPER_HEADER_LEN + SUPER_MAX_FRAGMENT or n - off <= seg:
+        return 0
+    if data[off] != MSG_DATA_SUPER or data[off + 16] != 0:
+        return 0
+    count = data[off + 17]
+    last = off + (count - 1) * seg
+    if not 1 < count <= SUPER_MAX_FRAGMENTS or data[off + 18 : off + 20] != b"\0\0" or last >= n:
+        return 0
+    if n - last <= DATA_SUPER_HEADER_LEN:
+        return 0
+    # Column by column rather than fragment by fragment: byte j of every header, as one strided slice.
+    stop = last + 1
+    if data[off + 16 : stop + 16 : seg] != bytes(range(count)):  # fragment indexes 0..count-1 in order
+        return 0
+    for j in (*range(16), 17, 18, 19):  # type word, receiver index, counter, count, reserved: all equal
+        column = data[off + j : stop + j : seg]
+        if column != column[:1] * count:
+            return 0
+    return count
 
 
 def _inner_packet_drop(plaintext: bytes, peer_address: bytes, me: bytes) -> str | None:

@@ -44,6 +44,7 @@ from .offload import IPPROTO_TCP, MAX_PACKET, PLAIN_VNET_HDR, Coalescer, Offload
 from .path import KIND_NONE, KIND_RELAY, Network, classify
 from .peer import IndexTable, Peer, PendingHandshake
 from .session import Keypair
+from .superpacket import tso_limit
 from .transport import (
     AnyEndpoint,
     Endpoint,
@@ -54,6 +55,7 @@ from .transport import (
     parse_endpoint,
     send_many,
 )
+from .udp import DatagramRun
 from .whitelist import Whitelist, WhitelistError
 from .wire import (
     MSG_DATA,
@@ -337,7 +339,13 @@ class Engine:
             from .tun import TunDevice, TunError
 
             try:
-                self._tun = TunDevice.open(cfg.interface_name, self.address, cfg.mtu, vnet_hdr=cfg.offload)
+                self._tun = TunDevice.open(
+                    cfg.interface_name,
+                    self.address,
+                    cfg.mtu,
+                    vnet_hdr=cfg.offload,
+                    gso_max_size=tso_limit(cfg.mtu),  # one GSO send and one GRO buffer per super-packet
+                )
             except TunError as exc:
                 if not cfg.offload:
                     raise EngineError(str(exc)) from None
@@ -754,6 +762,20 @@ class Engine:
         if transport is not None:
             send_many(transport, datagrams, endpoint)
 
+    def send_segmented(self, parts: list[bytes | memoryview], segment: int, endpoint: AnyEndpoint) -> None:
+        """Datagrams of ``segment`` bytes (the last shorter) given as buffers back to back: one GSO send on UDP.
+
+        Super-packet fragments come this way (header, slice, header, slice...), so their ciphertext is
+        never copied in Python; a transport without ``send_segmented`` gets them cut into datagrams.
+        """
+        transport = self._transport
+        segmented = getattr(transport, "send_segmented", None)
+        if segmented is not None and not isinstance(endpoint, RelayEndpoint):
+            segmented(parts, segment, endpoint)
+            return
+        buf = b"".join(parts)
+        self.send_datagrams([buf[off : off + segment] for off in range(0, len(buf), segment)], endpoint)
+
     def send_control(self, datagram: bytes, endpoint: AnyEndpoint) -> None:
         """One handshake, Hello, probe or keepalive: like data, but never waits long on a full socket.
 
@@ -812,20 +834,23 @@ class Engine:
             self._control_posted += 1
         self._post(self._on_control, word, data, src)
 
-    def _on_batch(self, batch: list[tuple[bytes, Endpoint]]) -> None:
-        """A GRO batch from the UDP socket: Data messages opened together, the rest one by one."""
-        if len(batch) == 1:  # light traffic: no filtering pass for one datagram
-            self._on_datagram(*batch[0])
+    def _on_batch(self, batch: list[tuple[bytes | DatagramRun, Endpoint]]) -> None:
+        """A GRO batch from the UDP socket: Data messages opened together, the rest one by one.
+
+        A :class:`DatagramRun` (a GRO buffer of DataSuper fragments, kept whole) is data.
+        """
+        if len(batch) == 1 and type(batch[0][0]) is not DatagramRun:  # light traffic: no filtering pass
+            self._on_datagram(*batch[0])  # type: ignore[arg-type]
             return
         if self._scoped:
             batch = [(d, self._scoped.get(src, src)) for d, src in batch]
-        data = [item for item in batch if item[0][:4] in _DATA_WORDS]
+        data = [item for item in batch if type(item[0]) is DatagramRun or item[0][:4] in _DATA_WORDS]
         if data:
             assert self._datapath is not None
             self._datapath.receive_many(data)
         if len(data) != len(batch):
             for d, src in batch:
-                if d[:4] not in _DATA_WORDS:
+                if type(d) is not DatagramRun and d[:4] not in _DATA_WORDS:
                     self._on_datagram(d, src)
 
     def _on_control(self, word: int, data: bytes, src: AnyEndpoint) -> None:

@@ -27,7 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .wire import SUPER_MAX_FRAGMENT, SUPER_MAX_FRAGMENTS, SUPER_MAX_SEALED
+from .wire import (
+    DATA_MIN_LEN,
+    DATA_SUPER_HEADER_LEN,
+    SUPER_MAX_FRAGMENT,
+    SUPER_MAX_FRAGMENTS,
+    SUPER_MAX_SEALED,
+    TAG_LEN,
+)
 
 #: Partial super messages held at once (all peers); at 2 kB x 64 fragments that is 4 MB at most.
 MAX_ENTRIES = 32
@@ -45,6 +52,30 @@ CLEAN_RESET = 10.0
 #: Receiver reports: at most every REPORT_MIN_INTERVAL when fragments went missing, else every REPORT_INTERVAL.
 REPORT_MIN_INTERVAL = 0.05
 REPORT_INTERVAL = 0.2
+
+
+#: Payload bytes one UDP GSO send and one UDP GRO buffer carry: the kernel's 64 kB limit on one packet
+#: less the IPv6 and UDP headers, with a margin.
+GRO_PAYLOAD_BUDGET = 65000
+#: The virtio-net header that precedes a super-packet in its plaintext.
+_VNET_HDR_LEN = 10
+
+
+def fragment_payload(mtu: int) -> int:
+    """Ciphertext bytes per DataSuper fragment: a fragment is as large as a full-size Data datagram, never larger."""
+    return min(SUPER_MAX_FRAGMENT, mtu + DATA_MIN_LEN - DATA_SUPER_HEADER_LEN)
+
+
+def tso_limit(mtu: int) -> int:
+    """Largest TSO/USO super-packet (IPv6 packet length) whose sealed message fits one GSO send and one GRO buffer.
+
+    Set as the TUN's ``gso_max_size``: the kernel's default (64 kB) makes a sealed super-packet one
+    fragment longer than one GSO send, so every message took two ``sendmsg`` calls and arrived in two GRO
+    buffers; a few hundred bytes less per super-packet keeps it at one of each.
+    """
+    per = fragment_payload(mtu)
+    count = min(SUPER_MAX_FRAGMENTS, GRO_PAYLOAD_BUDGET // (per + DATA_SUPER_HEADER_LEN))
+    return count * per - TAG_LEN - _VNET_HDR_LEN
 
 
 class _Entry:

@@ -20,7 +20,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class RelayEndpoint:
 AnyEndpoint = Endpoint | RelayEndpoint
 
 OnDatagram = Callable[[bytes, Endpoint], None]
-OnBatch = Callable[[list[tuple[bytes, Endpoint]]], None]
+#: A receive batch; an item's datagram is a :class:`~.udp.DatagramRun` for a GRO buffer of DataSuper fragments.
+OnBatch = Callable[[list[tuple[Any, Endpoint]]], None]
 
 
 @runtime_checkable
@@ -159,6 +160,15 @@ class UdpTransport:
         except (OSError, ValueError) as exc:
             log.debug("send to %s failed: %s", endpoint, exc)
 
+    def send_segmented(self, parts: list[bytes | memoryview], segment: int, endpoint: Endpoint) -> None:
+        """Buffers that are datagrams of ``segment`` bytes back to back (the last shorter): one GSO send."""
+        if self._closed:
+            return
+        try:
+            self._sock.send_segmented(parts, segment, endpoint)
+        except (OSError, ValueError) as exc:
+            log.debug("send to %s failed: %s", endpoint, exc)
+
     def start(self, on_datagram: OnDatagram, on_batch: OnBatch | None = None) -> None:
         """Start the receive thread; it calls ``on_batch(list)`` if given, else ``on_datagram(data, ep)``."""
         if self._thread is not None:
@@ -170,9 +180,10 @@ class UdpTransport:
 
     def _run(self, on_datagram: OnDatagram, on_batch: OnBatch | None) -> None:
         recv_batch = self._sock.recv_batch
+        runs = on_batch is not None  # a batch handler takes DataSuper GRO buffers whole (DatagramRun)
         while not self._closed:
             try:
-                batch = recv_batch(None)
+                batch = recv_batch(None, runs=runs)
             except OSError as exc:
                 if self._closed:
                     return

@@ -155,12 +155,17 @@ def _link_index(ipr: IPRoute, name: str) -> int:
     return int(found[0])
 
 
-def _configure(name: str, address: bytes | None, mtu: int, prefixlen: int) -> int:
-    """MTU, address (nodad) and up; the kernel adds the prefix route with the address."""
+def _configure(name: str, address: bytes | None, mtu: int, prefixlen: int, gso_max_size: int | None = None) -> int:
+    """MTU, TSO size limit, address (nodad) and up; the kernel adds the prefix route with the address."""
     try:
         with IPRoute() as ipr:
             idx = _link_index(ipr, name)
             ipr.link("set", index=idx, mtu=mtu)
+            if gso_max_size is not None:
+                try:
+                    ipr.link("set", index=idx, gso_max_size=gso_max_size)
+                except NetlinkError as e:  # an older kernel: 64 kB super-packets still work, in two sends
+                    log.info("could not set gso_max_size %d on %s: %s", gso_max_size, name, os.strerror(e.code))
             if address is not None:
                 try:
                     ipr.addr("add", index=idx, address=_address_text(address), prefixlen=prefixlen, flags=IFA_F_NODAD)
@@ -228,12 +233,20 @@ class TunDevice:
 
     @classmethod
     def open(
-        cls, name: str, address: bytes | None, mtu: int, *, vnet_hdr: bool = False, prefixlen: int = 16
+        cls,
+        name: str,
+        address: bytes | None,
+        mtu: int,
+        *,
+        vnet_hdr: bool = False,
+        prefixlen: int = 16,
+        gso_max_size: int | None = None,
     ) -> TunDevice:
         """Create (root) or attach to (owner of a persistent device) ``name`` and make it usable.
 
         With ``vnet_hdr`` every read starts with a 10-byte virtio-net header and may be a TSO/USO
-        super-packet; every write must start with such a header.
+        super-packet (at most ``gso_max_size`` bytes when given and we may configure the device);
+        every write must start with such a header.
         """
         if not 1280 <= mtu <= 65535:
             raise TunError(f"MTU {mtu} out of range (IPv6 needs at least 1280)")
@@ -247,7 +260,7 @@ class TunDevice:
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
                 offload = _set_offload(fd)
             if _has_net_admin():
-                idx = _configure(name, address, mtu, prefixlen)
+                idx = _configure(name, address, mtu, prefixlen, gso_max_size if vnet_hdr else None)
                 actual_mtu = mtu
             else:
                 idx, actual_mtu = _verify_attached(name, address, mtu, prefixlen)
@@ -343,7 +356,9 @@ class TunDevice:
         self.close()
 
 
-def setup_persistent_tun(name: str, owner_uid: int, address: bytes, mtu: int, prefixlen: int = 16) -> None:
+def setup_persistent_tun(
+    name: str, owner_uid: int, address: bytes, mtu: int, prefixlen: int = 16, gso_max_size: int | None = None
+) -> None:
     """Privileged one-time setup: a persistent device ``owner_uid`` may attach to, with address, route, up."""
     if not _has_net_admin():
         raise TunError("setting up a persistent TUN device needs root (sudo husarnet-ros setup-tun ...)")
@@ -355,7 +370,7 @@ def setup_persistent_tun(name: str, owner_uid: int, address: bytes, mtu: int, pr
         raise TunError(f"making {name!r} persistent failed: {e.strerror}") from None
     finally:
         os.close(fd)
-    _configure(name, address, mtu, prefixlen)
+    _configure(name, address, mtu, prefixlen, gso_max_size)
 
 
 def remove_tun(name: str) -> None:

@@ -27,7 +27,31 @@ import threading
 import time
 from collections.abc import Callable
 
+from .wire import MSG_DATA_SUPER
+
 Endpoint = tuple[str, int]
+
+
+class DatagramRun:
+    """Datagrams of one flow that arrived as one GRO buffer: ``seg`` bytes each, the last possibly shorter.
+
+    Kept whole for DataSuper fragments, which the data path joins into their message anyway: cutting
+    a 64 kB buffer into ~46 datagrams only to join them again cost more than opening the message.
+    """
+
+    __slots__ = ("data", "seg")
+
+    def __init__(self, data: bytes, seg: int) -> None:
+        if not 0 < seg < len(data):
+            raise ValueError("a run holds at least two datagrams")
+        self.data = data
+        self.seg = seg
+
+    def datagrams(self) -> list[bytes]:
+        """The datagrams one by one."""
+        data, seg = self.data, self.seg
+        return [data[off : off + seg] for off in range(0, len(data), seg)]
+
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
@@ -210,6 +234,19 @@ class UdpSocket:
                 self._send_gso(datagrams[i:j], size, addr)
             i = j
 
+    def send_segmented(self, parts: list[bytes | memoryview], segment: int, endpoint: Endpoint) -> None:
+        """Datagrams of ``segment`` bytes (the last may be shorter) given as buffers back to back.
+
+        With GSO they leave in one ``sendmsg`` whose buffers the kernel gathers (no join in Python);
+        without it, or when they are too many for one send, they are cut and sent like :meth:`send_many`.
+        """
+        total = sum(map(len, parts))
+        if self.gso and segment < total <= min(MAX_GSO_BYTES, segment * UDP_MAX_SEGMENTS):
+            self._send_gso(parts, segment, self._dest(endpoint))
+            return
+        buf = b"".join(parts)
+        self.send_many([buf[off : off + segment] for off in range(0, len(buf), segment)], endpoint)
+
     def _sendto(self, d: bytes, addr: tuple[str, int, int, int], wait: float = DATA_SEND_WAIT) -> None:
         try:
             try:
@@ -220,11 +257,12 @@ class UdpSocket:
             if not (self._closed or e.errno in _TRANSIENT):
                 raise
 
-    def _send_gso(self, run: list[bytes], size: int, addr: tuple[str, int, int, int]) -> None:
+    def _send_gso(self, run: list[bytes | memoryview], size: int, addr: tuple[str, int, int, int]) -> None:
+        """One GSO send of buffers that are ``size``-byte datagrams back to back (datagrams, or pieces of them)."""
         cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
-        buf = b"".join(run)
         try:
-            self._retry_full(lambda: self.sock.sendmsg([buf], cmsg, 0, addr), DATA_SEND_WAIT)
+            # The buffers go as one iovec each: the kernel gathers them, no 64 kB join in Python.
+            self._retry_full(lambda: self.sock.sendmsg(run, cmsg, 0, addr), DATA_SEND_WAIT)
             return
         except OSError as e:
             if self._closed:
@@ -236,8 +274,10 @@ class UdpSocket:
                 if e.errno in _TRANSIENT:
                     return
                 raise
-        for d in run:  # EIO/EINVAL/EMSGSIZE: segments the path refuses as a run; let IP decide per datagram
-            self._sendto(d, addr)
+        # EIO/EINVAL/EMSGSIZE: segments the path refuses as a run; let IP decide per datagram.
+        buf = b"".join(run)
+        for off in range(0, len(buf), size):
+            self._sendto(buf[off : off + size], addr)
 
     # --- receive ----------------------------------------------------------------
 
@@ -253,11 +293,14 @@ class UdpSocket:
             self._peer_cache[key] = ep
         return ep
 
-    def recv_batch(self, timeout: float | None = None, max_calls: int = 32) -> list[tuple[bytes, Endpoint]]:
+    def recv_batch(
+        self, timeout: float | None = None, max_calls: int = 32, *, runs: bool = False
+    ) -> list[tuple[bytes | DatagramRun, Endpoint]]:
         """Wait up to ``timeout`` for data, then drain up to ``max_calls`` receives without blocking.
 
-        GRO buffers are cut back into the datagrams the sender sent.  Returns [] on timeout and
-        after :meth:`close`.
+        GRO buffers are cut back into the datagrams the sender sent; with ``runs`` a buffer of
+        DataSuper fragments comes whole, as a :class:`DatagramRun`.  Returns [] on timeout and after
+        :meth:`close`.
         """
         if self._closed:
             return []
@@ -296,8 +339,19 @@ class UdpSocket:
                         seg = _INT.unpack_from(value)[0]
             n = len(data)
             if 0 < seg < n:
-                for off in range(0, n, seg):
-                    out.append((data[off : off + seg], ep))
+                if runs and data[0] == MSG_DATA_SUPER:
+                    # Fragments of super messages are joined again right away: the buffer stays whole.
+                    # Only full-size datagrams (fragments, or Data of the same size) can share it, and a
+                    # shorter last one that is not a fragment (a control message) leaves on its own.
+                    last = (n - 1) // seg * seg  # where the last datagram starts
+                    if n - last < seg and data[last] != MSG_DATA_SUPER:
+                        head = data[:last]
+                        out.append((DatagramRun(head, seg) if last > seg else head, ep))
+                        out.append((data[last:], ep))
+                    else:
+                        out.append((DatagramRun(data, seg), ep))
+                else:
+                    out += [(data[off : off + seg], ep) for off in range(0, n, seg)]
             else:
                 out.append((data, ep))
         return out

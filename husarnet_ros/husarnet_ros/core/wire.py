@@ -243,26 +243,45 @@ def parse_super_fragment(buf: bytes | bytearray | memoryview) -> SuperFragment:
     return SuperFragment(receiver, counter, index, count)
 
 
+def _super_headers(receiver_index: int, counter: int, sealed_len: int, fragment_size: int) -> list[bytes]:
+    """The DataSuper headers of a message of ``sealed_len`` bytes, after the size checks both builders share."""
+    _need_u32("receiver_index", receiver_index)
+    if not 0 < fragment_size <= SUPER_MAX_FRAGMENT:
+        raise ValueError("fragment_size out of range")
+    if not TAG_LEN <= sealed_len <= SUPER_MAX_SEALED:
+        raise ValueError("sealed super-packet size out of range")
+    count = -(-sealed_len // fragment_size)
+    if count > SUPER_MAX_FRAGMENTS:
+        raise ValueError("super-packet needs too many fragments for this fragment size")
+    pack = DATA_SUPER_HEADER.pack
+    return [pack(MSG_DATA_SUPER, receiver_index, counter, i, count, 0) for i in range(count)]
+
+
 def build_super_fragments(receiver_index: int, counter: int, sealed: bytes, fragment_size: int) -> list[bytes]:
     """Cut ``sealed`` (ciphertext + tag) into DataSuper fragments of ``fragment_size`` bytes (the last shorter).
 
     Every fragment but the last has the same length, so the list leaves in one UDP GSO sendmsg.
     ValueError if the message would need more than :data:`SUPER_MAX_FRAGMENTS` fragments.
     """
-    _need_u32("receiver_index", receiver_index)
-    if not 0 < fragment_size <= SUPER_MAX_FRAGMENT:
-        raise ValueError("fragment_size out of range")
-    if not TAG_LEN <= len(sealed) <= SUPER_MAX_SEALED:
-        raise ValueError("sealed super-packet size out of range")
-    count = -(-len(sealed) // fragment_size)
-    if count > SUPER_MAX_FRAGMENTS:
-        raise ValueError("super-packet needs too many fragments for this fragment size")
-    pack = DATA_SUPER_HEADER.pack
+    parts = super_fragment_parts(receiver_index, counter, sealed, fragment_size)
+    return [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
+
+
+def super_fragment_parts(
+    receiver_index: int, counter: int, sealed: bytes, fragment_size: int
+) -> list[bytes | memoryview]:
+    """The fragments of :func:`build_super_fragments` as header, slice, header, slice... without copying.
+
+    Concatenated they are the fragments back to back, each ``DATA_SUPER_HEADER_LEN + fragment_size``
+    bytes but the last: what one UDP GSO ``sendmsg`` takes as its buffers, segmenting at that size.
+    """
+    headers = _super_headers(receiver_index, counter, len(sealed), fragment_size)
     mv = memoryview(sealed)
-    return [
-        pack(MSG_DATA_SUPER, receiver_index, counter, i, count, 0) + mv[i * fragment_size : (i + 1) * fragment_size]
-        for i in range(count)
-    ]
+    parts: list[bytes | memoryview] = []
+    for i, h in enumerate(headers):
+        parts.append(h)
+        parts.append(mv[i * fragment_size : (i + 1) * fragment_size])
+    return parts
 
 
 def super_aad(receiver_index: int, counter: int) -> bytes:

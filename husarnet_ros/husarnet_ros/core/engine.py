@@ -41,7 +41,7 @@ from .datapath import Datapath
 from .fsutil import StateFileError, ensure_state_dir
 from .identity import Identity, format_address, parse_address
 from .offload import IPPROTO_TCP, MAX_PACKET, PLAIN_VNET_HDR, Coalescer, OffloadError, split_for_send
-from .path import KIND_NONE, KIND_RELAY, Network, classify
+from .path import KIND_NONE, KIND_RELAY, Network, classify, probe_interval_for
 from .peer import IndexTable, Peer, PendingHandshake
 from .session import Keypair
 from .superpacket import tso_limit
@@ -1380,12 +1380,18 @@ class Engine:
         assert self._datapath is not None
         if peer.last_rx_data > peer.last_tx and now - peer.last_rx_data >= t.keepalive_timeout:
             self._datapath.send_plaintext(peer, b"")
-        # Paths: re-probe every probe_interval, expire silent ones.
-        if now - peer.last_probe_round >= t.probe_interval:
-            if peer.paths.kind in (KIND_RELAY, KIND_NONE):
+        # Paths: re-probe every probe_interval (sooner while relayed), expire silent ones.
+        kind = peer.paths.kind
+        relayed = kind in (KIND_RELAY, KIND_NONE)
+        if not relayed:
+            peer.relayed_rounds = 0
+        if now - peer.last_probe_round >= probe_interval_for(kind, peer.relayed_rounds, t.probe_interval):
+            if relayed:
                 # Still relayed: the endpoints we were given may be stale or incomplete (the base may
                 # not have known a UDP mapping yet); a fresh query also makes the peer punch towards us.
                 self._query_bases(peer, now)
+                if peer.current is not None:  # a round is only sent (and counted) on a session
+                    peer.relayed_rounds += 1
             self._probe_round(peer, now)
         with peer.lock:
             changed = peer.paths.expire(now, t.path_timeout)

@@ -182,3 +182,20 @@ class PathSet:
     @property
     def endpoint(self) -> AnyEndpoint | None:
         return self.current.endpoint if self.current is not None else None
+
+
+#: While a peer is only reachable through the relay, direct candidates are probed again after
+#: probe_interval/25 (1 s), doubling each round up to probe_interval: a hole punch that lost the race
+#: (our probe reached the peer's NAT before the peer's own packet opened it) is retried within seconds.
+RELAYED_FAST_ROUNDS = 5
+
+
+def probe_interval_for(kind: str, relayed_rounds: int, probe_interval: float) -> float:
+    """Seconds between probe rounds for a peer whose current path is of ``kind``.
+
+    ``relayed_rounds`` counts the rounds already sent while relayed (or pathless); a direct or LAN
+    peer keeps the plain interval, which also keeps NAT mappings open.
+    """
+    if kind not in (KIND_RELAY, KIND_NONE) or relayed_rounds >= RELAYED_FAST_ROUNDS:
+        return probe_interval
+    return min(probe_interval, probe_interval / 25 * 2**relayed_rounds)

@@ -96,6 +96,7 @@ class Peer:
     hello_sent_at: float = -1e9
     hello_replied_at: float = -1e9
     last_probe_round: float = -1e9
+    relayed_rounds: int = 0  # probe rounds sent while relayed (fast retries of the hole punch, path.py)
     last_query: float = -1e9  # last time we asked the base(s) about this peer
     # traffic (monotonic times; written by datapath threads, read by the loop - plain attribute writes)
     rx_bytes: int = 0

@@ -138,3 +138,16 @@ def test_endpoint_parse_rejects(bad):
 
 def test_normalize_maps_ipv4_mapped():
     assert normalize_endpoint("::ffff:198.18.0.9", 1) == ("198.18.0.9", 1)
+
+
+def test_relayed_peers_retry_the_hole_punch_within_seconds() -> None:
+    """A punch that lost the race is retried after 1, 2, 4, 8, 16 s, then every probe interval."""
+    from husarnet_ros.core.path import KIND_NONE, KIND_RELAY, RELAYED_FAST_ROUNDS, probe_interval_for
+
+    waits = [probe_interval_for(KIND_RELAY, r, 25.0) for r in range(RELAYED_FAST_ROUNDS + 2)]
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 25.0, 25.0]
+    assert probe_interval_for(KIND_NONE, 0, 25.0) == 1.0
+    # Direct and LAN paths keep the plain interval (it also keeps NAT mappings open); scaled timers scale.
+    assert probe_interval_for("direct", 0, 25.0) == 25.0
+    assert probe_interval_for("lan", 3, 25.0) == 25.0
+    assert probe_interval_for(KIND_RELAY, 2, 2.5) == 0.4

@@ -22,18 +22,18 @@ Why this shape:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import ipaddress
 import logging
 import os
-import select
 import struct
 import threading
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from .waiter import FdWaiter
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class TunDevice:
         self.mtu = mtu
         self.ifindex = ifindex
         self.offload_flags = offload_flags
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._waiter = FdWaiter(fd)
         self._closed = False
         self._lock = threading.Lock()
 
@@ -291,14 +291,7 @@ class TunDevice:
                 if self._closed:
                     raise TunError(f"TUN device {self.name!r} is closed") from None
                 raise TunError(f"reading {self.name!r} failed: {e.strerror}") from None
-            ms = -1 if timeout is None else max(0, int(timeout * 1000))
-            try:
-                p = select.poll()
-                p.register(self.fd, select.POLLIN)
-                p.register(self._wake_r, select.POLLIN)
-                ready = p.poll(ms)
-            except (OSError, ValueError):
-                ready = None
+            ready = self._waiter.wait(timeout)
             if self._closed:
                 raise TunError(f"TUN device {self.name!r} is closed")
             if not ready and timeout is not None:
@@ -342,12 +335,10 @@ class TunDevice:
             if self._closed:
                 return
             self._closed = True
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
+            self._waiter.wake()
             os.close(self.fd)
             # Readers blocked in poll() wake on the pipe, see _closed and return.
-            os.close(self._wake_w)
-            os.close(self._wake_r)
+            self._waiter.close()
 
     def __enter__(self) -> TunDevice:
         return self

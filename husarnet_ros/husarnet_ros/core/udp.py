@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-import os
 import select
 import socket
 import struct
@@ -27,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .waiter import FdWaiter
 from .wire import MSG_DATA_SUPER
 
 Endpoint = tuple[str, int]
@@ -153,7 +153,7 @@ class UdpSocket:
                 pass
         self._addr_cache: dict[Endpoint, tuple[str, int, int, int]] = {}
         self._peer_cache: dict[tuple[str, int], Endpoint] = {}
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._waiter = FdWaiter(sock.fileno())
         self._closed = False
         self._lock = threading.Lock()
 
@@ -357,14 +357,7 @@ class UdpSocket:
         return out
 
     def _wait_readable(self, timeout: float | None) -> bool:
-        try:
-            p = select.poll()
-            p.register(self.sock.fileno(), select.POLLIN)
-            p.register(self._wake_r, select.POLLIN)
-            ready = p.poll(-1 if timeout is None else max(0, int(timeout * 1000)))
-        except (OSError, ValueError):
-            return False
-        return bool(ready) and not self._closed
+        return self._waiter.wait(timeout) and not self._closed
 
     def close(self) -> None:
         """Close the socket and wake any receiver; idempotent."""
@@ -372,11 +365,9 @@ class UdpSocket:
             if self._closed:
                 return
             self._closed = True
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
+            self._waiter.wake()
             self.sock.close()
-            os.close(self._wake_w)
-            os.close(self._wake_r)
+            self._waiter.close()
 
     def __enter__(self) -> UdpSocket:
         return self

@@ -427,6 +427,10 @@ class Datapath:
         track = self.super_packets  # message counts per keypair for the loss reports: [lo, hi, count]
         seen: dict[Keypair, list[int]] = {}
         skip = 0
+        last_kp: Keypair | None = None
+        last_src: AnyEndpoint | None = None
+        last_named_src: AnyEndpoint | None = None
+        last_peer: Peer | None = None
         for i, (datagram, src) in enumerate(batch):
             if skip:
                 skip -= 1
@@ -471,33 +475,42 @@ class Datapath:
                     elif counter > t[1]:
                         t[1] = counter
                     t[2] += 1
-            peer = kp.owner
-            if not isinstance(peer, Peer):
-                if is_super:
-                    drops["malformed"] = drops.get("malformed", 0) + 1
-                else:
-                    self.hooks.base_plaintext(peer, kp, plaintext, src)
-                continue
-            address = peer.address
-            ok = allowed.get(address)
-            if ok is None:
-                ok = allowed[address] = is_allowed(address)
-            if not ok:
-                drops["not_whitelisted"] = drops.get("not_whitelisted", 0) + 1
-                continue
-            if kp is peer.next:
-                self._confirm(peer, kp)
-            if isinstance(src, RelayEndpoint) and src.peer_address != address:
-                src = RelayEndpoint(src.base_key, address)  # the key, not the base's stamp, names the sender
-            # Authenticated and past the replay window: only now may the peer's endpoint move.
-            cur = peer.paths.current
-            if cur is None or cur.endpoint != src or now - cur.last_auth_rx > 0.5:
-                kind = self.hooks.path_kind(src)
-                with peer.lock:
-                    peer.paths.on_authenticated(src, kind, now)
+            if kp is last_kp and src == last_src:
+                # Another datagram of the same session from the same endpoint: owner, whitelist verdict
+                # and path were settled by the previous one in this batch (same ``now``).
+                peer = last_peer
+                address = peer.address
+                src = last_named_src
             else:
-                cur.last_auth_rx = now
-            active[id(peer)] = peer
+                batch_src = src
+                peer = kp.owner
+                if not isinstance(peer, Peer):
+                    if is_super:
+                        drops["malformed"] = drops.get("malformed", 0) + 1
+                    else:
+                        self.hooks.base_plaintext(peer, kp, plaintext, src)
+                    continue
+                address = peer.address
+                ok = allowed.get(address)
+                if ok is None:
+                    ok = allowed[address] = is_allowed(address)
+                if not ok:
+                    drops["not_whitelisted"] = drops.get("not_whitelisted", 0) + 1
+                    continue
+                if kp is peer.next:
+                    self._confirm(peer, kp)
+                if isinstance(src, RelayEndpoint) and src.peer_address != address:
+                    src = RelayEndpoint(src.base_key, address)  # the key, not the base's stamp, names the sender
+                # Authenticated and past the replay window: only now may the peer's endpoint move.
+                cur = peer.paths.current
+                if cur is None or cur.endpoint != src or now - cur.last_auth_rx > 0.5:
+                    kind = self.hooks.path_kind(src)
+                    with peer.lock:
+                        peer.paths.on_authenticated(src, kind, now)
+                else:
+                    cur.last_auth_rx = now
+                active[id(peer)] = peer
+                last_kp, last_src, last_peer, last_named_src = kp, batch_src, peer, src
             if not plaintext:
                 continue  # keepalive
             if is_super:

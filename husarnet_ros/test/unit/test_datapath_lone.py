@@ -315,3 +315,19 @@ def test_the_lone_paths_take_the_common_case_and_leave_the_rest(side: Side, monk
     side.dp.send_packets([ip6(ME, PEER)])  # common case
     side.dp.send_packets([ip6(ME, OTHER)])  # not whitelisted: the batch loop counts it
     assert taken == [("_receive_lone", True), ("_receive_lone", False), ("_send_lone", True), ("_send_lone", False)]
+
+
+def test_a_batch_settles_each_session_and_endpoint_once_and_still_checks_each_packet(side: Side) -> None:
+    """Datagrams after the first of a session+endpoint reuse its verdicts; the per-packet checks still run."""
+    good, forged = ip6(PEER, ME, b"one"), ip6(OTHER, ME, b"two")
+    side.dp.receive_many([(side.remote.seal(good), EP), (side.remote.seal(forged), EP), (side.remote.seal(good), EP)])
+    assert side.delivered == [good, good]
+    assert side.drops() == {"bad_inner_src": 1}
+    # A second endpoint in the same batch is judged on its own (the path may move to it).
+    side.peer.paths.current.last_auth_rx -= 5.0
+    side.dp.receive_many([(side.remote.seal(good), EP_NEW), (side.remote.seal(good), EP_NEW)])
+    assert side.peer.paths.endpoint == EP_NEW
+    # Not whitelisted: every datagram of the batch is refused and counted, none settles a verdict.
+    side.hooks.allowed.clear()
+    side.dp.receive_many([(side.remote.seal(good), EP_NEW), (side.remote.seal(good), EP_NEW)])
+    assert side.counters.get("not_whitelisted") == 2 and len(side.delivered) == 4

@@ -179,7 +179,7 @@ def test_split_tso_superpacket() -> None:
     assert got == payload
 
 
-@pytest.mark.parametrize("gso", [1348, 1347, 1000])
+@pytest.mark.parametrize("gso", [1348, 1347, 1299, 1000])
 def test_split_same_without_numpy(monkeypatch: pytest.MonkeyPatch, gso: int) -> None:
     buf = tso_read(os.urandom(30001), gso)
     fast = o.split_for_send(buf, True, MTU)

@@ -1403,25 +1403,18 @@ class Engine:
         """Inbound IPv6 packets: to the TUN, or to ``on_packet`` in memory mode."""
         tun = self._tun
         if tun is not None:
-            if len(packets) == 1 and (len(packets[0]) < 60 or packets[0][6] != IPPROTO_TCP):
+            if not tun.vnet_hdr:
+                _write_all(tun, packets)
+            elif len(packets) == 1 and (len(packets[0]) < 60 or packets[0][6] != IPPROTO_TCP):
                 # A lone packet the Coalescer would pass through unchanged (an echo, a DDS datagram): no
                 # Coalescer round trip, which costs as much as the write itself on a cold CPU.
-                try:
-                    tun.write(PLAIN_VNET_HDR + packets[0] if tun.vnet_hdr else packets[0])
-                except OSError as exc:
-                    log.debug("TUN write failed: %s", exc)
-                return
-            if tun.vnet_hdr:
+                _write_all(tun, [PLAIN_VNET_HDR + packets[0]])
+            else:
                 # GRO: consecutive segments of one TCP flow become one super-packet write.
                 co = Coalescer(vnet=True)
                 for p in packets:
                     co.add(p)
-                packets = co.flush()
-            for p in packets:
-                try:
-                    tun.write(p)
-                except OSError as exc:
-                    log.debug("TUN write failed: %s", exc)
+                _write_all(tun, co.flush())
             return
         cb = self.on_packet
         if cb is not None:
@@ -1432,11 +1425,7 @@ class Engine:
         """Inbound super-packets (virtio-net header + packet): one TUN write each, or split for ``on_packet``."""
         tun = self._tun
         if tun is not None and tun.vnet_hdr:
-            for p in supers:
-                try:
-                    tun.write(p)
-                except OSError as exc:
-                    log.debug("TUN write failed: %s", exc)
+            _write_all(tun, supers)
             return
         packets: list[bytes] = []
         for p in supers:
@@ -1478,6 +1467,15 @@ def _hs_reason(exc: Exception) -> str:
     """Counter name for a handshake failure ('decrypt' is counted as a bad MAC)."""
     reason = getattr(exc, "reason", "malformed")
     return "bad_mac" if reason == "decrypt" else reason
+
+
+def _write_all(tun: Any, packets: list[bytes]) -> None:
+    """Write packets to the TUN; one the kernel refuses (malformed) is dropped like a router would."""
+    for p in packets:
+        try:
+            tun.write(p)
+        except OSError as exc:
+            log.debug("TUN write failed: %s", exc)
 
 
 __all__ = [

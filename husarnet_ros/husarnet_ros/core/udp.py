@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 from .waiter import FdWaiter
-from .wire import MSG_DATA_SUPER
+from .wire import MSG_DATA, MSG_DATA_SUPER
 
 Endpoint = tuple[str, int]
 
@@ -65,6 +65,7 @@ RECV_BUFSIZE = 65536 + 2048  # one GRO buffer (up to 64 kB) with slack
 DATA_SEND_WAIT = 1.0
 CONTROL_SEND_WAIT = 0.05
 _CMSG_SPACE = socket.CMSG_SPACE(4)
+_DATA_TYPES = bytes((MSG_DATA, MSG_DATA_SUPER))
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
 
@@ -339,17 +340,11 @@ class UdpSocket:
                         seg = _INT.unpack_from(value)[0]
             n = len(data)
             if 0 < seg < n:
-                if runs and data[0] == MSG_DATA_SUPER:
-                    # Fragments of super messages are joined again right away: the buffer stays whole.
-                    # Only full-size datagrams (fragments, or Data of the same size) can share it, and a
-                    # shorter last one that is not a fragment (a control message) leaves on its own.
-                    last = (n - 1) // seg * seg  # where the last datagram starts
-                    if n - last < seg and data[last] != MSG_DATA_SUPER:
-                        head = data[:last]
-                        out.append((DatagramRun(head, seg) if last > seg else head, ep))
-                        out.append((data[last:], ep))
-                    else:
-                        out.append((DatagramRun(data, seg), ep))
+                if runs and data[0] == MSG_DATA_SUPER and not data[::seg].translate(None, _DATA_TYPES):
+                    # Fragments of super messages are joined again right away: the buffer stays whole,
+                    # but only when every datagram in it is data (the first byte of each, one strided
+                    # slice); a buffer that also holds a control message is cut up as usual.
+                    out.append((DatagramRun(data, seg), ep))
                 else:
                     out += [(data[off : off + seg], ep) for off in range(0, n, seg)]
             else:

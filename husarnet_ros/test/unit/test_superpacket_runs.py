@@ -17,7 +17,7 @@ from test_superpacket_memnet import agreed, fragments_of, make_pair, small_loss_
 from husarnet_ros.core.datapath import _whole_message_at
 from husarnet_ros.core.memnet import Impairment
 from husarnet_ros.core.udp import DatagramRun, UdpSocket
-from husarnet_ros.core.wire import MSG_DATA_SUPER, build_super_fragments, super_fragment_parts
+from husarnet_ros.core.wire import MSG_DATA, MSG_DATA_SUPER, build_super_fragments, super_fragment_parts
 
 __all__ = ["small_loss_window"]  # the autouse fixture applies here too
 
@@ -85,20 +85,22 @@ def test_a_run_with_a_message_and_the_start_of_the_next(tmp_path: Path) -> None:
         assert b.counter("super_rx") == 2 and b.counter("bad_mac") == 0
 
 
-def test_the_socket_keeps_super_runs_whole_and_splits_a_trailing_control_message() -> None:
+def test_the_socket_keeps_data_runs_whole_and_cuts_up_a_buffer_with_a_control_message() -> None:
     tx, rx = UdpSocket(0), UdpSocket(0)
     try:
         if not (tx.gso and rx.gro):
             raise AssertionError("UDP GSO/GRO on loopback is expected on the kernels CI runs")
         ep = ("127.0.0.1", rx.sock.getsockname()[1])
         frags = [bytes([MSG_DATA_SUPER, i]) * 50 for i in range(3)]
-        hello = bytes([5]) + b"h" * 49  # a shorter datagram of another type ends the GSO run
-        tx.send_many([*frags, hello], ep)
+        data = bytes([MSG_DATA]) + b"d" * 99  # a full-size Data datagram may share the buffer
+        tx.send_many([*frags, data], ep)
         got = rx.recv_batch(2.0, runs=True)
-        assert len(got) == 2
-        run, tail = got[0][0], got[1][0]
-        assert isinstance(run, DatagramRun) and run.seg == 100 and run.datagrams() == frags
-        assert tail == hello
+        assert len(got) == 1
+        run = got[0][0]
+        assert isinstance(run, DatagramRun) and run.seg == 100 and run.datagrams() == [*frags, data]
+        hello = bytes([5]) + b"h" * 49  # a control message GRO appended: the buffer is cut up as usual
+        tx.send_many([*frags, hello], ep)
+        assert [d for d, _ in rx.recv_batch(2.0, runs=True)] == [*frags, hello]
         tx.send_many(frags, ep)
         assert [d for d, _ in rx.recv_batch(2.0)] == frags  # without runs: datagram by datagram
     finally:

@@ -1094,6 +1094,7 @@ class Engine:
         now = self._clock()
         src = _named_by_key(src, peer.address)
         kp = Keypair(km, now, peer, timers=self.timers, clock=self._clock)
+        self._agree_super(peer, kp, km)
         with peer.lock:
             self._index.set(kp.local_index, kp)  # replaces the PendingHandshake at the same index
             # A responder keypair in ``next`` (simultaneous handshakes) is kept: the other side may
@@ -1197,8 +1198,7 @@ class Engine:
             self._index.remove(idx, placeholder)
             raise
         kp = Keypair(km, now, peer, timers=self.timers, clock=self._clock)
-        if st.features & hs.FEATURE_OFFLOAD and self._local_features() & hs.FEATURE_OFFLOAD:
-            peer.superpkt.agree(kp)  # both ends offered super-packets in this authenticated handshake
+        self._agree_super(peer, kp, km)
         with peer.lock:
             self._index.set(idx, kp)
             old_next = peer.next
@@ -1435,6 +1435,11 @@ class Engine:
                 self.counters.inc("malformed")
         if packets:
             self._deliver(packets)
+
+    def _agree_super(self, peer: Peer, kp: Keypair, km: hs.KeyMaterial) -> None:
+        """Super-packets on ``kp`` iff both ends offered them in this authenticated handshake (either role)."""
+        if km.peer_features & hs.FEATURE_OFFLOAD and self._local_features() & hs.FEATURE_OFFLOAD:
+            peer.superpkt.agree(kp)
 
     def _local_features(self) -> int:
         """Handshake feature bits: the cipher's, plus FEATURE_OFFLOAD when we take super-packets."""

@@ -241,6 +241,7 @@ class KeyMaterial:
     peer_public_key: bytes
     peer_address: bytes
     handshake_hash: bytes = b""  # Noise h after the handshake: a channel binding both ends share
+    peer_features: int = 0  # the feature bits the peer sent in this (authenticated) handshake
 
 
 @dataclass(eq=False)
@@ -348,6 +349,7 @@ def consume_response(state: InitiatorState, msg: bytes | bytearray | memoryview)
         peer_public_key=state.peer_public_key,
         peer_address=state.peer_address,
         handshake_hash=ss.h,
+        peer_features=their,
     )
 
 
@@ -401,5 +403,6 @@ def create_response(state: ResponderState, sender_index: int, local_features: in
         peer_public_key=state.peer_public_key,
         peer_address=state.peer_address,
         handshake_hash=ss.h,
+        peer_features=state.features,
     )
     return msg, km

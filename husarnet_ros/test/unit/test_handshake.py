@@ -251,3 +251,13 @@ def test_message_sizes(ids) -> None:
     resp, _ = hs.create_response(hs.consume_initiation(b, init), 2, 0)
     assert len(init) == wire.HANDSHAKE_INIT_LEN and len(resp) == wire.HANDSHAKE_RESP_LEN
     assert len(resp) < len(init)  # a responder never amplifies
+
+
+def test_each_end_learns_the_features_the_other_sent(ids) -> None:
+    """Both roles know the peer's feature bits from the handshake alone (e.g. super-packet offload)."""
+    a, b, _ = ids
+    ka, kb = handshake(a, b, hs.FEATURE_OFFLOAD | AES, 0)
+    assert kb.peer_features & hs.FEATURE_OFFLOAD  # the responder reads the initiator's payload
+    assert not ka.peer_features & hs.FEATURE_OFFLOAD  # the initiator reads the response's: no offload offered
+    ka, kb = handshake(a, b, 0, hs.FEATURE_OFFLOAD)
+    assert ka.peer_features & hs.FEATURE_OFFLOAD and not kb.peer_features & hs.FEATURE_OFFLOAD

@@ -9,7 +9,6 @@ path state), never from log text.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,29 +22,6 @@ PORT = 5582
 
 # Reasons that must stay at zero on a clean network (DESIGN.md 4.10).
 SECURITY_DROPS = ("malformed", "bad_mac", "replay", "not_whitelisted", "bad_inner_src", "bad_id", "unknown_peer")
-
-
-def daemon_available() -> str | None:
-    """None when ``python -m husarnet_ros.daemon`` exists, else the reason the e2e tests must skip."""
-    try:
-        import importlib.util
-
-        if importlib.util.find_spec("husarnet_ros.daemon") is None:
-            return "husarnet_ros.daemon has not landed yet"
-    except ImportError as exc:  # pragma: no cover
-        return f"husarnet_ros.daemon cannot be found: {exc}"
-    return None
-
-
-def base_available() -> str | None:
-    """None when the base server module exists, else the reason base-dependent tests must skip."""
-    import importlib.util
-
-    for mod in ("husarnet_ros.base.__main__", "husarnet_ros.base.server"):
-        with contextlib.suppress(ImportError):
-            if importlib.util.find_spec(mod) is not None:
-                return None
-    return "the base server (python -m husarnet_ros.base) has not landed yet"
 
 
 def endpoint(ip: str, port: int = PORT) -> str:
@@ -187,8 +163,6 @@ __all__ = [
     "TIMERS_SCALE",
     "BaseServer",
     "assert_lab_clean",
-    "base_available",
-    "daemon_available",
     "delta",
     "drops",
     "endpoint",

@@ -74,14 +74,15 @@ def _tmp_dir(output: str) -> str:
     raise AssertionError(f"no 'parameters:' line in the demo output:\n{output}")
 
 
-def test_full_demo_succeeds(ros_ready: None) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, str(DEMO)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
+def _start_demo() -> subprocess.Popen[str]:
+    """scripts/demo.py with its output (stdout and stderr) on one pipe."""
+    return subprocess.Popen(
+        [sys.executable, str(DEMO)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
     )
+
+
+def test_full_demo_succeeds(ros_ready: None) -> None:
+    proc = _start_demo()
     try:
         out, _ = proc.communicate(timeout=RUN_TIMEOUT)
     finally:
@@ -112,13 +113,7 @@ def test_full_demo_succeeds(ros_ready: None) -> None:
 
 
 def test_interrupted_demo_cleans_up(ros_ready: None) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, str(DEMO)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-    )
+    proc = _start_demo()
     seen: list[str] = []
     try:
         assert proc.stdout is not None

@@ -29,9 +29,6 @@ from husarnet_ros.testing.netns import Lab, reference_topology, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
 
-_missing = e2e.daemon_available()
-if _missing:
-    pytestmark.append(pytest.mark.skip(reason=_missing))
 
 WS_PORT = 5580
 PORT = e2e.PORT

@@ -17,10 +17,6 @@ from husarnet_ros.testing.netns import Lab, reference_topology, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 
-for _reason in (e2e.daemon_available(), e2e.base_available()):
-    if _reason:
-        pytestmark.append(pytest.mark.skip(reason=_reason))
-
 
 def _nat_pair(lab: Lab, t, base: e2e.BaseServer):
     return e2e.start_mesh(

@@ -20,10 +20,6 @@ from husarnet_ros.testing.netns import Lab, reference_topology, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 
-_missing = e2e.daemon_available()
-if _missing:
-    pytestmark.append(pytest.mark.skip(reason=_missing))
-
 
 def _finish(lab: Lab, daemons) -> None:
     problems = e2e.stop_all_and_check(lab, daemons)

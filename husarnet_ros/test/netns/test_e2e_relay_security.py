@@ -26,9 +26,6 @@ from husarnet_ros.testing.netns import Lab, reference_topology, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
 
-for _reason in (e2e.daemon_available(), e2e.base_available()):
-    if _reason:
-        pytestmark.append(pytest.mark.skip(reason=_reason))
 
 MARKER = b"husarnet-ros-relay-marker-0x5eC!"  # 32 bytes
 assert len(MARKER) == 32

@@ -145,15 +145,20 @@ class Keypair:
 
         Raises SessionDrop('expired') once the key is past its message or time limit.
         """
+        n = self._take_counter()
+        return DATA_HEADER.pack(MSG_DATA, self.remote_index, n) + self._seal_aead.encrypt(
+            _NONCE.pack(n), plaintext, None
+        )
+
+    def _take_counter(self) -> int:
+        """The send rule in one place: the next nonce counter, refused once the key is past its limits."""
         n = next(self._next_counter)
         now = self._clock()
         if n >= self._reject_after_messages or now >= self._deadline:
             raise SessionDrop("expired")
         self.send_counter = n + 1
         self.last_tx = now
-        return DATA_HEADER.pack(MSG_DATA, self.remote_index, n) + self._seal_aead.encrypt(
-            _NONCE.pack(n), plaintext, None
-        )
+        return n
 
     def open(self, datagram: bytes | bytearray | memoryview) -> bytes:
         """Authenticate and decrypt a Data datagram addressed to this keypair; return the plaintext.
@@ -210,12 +215,7 @@ def seal_super(kp: Keypair, plaintext: bytes | bytearray | memoryview) -> tuple[
     """
     if len(plaintext) > SUPER_MAX_PLAINTEXT:
         raise ValueError("super-packet plaintext too large")
-    n = next(kp._next_counter)
-    now = kp._clock()
-    if n >= kp._reject_after_messages or now >= kp._deadline:
-        raise SessionDrop("expired")
-    kp.send_counter = n + 1
-    kp.last_tx = now
+    n = kp._take_counter()
     return n, kp._seal_aead.encrypt(_NONCE.pack(n), plaintext, super_aad(kp.remote_index, n))
 
 

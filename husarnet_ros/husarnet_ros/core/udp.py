@@ -47,11 +47,6 @@ class DatagramRun:
         self.data = data
         self.seg = seg
 
-    def datagrams(self) -> list[bytes]:
-        """The datagrams one by one."""
-        data, seg = self.data, self.seg
-        return [data[off : off + seg] for off in range(0, len(data), seg)]
-
 
 SOL_UDP = 17
 UDP_SEGMENT = 103

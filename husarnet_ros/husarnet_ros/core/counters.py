@@ -60,6 +60,13 @@ class Counters:
         with self._lock:
             self._values[reason] = self._values.get(reason, 0) + n
 
+    def inc_traffic(self, packets_name: str, bytes_name: str, nbytes: int) -> None:
+        """One packet and its bytes under one lock: the light-traffic paths count every packet (issue #6)."""
+        with self._lock:
+            values = self._values
+            values[packets_name] = values.get(packets_name, 0) + 1
+            values[bytes_name] = values.get(bytes_name, 0) + nbytes
+
     def get(self, reason: str) -> int:
         """Current value of one counter (0 if never incremented)."""
         return self._values.get(reason, 0)

@@ -46,7 +46,7 @@ from .offload import (
 from .peer import IndexTable, Peer
 from .session import Keypair, SessionDrop, check_super, open_super, seal_super
 from .superpacket import REPORT_INTERVAL, REPORT_MIN_INTERVAL, Reassembly, fragment_payload
-from .transport import AnyEndpoint, RelayEndpoint
+from .transport import AnyEndpoint, Endpoint, RelayEndpoint
 from .udp import DatagramRun
 from .wire import (
     DATA_MIN_LEN,
@@ -56,6 +56,7 @@ from .wire import (
     INNER_PROBE_REPLY,
     INNER_SUPER_REPORT,
     IPV6_HEADER_LEN,
+    MSG_DATA,
     MSG_DATA_SUPER,
     PROBE_LEN,
     SUPER_MAX_FRAGMENT,
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 _U32 = struct.Struct("<I")
 _VNET = struct.Struct("<BBHHHH")
 _SUPER_BYTE = bytes((MSG_DATA_SUPER,))
+_DATA_WORD = _U32.pack(MSG_DATA)
 _U64 = struct.Struct("<Q")
 #: How often (seconds) the datapath may ask the loop for a handshake for the same peer.
 _HANDSHAKE_NUDGE_INTERVAL = 0.05
@@ -142,6 +144,10 @@ class Datapath:
         # A fragment is as large as a full-size Data datagram (overlay MTU + header + tag): never larger.
         self.fragment_size = fragment_payload(mtu)
         self._reassembly = Reassembly()  # receive thread only (super fragments never come relayed)
+        #: Set by the engine when the underlay is a UDP socket / the inbound side a TUN device: the lone-packet
+        #: paths call them directly instead of going through the hooks' general batch calls (issue #6).
+        self.send_direct: Callable[[bytes, Endpoint], None] | None = None
+        self.write_direct: Callable[[bytes], None] | None = None
 
     # --- outbound: TUN -> peers ------------------------------------------------
     def _nudge(self, address: bytes, packet: bytes | None, now: float) -> None:
@@ -268,16 +274,18 @@ class Datapath:
             datagram = kp.seal(pkt)
         except SessionDrop:
             return False  # expired: the batch loop stages the packet and asks for a handshake
-        self.hooks.send_datagrams([datagram], endpoint)
+        send = self.send_direct
+        if send is not None and type(endpoint) is tuple:
+            send(datagram, endpoint)
+        else:
+            self.hooks.send_datagrams([datagram], endpoint)
         now = self.clock()
         n = len(pkt)
         peer.tx_bytes += n
         peer.last_tx = peer.last_tx_data = now
         if kp.needs_rekey(now, self.timers):
             self._nudge(peer.address, None, now)
-        c = self.counters
-        c.inc("tx_packets")
-        c.inc("tx_bytes", n)
+        self.counters.inc_traffic("tx_packets", "tx_bytes", n)
         return True
 
     def _after_send(
@@ -320,7 +328,11 @@ class Datapath:
             # zero header (no checksum left to us, no segmentation) the packet is the read minus the header.
             buf = reads[0]
             if len(buf) > VNET_HDR_LEN and buf[0] == 0 and buf[1] == 0:
-                self.send_packets([buf[VNET_HDR_LEN:]])
+                pkt = buf[VNET_HDR_LEN:]
+                # Straight to the lone path, one call layer less on a cold CPU; when it declines (before
+                # using any key) send_packets asks it once more, then takes the batch way.
+                if not self._send_lone(pkt):
+                    self.send_packets([pkt])
                 return
             try:
                 self.send_packets(split_for_send(buf, True, mtu))
@@ -412,7 +424,7 @@ class Datapath:
                 batch = self._expand_runs(batch)
                 break
         else:
-            if len(batch) == 1 and self._receive_lone(*batch[0]):
+            if len(batch) == 1 and self.receive_lone(*batch[0]):
                 return
         now = self.clock()
         me = self.address
@@ -582,7 +594,7 @@ class Datapath:
         else:  # unknown, wrong length, or a base message (those only ever come from a base)
             drops["malformed"] = drops.get("malformed", 0) + 1
 
-    def _receive_lone(self, datagram: bytes, src: AnyEndpoint) -> bool:
+    def receive_lone(self, datagram: bytes, src: AnyEndpoint) -> bool:
         """Open and deliver one Data datagram the plain way; False (before any AEAD work) leaves it to the batch.
 
         The receive-side twin of :meth:`_send_lone`: a lone datagram on the current keypair of a
@@ -590,9 +602,10 @@ class Datapath:
         receive rule is the same (:meth:`Keypair.open`: window check, AEAD, commit) and so are the
         inner-packet checks (:func:`_inner_packet_drop`).  Relayed datagrams, a new or stale path
         (roaming needs the path update), the first use of a responder's next keypair (it confirms the
-        keypair) and super fragments all go the batch way.
+        keypair) and super fragments all go the batch way.  The UDP receive thread offers every lone
+        datagram here first (:meth:`UdpTransport.start`), so anything but a Data message is declined.
         """
-        if len(datagram) < DATA_MIN_LEN or datagram[:1] == _SUPER_BYTE or isinstance(src, RelayEndpoint):
+        if len(datagram) < DATA_MIN_LEN or datagram[:4] != _DATA_WORD or isinstance(src, RelayEndpoint):
             return False
         kp = self.index.get(_U32.unpack_from(datagram, 4)[0])
         if not isinstance(kp, Keypair):
@@ -633,10 +646,13 @@ class Datapath:
                     n = len(plaintext)
                     peer.rx_bytes += n
                     peer.last_rx_data = now
-                    c.inc("rx_packets")
-                    c.inc("rx_bytes", n)
+                    c.inc_traffic("rx_packets", "rx_bytes", n)
                     try:
-                        self.deliver([plaintext])
+                        write = self.write_direct
+                        if write is not None:
+                            write(plaintext)
+                        else:
+                            self.deliver([plaintext])
                     except Exception:
                         log.exception("delivering a packet failed")
                 else:

@@ -359,6 +359,11 @@ class Engine:
             self._datapath.super_packets = self.offload_active and os.environ.get("HUSARNET_ROS_SUPER", "1") != "0"
         else:
             self._datapath.super_packets = cfg.super_packets
+        # The lone-packet paths reach socket and TUN without the general batch calls (issue #6).
+        if isinstance(self._transport, UdpTransport):
+            self._datapath.send_direct = self._transport.send_data
+        if self._tun is not None:
+            self._datapath.write_direct = self._tun.write_packet
         # Hosts file block (own names + whitelist hostnames + websetup names).
         if cfg.hosts_file:
             from .hosts import HostsError, HostsFile, HostsSync
@@ -381,7 +386,7 @@ class Engine:
         if cfg.websetup_enabled and self._tun is not None:
             asyncio.run_coroutine_threadsafe(self._start_websetup(), self._loop).result(timeout=10)
         if isinstance(self._transport, UdpTransport):
-            self._transport.start(self._on_datagram, self._on_batch)
+            self._transport.start(self._on_datagram, self._on_batch, self._datapath.receive_lone)
         else:
             self._transport.start(self._on_datagram)
         if self._tun is not None:

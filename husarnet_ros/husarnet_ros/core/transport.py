@@ -160,6 +160,15 @@ class UdpTransport:
         except (OSError, ValueError) as exc:
             log.debug("send to %s failed: %s", endpoint, exc)
 
+    def send_data(self, datagram: bytes, endpoint: Endpoint) -> None:
+        """One Data datagram from the data path's lone-packet path: the fewest calls between seal and socket."""
+        if self._closed:
+            return
+        try:
+            self._sock.send_data(datagram, endpoint)
+        except (OSError, ValueError) as exc:
+            log.debug("send to %s failed: %s", endpoint, exc)
+
     def send_segmented(self, parts: list[bytes | memoryview], segment: int, endpoint: Endpoint) -> None:
         """Buffers that are datagrams of ``segment`` bytes back to back (the last shorter): one GSO send."""
         if self._closed:
@@ -169,16 +178,28 @@ class UdpTransport:
         except (OSError, ValueError) as exc:
             log.debug("send to %s failed: %s", endpoint, exc)
 
-    def start(self, on_datagram: OnDatagram, on_batch: OnBatch | None = None) -> None:
-        """Start the receive thread; it calls ``on_batch(list)`` if given, else ``on_datagram(data, ep)``."""
+    def start(
+        self,
+        on_datagram: OnDatagram,
+        on_batch: OnBatch | None = None,
+        on_lone: Callable[[bytes, Endpoint], bool] | None = None,
+    ) -> None:
+        """Start the receive thread; it calls ``on_batch(list)`` if given, else ``on_datagram(data, ep)``.
+
+        ``on_lone(data, ep)`` is offered a datagram that arrived alone first (light traffic); when it
+        returns False the datagram goes the usual way.  On a CPU gone cold between packets every call
+        layer costs latency (issue #6), so the data path's lone-datagram check is called directly.
+        """
         if self._thread is not None:
             raise RuntimeError("transport already started")
         self._thread = threading.Thread(
-            target=self._run, args=(on_datagram, on_batch), name=f"udp-rx:{self.local_port}", daemon=True
+            target=self._run, args=(on_datagram, on_batch, on_lone), name=f"udp-rx:{self.local_port}", daemon=True
         )
         self._thread.start()
 
-    def _run(self, on_datagram: OnDatagram, on_batch: OnBatch | None) -> None:
+    def _run(
+        self, on_datagram: OnDatagram, on_batch: OnBatch | None, on_lone: Callable[[bytes, Endpoint], bool] | None
+    ) -> None:
         recv_batch = self._sock.recv_batch
         runs = on_batch is not None  # a batch handler takes DataSuper GRO buffers whole (DatagramRun)
         while not self._closed:
@@ -192,6 +213,8 @@ class UdpTransport:
             if not batch:
                 continue
             try:
+                if on_lone is not None and len(batch) == 1 and type(batch[0][0]) is bytes and on_lone(*batch[0]):
+                    continue
                 if on_batch is not None:
                     on_batch(batch)
                 else:

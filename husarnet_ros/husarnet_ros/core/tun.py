@@ -59,6 +59,7 @@ TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
 
 VNET_HDR_LEN = 10  # struct virtio_net_hdr, without num_buffers
+_PLAIN_HDR = bytes(VNET_HDR_LEN)  # no checksum offload, no segmentation
 IFA_F_NODAD = 0x02
 IFNAMSIZ = 16
 CAP_NET_ADMIN = 12
@@ -280,11 +281,16 @@ class TunDevice:
         Raises :class:`TunError` once the device is closed (also when closed by another thread
         while this one waits).
         """
+        return self._read(bufsize, timeout)[0]
+
+    def _read(self, bufsize: int, timeout: float | None) -> tuple[bytes, bool]:
+        """(packet or b"" on timeout, whether we had to wait for it)."""
+        waited = False
         while True:
             if self._closed:
                 raise TunError(f"TUN device {self.name!r} is closed")
             try:
-                return os.read(self.fd, bufsize)
+                return os.read(self.fd, bufsize), waited
             except BlockingIOError:
                 pass
             except OSError as e:
@@ -292,19 +298,27 @@ class TunDevice:
                     raise TunError(f"TUN device {self.name!r} is closed") from None
                 raise TunError(f"reading {self.name!r} failed: {e.strerror}") from None
             ready = self._waiter.wait(timeout)
+            waited = True
             if self._closed:
                 raise TunError(f"TUN device {self.name!r} is closed")
             if not ready and timeout is not None:
-                return b""
+                return b"", waited
 
     def read_many(
         self, max_packets: int = 64, bufsize: int = 65536 + VNET_HDR_LEN, timeout: float | None = None
     ) -> list[bytes]:
-        """Wait for at least one packet, then drain up to ``max_packets`` without blocking."""
-        first = self.read(bufsize, timeout)
+        """Wait for at least one packet, then drain up to ``max_packets`` without blocking.
+
+        A packet that ended a wait comes back alone: after idle it is almost always alone, and the
+        drain attempt (a failing read) would sit on its path on a cold CPU (issue #6).  Under load
+        reads do not wait, so batches still form; nothing waits longer, the next call reads on.
+        """
+        first, waited = self._read(bufsize, timeout)
         if not first:
             return []
         out = [first]
+        if waited:
+            return out
         read = os.read
         fd = self.fd
         while len(out) < max_packets:
@@ -328,6 +342,18 @@ class TunDevice:
             os.write(self.fd, packet)
         except BlockingIOError:
             pass
+
+    def write_packet(self, packet: bytes) -> None:
+        """Hand one plain IPv6 packet to the kernel (a zero virtio-net header first when ``vnet_hdr``).
+
+        The data path's lone-packet path; a packet the kernel refuses, or a full queue, is a drop.
+        """
+        if self._closed:
+            return
+        try:
+            os.write(self.fd, _PLAIN_HDR + packet if self.vnet_hdr else packet)
+        except OSError as e:
+            log.debug("TUN write failed: %s", e)
 
     def close(self) -> None:
         """Release the fd (a non-persistent device disappears); safe to call more than once."""

@@ -243,6 +243,11 @@ class UdpSocket:
         buf = b"".join(parts)
         self.send_many([buf[off : off + segment] for off in range(0, len(buf), segment)], endpoint)
 
+    def send_data(self, datagram: bytes, endpoint: Endpoint) -> None:
+        """One Data datagram, for the data path's lone-packet fast path: like :meth:`send_many` of one."""
+        addr = self._addr_cache.get(endpoint)
+        self._sendto(datagram, addr if addr is not None else self._dest(endpoint))
+
     def _sendto(self, d: bytes, addr: tuple[str, int, int, int], wait: float = DATA_SEND_WAIT) -> None:
         try:
             try:
@@ -344,6 +349,10 @@ class UdpSocket:
                     out += [(data[off : off + seg], ep) for off in range(0, n, seg)]
             else:
                 out.append((data, ep))
+            if waited:
+                # The datagram that ended a wait comes back alone: after idle it almost always is, and the
+                # drain attempt (a failing receive) would sit on its path on a cold CPU (issue #6).
+                return out
         return out
 
     def _wait_readable(self, timeout: float | None) -> bool:

@@ -130,6 +130,56 @@ def test_write_delivers_to_the_stack(netns: str) -> None:
         dev.close()
 
 
+@pytest.mark.parametrize("vnet", [False, True])
+def test_write_packet_takes_a_plain_ipv6_packet(netns: str, vnet: bool) -> None:
+    """The data path's lone write: a plain packet, the zero virtio-net header added when the device has them."""
+    from husarnet_ros.core import tun
+
+    dev = tun.TunDevice.open("hnt0", ADDR, 1420, vnet_hdr=vnet)
+    try:
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "ping", "-6", "-c", "1", "-W", "3", PEER],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        dev.write_packet(_echo_reply(_read_echo_request(dev, vnet)))
+        out, _ = p.communicate(timeout=10)
+        assert p.returncode == 0, out
+        dev.write_packet(b"\x60junk")  # refused by the kernel: a drop, not an exception
+    finally:
+        dev.close()
+    dev.write_packet(bytes(48))  # after close: nothing happens
+
+
+def test_read_many_hands_over_the_packet_that_ended_a_wait_alone(netns: str) -> None:
+    """After idle one read goes straight to the caller; packets already queued are drained as one batch."""
+    import socket
+    import time
+
+    from husarnet_ros.core import tun
+
+    dev = tun.TunDevice.open("hnt0", ADDR, 1420, vnet_hdr=False)
+    tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        while dev.read(timeout=0.3):  # router/listener chatter after the device came up
+            pass
+
+        def wait_while_three_arrive(timeout: float | None) -> bool:
+            for i in range(3):
+                tx.sendto(b"w%d" % i, (PEER, 9))
+            time.sleep(0.1)
+            return True
+
+        dev._waiter.wait = wait_while_three_arrive  # the device is empty: read_many must wait
+        first = dev.read_many(64)
+        assert len(first) == 1 and first[0].endswith(b"w0")
+        rest = dev.read_many(64, timeout=1.0)
+        assert [p[-2:] for p in rest if p[6] == 17] == [b"w1", b"w2"]  # drained in one call
+    finally:
+        tx.close()
+        dev.close()
+
+
 def test_busy_name_is_clear(netns: str) -> None:
     from husarnet_ros.core import tun
 

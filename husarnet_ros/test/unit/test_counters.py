@@ -48,3 +48,19 @@ def test_concurrent_increments_are_not_lost() -> None:
         t.join()
     assert c.get("rx_packets") == n_threads * n_each
     assert c.get("rx_bytes") == 3 * n_threads * n_each
+
+
+def test_inc_traffic_counts_one_packet_and_its_bytes_across_threads() -> None:
+    c = Counters()
+
+    def work() -> None:
+        for _ in range(2000):
+            c.inc_traffic("rx_packets", "rx_bytes", 100)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert c.get("rx_packets") == 8000
+    assert c.get("rx_bytes") == 800_000

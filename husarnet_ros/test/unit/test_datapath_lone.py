@@ -1,6 +1,6 @@
 """The lone-packet paths of the data plane (issue #6 latency) keep every rule of the batch paths.
 
-A single datagram (or TUN read) takes :meth:`Datapath._receive_lone` / :meth:`Datapath._send_lone`;
+A single datagram (or TUN read) takes :meth:`Datapath.receive_lone` / :meth:`Datapath._send_lone`;
 two or more take the batch loops.  Each scenario runs both ways (``lone``: the datagram alone;
 ``batch``: the same datagram followed by a junk one that is only counted as ``unknown_peer``) and
 must give the same verdict: what is delivered or sent, which drop counter moves, where the path goes.
@@ -301,7 +301,7 @@ def test_a_tun_read_too_short_for_its_header_is_malformed(side: Side) -> None:
 def test_the_lone_paths_take_the_common_case_and_leave_the_rest(side: Side, monkeypatch) -> None:
     """The lone paths really run (else the tests above would only test the batch loops twice)."""
     taken: list[tuple[str, bool]] = []
-    for name in ("_receive_lone", "_send_lone"):
+    for name in ("receive_lone", "_send_lone"):
         real = getattr(side.dp, name)
 
         def spy(*args, _real=real, _name=name):
@@ -314,7 +314,7 @@ def test_the_lone_paths_take_the_common_case_and_leave_the_rest(side: Side, monk
     side.receive(side.remote.seal(ip6(PEER, ME)), "lone", src=EP_NEW)  # roaming: the batch loop's
     side.dp.send_packets([ip6(ME, PEER)])  # common case
     side.dp.send_packets([ip6(ME, OTHER)])  # not whitelisted: the batch loop counts it
-    assert taken == [("_receive_lone", True), ("_receive_lone", False), ("_send_lone", True), ("_send_lone", False)]
+    assert taken == [("receive_lone", True), ("receive_lone", False), ("_send_lone", True), ("_send_lone", False)]
 
 
 def test_a_batch_settles_each_session_and_endpoint_once_and_still_checks_each_packet(side: Side) -> None:
@@ -331,3 +331,45 @@ def test_a_batch_settles_each_session_and_endpoint_once_and_still_checks_each_pa
     side.hooks.allowed.clear()
     side.dp.receive_many([(side.remote.seal(good), EP_NEW), (side.remote.seal(good), EP_NEW)])
     assert side.counters.get("not_whitelisted") == 2 and len(side.delivered) == 4
+
+
+def test_lone_packets_use_the_direct_socket_and_tun_calls_when_wired(side: Side) -> None:
+    """With a UDP socket and a TUN (the engine wires them) the lone paths skip the general hook calls."""
+    direct_sent: list[tuple[bytes, object]] = []
+    written: list[bytes] = []
+    side.dp.send_direct = lambda d, ep: direct_sent.append((d, ep))
+    side.dp.write_direct = written.append
+    out = ip6(ME, PEER)
+    side.dp.send_packets([out])
+    assert [(side.remote.open(d), ep) for d, ep in direct_sent] == [(out, EP)]
+    assert side.hooks.sent == []
+    assert side.counters.get("tx_packets") == 1 and side.counters.get("tx_bytes") == len(out)
+    inbound = ip6(PEER, ME)
+    assert side.dp.receive_lone(side.remote.seal(inbound), EP) is True
+    assert written == [inbound] and side.delivered == []
+    assert side.counters.get("rx_packets") == 1 and side.counters.get("rx_bytes") == len(inbound)
+
+
+def test_a_relayed_path_never_takes_the_direct_socket_call(side: Side) -> None:
+    from husarnet_ros.core.transport import RelayEndpoint
+
+    relay = RelayEndpoint("198.18.0.100:443", PEER)
+    side.peer.paths.remove(EP)
+    side.peer.paths.add_candidate(relay, "relay", "base", 0.0)
+    side.peer.paths.on_authenticated(relay, "relay", time.monotonic())
+    assert side.peer.paths.endpoint == relay
+    direct_sent: list[object] = []
+    side.dp.send_direct = lambda d, ep: direct_sent.append(ep)
+    side.dp.send_packets([ip6(ME, PEER)])
+    assert direct_sent == []
+    assert [ep for _, ep in side.hooks.sent] == [relay]
+
+
+@pytest.mark.parametrize("word", [1, 2, 3, 5, 6, 0x104])
+def test_the_lone_receive_declines_anything_but_a_data_message(side: Side, word: int) -> None:
+    """The UDP thread offers every lone datagram to receive_lone first: handshakes and the rest pass untouched."""
+    d = bytearray(side.remote.seal(ip6(PEER, ME)))
+    d[:4] = word.to_bytes(4, "little")
+    assert side.dp.receive_lone(bytes(d), EP) is False
+    assert side.delivered == [] and side.drops() == {}
+    assert side.counters.get("rx_packets") == 0

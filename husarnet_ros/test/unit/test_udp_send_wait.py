@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from husarnet_ros.core import udp
@@ -86,3 +88,65 @@ def test_a_send_with_room_takes_no_retry_path(sock, monkeypatch) -> None:
         peer.close()
     assert [d for d, _ in got] == [b"hello"]
     assert seen == []
+
+
+def test_a_datagram_that_ended_a_wait_comes_alone_and_a_backlog_comes_as_one_batch() -> None:
+    """After idle the first datagram is handed over at once (no drain attempt on its path); under load batches form."""
+    import socket
+
+    rx = udp.UdpSocket(0, "::ffff:127.0.0.1", gso=False, gro=False)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dest = ("127.0.0.1", rx.local_port)
+    try:
+        for i in range(3):  # queued before anyone waits: one batch
+            tx.sendto(b"q%d" % i, dest)
+        time.sleep(0.05)
+        assert [d for d, _ in rx.recv_batch(1.0)] == [b"q0", b"q1", b"q2"]
+
+        def wait_while_three_arrive(timeout: float | None) -> bool:
+            for i in range(3):
+                tx.sendto(b"w%d" % i, dest)
+            time.sleep(0.05)
+            return True
+
+        rx._waiter.wait = wait_while_three_arrive  # the socket is empty: recv_batch must wait
+        assert [d for d, _ in rx.recv_batch(1.0)] == [b"w0"]  # the other two are queued, not drained
+        assert [d for d, _ in rx.recv_batch(1.0)] == [b"w1", b"w2"]
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_the_receive_thread_offers_lone_datagrams_to_on_lone_first() -> None:
+    """UdpTransport: what ``on_lone`` accepts never reaches the batch handler; what it declines does."""
+    import socket
+    import threading
+
+    from husarnet_ros.core.transport import UdpTransport
+
+    t = UdpTransport(0, bind_host="127.0.0.1")
+    offered: list[bytes] = []
+    batches: list[bytes] = []
+    done = threading.Event()
+
+    def on_lone(data: bytes, ep: object) -> bool:
+        offered.append(data)
+        return data.startswith(b"L")
+
+    def on_batch(batch: list) -> None:
+        batches.extend(d for d, _ in batch)
+        if b"end" in batches:
+            done.set()
+
+    t.start(lambda d, ep: None, on_batch, on_lone)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for msg in (b"L1", b"other", b"L2", b"end"):
+            tx.sendto(msg, ("127.0.0.1", t.local_port))
+            time.sleep(0.05)  # one at a time: each arrives alone
+        assert done.wait(5)
+        assert b"L1" in offered and b"L2" in offered
+        assert batches == [b"other", b"end"]
+    finally:
+        tx.close()
+        t.close()

@@ -29,6 +29,7 @@ import logging
 import os
 import struct
 import threading
+import time
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -281,51 +282,60 @@ class TunDevice:
         Raises :class:`TunError` once the device is closed (also when closed by another thread
         while this one waits).
         """
-        return self._read(bufsize, timeout)[0]
+        out = self.read_many(1, bufsize, timeout)
+        return out[0] if out else b""
 
-    def _read(self, bufsize: int, timeout: float | None) -> tuple[bytes, bool]:
-        """(packet or b"" on timeout, whether we had to wait for it)."""
-        waited = False
-        while True:
-            if self._closed:
-                raise TunError(f"TUN device {self.name!r} is closed")
-            try:
-                return os.read(self.fd, bufsize), waited
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if self._closed:
-                    raise TunError(f"TUN device {self.name!r} is closed") from None
-                raise TunError(f"reading {self.name!r} failed: {e.strerror}") from None
-            ready = self._waiter.wait(timeout)
-            waited = True
-            if self._closed:
-                raise TunError(f"TUN device {self.name!r} is closed")
-            if not ready and timeout is not None:
-                return b"", waited
+    def read_ready(self, max_packets: int = 64, bufsize: int = 65536 + VNET_HDR_LEN) -> list[bytes]:
+        """The packets queued now, at most ``max_packets``, without waiting ([] when there are none).
 
-    def read_many(
-        self, max_packets: int = 64, bufsize: int = 65536 + VNET_HDR_LEN, timeout: float | None = None
-    ) -> list[bytes]:
-        """Wait for at least one packet, then drain up to ``max_packets`` without blocking.
-
-        A packet that ended a wait comes back alone: after idle it is almost always alone, and the
-        drain attempt (a failing read) would sit on its path on a cold CPU (issue #6).  Under load
-        reads do not wait, so batches still form; nothing waits longer, the next call reads on.
+        Raises :class:`TunError` once the device is closed.
         """
-        first, waited = self._read(bufsize, timeout)
-        if not first:
-            return []
-        out = [first]
-        if waited:
-            return out
+        if self._closed:
+            raise TunError(f"TUN device {self.name!r} is closed")
+        out: list[bytes] = []
         read = os.read
         fd = self.fd
         while len(out) < max_packets:
             try:
                 out.append(read(fd, bufsize))
-            except (BlockingIOError, OSError):
+            except BlockingIOError:
                 break
+            except OSError as e:
+                if self._closed:
+                    raise TunError(f"TUN device {self.name!r} is closed") from None
+                if out:
+                    break
+                raise TunError(f"reading {self.name!r} failed: {e.strerror}") from None
+        return out
+
+    def wait_readable(self, timeout: float | None = None) -> bool:
+        """Sleep until a packet is queued (True) or ``timeout`` passes (False).
+
+        Raises :class:`TunError` once the device is closed, also when closed by another thread
+        during the wait.
+        """
+        ready = self._waiter.wait(timeout)
+        if self._closed:
+            raise TunError(f"TUN device {self.name!r} is closed")
+        return ready
+
+    def read_many(
+        self, max_packets: int = 64, bufsize: int = 65536 + VNET_HDR_LEN, timeout: float | None = None
+    ) -> list[bytes]:
+        """Wait (up to ``timeout``) for at least one packet, then drain up to ``max_packets`` without blocking.
+
+        A packet that ended a wait comes back alone: after idle it is almost always alone, and the
+        drain attempt (a failing read) would sit on its path on a cold CPU (issue #6).  Under load
+        reads do not wait, so batches still form; nothing waits longer, the next call reads on.
+        """
+        out = self.read_ready(max_packets, bufsize)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not out:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return []
+            self.wait_readable(left)
+            out = self.read_ready(1, bufsize)
         return out
 
     def write(self, packet: bytes | bytearray | memoryview) -> None:

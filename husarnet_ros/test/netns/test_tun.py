@@ -180,6 +180,37 @@ def test_read_many_hands_over_the_packet_that_ended_a_wait_alone(netns: str) -> 
         dev.close()
 
 
+def test_read_ready_never_waits_and_wait_readable_times_out(netns: str) -> None:
+    """The data path's TUN loop reads under a lock and sleeps outside it: both halves, and close, behave."""
+    import socket
+    import time
+
+    from husarnet_ros.core import tun
+
+    dev = tun.TunDevice.open("hnt0", ADDR, 1420, vnet_hdr=False)
+    tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        while dev.read(timeout=0.3):  # chatter after the device came up
+            pass
+        t0 = time.monotonic()
+        assert dev.read_ready() == []
+        assert dev.wait_readable(0.2) is False
+        assert time.monotonic() - t0 >= 0.15
+        for i in range(3):
+            tx.sendto(b"r%d" % i, (PEER, 9))
+        assert dev.wait_readable(2.0) is True
+        time.sleep(0.05)
+        assert [p[-2:] for p in dev.read_ready(2) if p[6] == 17] == [b"r0", b"r1"]  # at most max_packets
+        assert [p[-2:] for p in dev.read_ready() if p[6] == 17] == [b"r2"]
+    finally:
+        tx.close()
+        dev.close()
+    with pytest.raises(tun.TunError, match="closed"):
+        dev.read_ready()
+    with pytest.raises(tun.TunError, match="closed"):
+        dev.wait_readable(0.1)
+
+
 def test_busy_name_is_clear(netns: str) -> None:
     from husarnet_ros.core import tun
 

@@ -373,3 +373,69 @@ def test_the_lone_receive_declines_anything_but_a_data_message(side: Side, word:
     assert side.dp.receive_lone(bytes(d), EP) is False
     assert side.delivered == [] and side.drops() == {}
     assert side.counters.get("rx_packets") == 0
+
+
+class FakeTun:
+    """What the data path needs of a TUN device for _send_answer: queued reads, a way to fail after close."""
+
+    vnet_hdr = False
+    mtu = 1371
+    name = "fake0"
+
+    def __init__(self, *queued: bytes) -> None:
+        self.queued = list(queued)
+        self.closed = False
+
+    def read_ready(self, max_packets: int = 64) -> list[bytes]:
+        if self.closed:
+            raise RuntimeError("closed")  # TunError in the real device
+        out, self.queued = self.queued[:max_packets], self.queued[max_packets:]
+        return out
+
+
+def wire_tun(side: Side, tun: FakeTun) -> list[bytes]:
+    written: list[bytes] = []
+    side.dp.write_direct = written.append
+    side.dp._tun = tun
+    return written
+
+
+def test_the_answer_the_kernel_queued_leaves_from_the_receive_thread(side: Side) -> None:
+    """A lone packet written to the TUN, then the one answer already queued there is sealed and sent at once."""
+    answer, later = ip6(ME, PEER, b"answer"), ip6(ME, PEER, b"later")
+    tun = FakeTun(answer, later)
+    written = wire_tun(side, tun)
+    request = ip6(PEER, ME, b"request")
+    assert side.dp.receive_lone(side.remote.seal(request), EP) is True
+    assert written == [request]
+    assert [side.remote.open(d) for d, _ in side.hooks.sent] == [answer]
+    assert tun.queued == [later]  # one packet at most: the TUN thread takes the rest
+
+
+def test_no_answer_is_taken_while_the_tun_thread_reads_and_sends(side: Side) -> None:
+    tun = FakeTun(ip6(ME, PEER, b"answer"))
+    wire_tun(side, tun)
+    with side.dp._tun_send_lock:  # the TUN thread holds it while it reads and sends (order on the wire)
+        assert side.dp.receive_lone(side.remote.seal(ip6(PEER, ME)), EP) is True
+    assert side.hooks.sent == [] and len(tun.queued) == 1
+
+
+def test_nothing_queued_or_a_closed_tun_only_delivers(side: Side) -> None:
+    tun = FakeTun()
+    written = wire_tun(side, tun)
+    assert side.dp.receive_lone(side.remote.seal(ip6(PEER, ME, b"one")), EP) is True
+    tun.closed = True
+    assert side.dp.receive_lone(side.remote.seal(ip6(PEER, ME, b"two")), EP) is True
+    assert len(written) == 2 and side.hooks.sent == []
+    assert side.counters.get("rx_packets") == 2 and side.drops() == {}
+    assert not side.dp._tun_send_lock.locked()
+
+
+def test_an_answer_to_a_peer_that_is_not_whitelisted_is_dropped_and_counted(side: Side) -> None:
+    """The answer goes through the same send rules as any TUN read."""
+    tun = FakeTun(ip6(ME, OTHER, b"answer"))
+    wire_tun(side, tun)
+    assert side.dp.receive_lone(side.remote.seal(ip6(PEER, ME)), EP) is True
+    assert side.hooks.sent == []
+    assert tun.queued == []
+    assert sum(side.drops().values()) == 1

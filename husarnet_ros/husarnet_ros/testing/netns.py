@@ -822,13 +822,15 @@ table ip hrnat {{
         *,
         timeout: float = 20.0,
         daemon_module: str = "husarnet_ros.daemon",
+        env: dict[str, str] | None = None,
         **options: Any,
     ) -> Daemon:
         """Run ``python -m husarnet_ros.daemon`` in ``host`` and wait until its control socket answers.
 
         Keyword options become flags (``peer=[...]``, ``whitelist=[...]``, ``no_whitelist=True``,
         ``base=[...]``, ``no_lan_discovery=True``, ``timers_scale=0.1``, ``hostname=...``,
-        ``websetup_whitelist=[...]``). ``daemon_module`` picks another entry point with the same flags.
+        ``websetup_whitelist=[...]``). ``daemon_module`` picks another entry point with the same flags;
+        ``env`` adds to (or replaces, e.g. ``PYTHONPATH`` for another checkout) the daemon's environment.
         """
         state = Path(state_dir) if state_dir is not None else self.tmp / f"state-{host.name}"
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -842,6 +844,7 @@ table ip hrnat {{
             host,
             daemon_argv(state, ctl, options, daemon_module),
             log=self.tmp / f"daemon-{host.name}-{len(self.procs)}.log",
+            env=env,
         )
         d = Daemon(self, host, state, proc, ctl, address)
         ok = wait_until(lambda: control(ctl, "status", timeout=2).get("ok", False), timeout, 0.1, alive=proc)

@@ -1,0 +1,117 @@
+"""Ping latency, A/B: configurations take turns on the same namespaces, round after round (issue #6).
+
+On a shared virtual machine one series of pings moves by 30 % with the load of the moment, so two
+runs made minutes apart compare badly.  Here every configuration runs once per round, in turn, on
+the same veth pair; the script prints each round's average round trip and the median over rounds,
+plus how many rounds each configuration beat the first one.
+
+Configurations:
+  wg                        wireguard-go (Debian's), as in ``make bench``
+  ours                      this checkout's daemon
+  ours:VAR=VAL[,VAR=VAL]    the same with environment variables, e.g. ``ours:HUSARNET_ROS_SUPER=0``
+  tree:PATH                 the daemon of another checkout (its repository root), e.g. a ``git worktree``
+                            of an older commit
+
+Needs root.  Usage: ``bench/latency_ab.py [--rounds N] [--count N] CONFIG [CONFIG ...]``, e.g.
+``bench/latency_ab.py wg ours tree:/tmp/old``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as c
+
+
+def daemon_env(config: str) -> dict[str, str] | None:
+    """The environment a configuration's daemons get on top of the usual one (None: unchanged)."""
+    kind, _, arg = config.partition(":")
+    if kind == "ours":
+        if not arg:
+            return None
+        pairs = [item.partition("=") for item in arg.split(",")]
+        if any(not name or not sep for name, sep, _ in pairs):
+            raise SystemExit(f"{config!r}: expected ours:VAR=VAL[,VAR=VAL]")
+        return {name: value for name, _, value in pairs}
+    if kind == "tree":
+        package = Path(arg).resolve() / "husarnet_ros"
+        if not (package / "husarnet_ros" / "daemon.py").is_file():
+            raise SystemExit(f"{config!r}: {package} holds no husarnet_ros package")
+        pp = os.environ.get("PYTHONPATH", "")
+        return {"PYTHONPATH": str(package) + (os.pathsep + pp if pp else "")}
+    raise SystemExit(f"unknown configuration {config!r} (wg, ours, ours:VAR=VAL, tree:PATH)")
+
+
+def measure(lab: c.Lab, pair: c.Pair, config: str, count: int) -> tuple[float, float]:
+    """(average, p99) ms of ``count`` pings 10 ms apart through one freshly started configuration."""
+    if config == "wg":
+        procs = c.start_wireguard_go(pair)
+        try:
+            if c.wait_ping(lab, pair.a, c.WG_B, 15) is None:
+                raise SystemExit("wireguard-go: no ping within 15 s")
+            time.sleep(0.5)
+            avg, p99, _ = c.ping(lab, pair.a, c.WG_B, count)
+            return avg, p99
+        finally:
+            c.stop_procs(procs)
+    env = daemon_env(config)
+    sa, sb = lab.tmp / "ov-a", lab.tmp / "ov-b"
+    addr_a, addr_b = lab.daemon_address(sa), lab.daemon_address(sb)
+    common = {"udp_port": 5582, "no_lan_discovery": True, "interface": "hnet0", "env": env}
+    daemons = [
+        lab.start_daemon(pair.a, sa, peer=[f"{addr_b}@{c.B4}:5582"], whitelist=[addr_b], **common),
+        lab.start_daemon(pair.b, sb, peer=[f"{addr_a}@{c.A4}:5582"], whitelist=[addr_a], **common),
+    ]
+    try:
+        if c.wait_ping(lab, pair.a, addr_b, 20) is None:
+            raise SystemExit(f"{config}: no ping within 20 s")
+        time.sleep(0.5)
+        avg, p99, _ = c.ping(lab, pair.a, addr_b, count)
+        return avg, p99
+    finally:
+        for d in daemons:
+            d.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--count", type=int, default=250, help="pings per configuration and round")
+    ap.add_argument("configs", nargs="+")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces)")
+    for config in args.configs:
+        if config != "wg":
+            daemon_env(config)  # refuse a bad configuration before anything starts
+    why = c.have_wireguard_go() if "wg" in args.configs else None
+    if why:
+        raise SystemExit(why)
+    avgs: dict[str, list[float]] = {k: [] for k in args.configs}
+    p99s: dict[str, list[float]] = {k: [] for k in args.configs}
+    with c.Lab(tag="lab") as lab:
+        pair = c.make_pair(lab)
+        for r in range(args.rounds):
+            for config in args.configs:
+                avg, p99 = measure(lab, pair, config, args.count)
+                avgs[config].append(avg)
+                p99s[config].append(p99)
+            print(f"round {r + 1}: " + "  ".join(f"{k}={v[-1]:.3f}" for k, v in avgs.items()), flush=True)
+    first = args.configs[0]
+    print(f"\nping avg / p99 (ms), median of {args.rounds} rounds of {args.count} pings 10 ms apart")
+    for config in args.configs:
+        wins = sum(a < b for a, b in zip(avgs[config], avgs[first], strict=True))
+        beat = "" if config == first else f"   lower than {first} in {wins} of {args.rounds} rounds"
+        print(f"  {config:40s} {statistics.median(avgs[config]):.3f} / {statistics.median(p99s[config]):.3f}{beat}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -329,11 +329,7 @@ class Datapath:
             # zero header (no checksum left to us, no segmentation) the packet is the read minus the header.
             buf = reads[0]
             if len(buf) > VNET_HDR_LEN and buf[0] == 0 and buf[1] == 0:
-                pkt = buf[VNET_HDR_LEN:]
-                # Straight to the lone path, one call layer less on a cold CPU; when it declines (before
-                # using any key) send_packets asks it once more, then takes the batch way.
-                if not self._send_lone(pkt):
-                    self.send_packets([pkt])
+                self.send_packets([buf[VNET_HDR_LEN:]])
                 return
             try:
                 self.send_packets(split_for_send(buf, True, mtu))

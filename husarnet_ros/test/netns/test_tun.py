@@ -110,29 +110,11 @@ def test_open_configures_device_and_ping_reaches_read(netns: str, vnet: bool) ->
     assert "hnt0" not in _links()
 
 
-def test_write_delivers_to_the_stack(netns: str) -> None:
-    """An echo reply written to the TUN reaches ping: the write direction works."""
-    from husarnet_ros.core import tun
-
-    dev = tun.TunDevice.open("hnt0", ADDR, 1420, vnet_hdr=True)
-    try:
-        p = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "ping", "-6", "-c", "1", "-W", "3", PEER],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        req = _read_echo_request(dev, True)
-        dev.write(bytes(10) + _echo_reply(req))  # all-zero virtio-net header: a plain packet
-        out, _ = p.communicate(timeout=10)
-        assert p.returncode == 0, out
-        assert b"1 received" in out
-    finally:
-        dev.close()
-
-
-@pytest.mark.parametrize("vnet", [False, True])
-def test_write_packet_takes_a_plain_ipv6_packet(netns: str, vnet: bool) -> None:
-    """The data path's lone write: a plain packet, the zero virtio-net header added when the device has them."""
+@pytest.mark.parametrize(("vnet", "lone"), [(True, False), (False, True), (True, True)])
+def test_write_delivers_to_the_stack(netns: str, vnet: bool, lone: bool) -> None:
+    """An echo reply written to the TUN reaches ping: with ``write`` (the caller's virtio-net header) and
+    with the data path's ``write_packet`` (a plain packet; the zero header added when the device has them).
+    """
     from husarnet_ros.core import tun
 
     dev = tun.TunDevice.open("hnt0", ADDR, 1420, vnet_hdr=vnet)
@@ -142,13 +124,20 @@ def test_write_packet_takes_a_plain_ipv6_packet(netns: str, vnet: bool) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
-        dev.write_packet(_echo_reply(_read_echo_request(dev, vnet)))
+        reply = _echo_reply(_read_echo_request(dev, vnet))
+        if lone:
+            dev.write_packet(reply)
+        else:
+            dev.write(bytes(10) + reply)  # all-zero virtio-net header: a plain packet
         out, _ = p.communicate(timeout=10)
         assert p.returncode == 0, out
-        dev.write_packet(b"\x60junk")  # refused by the kernel: a drop, not an exception
+        assert b"1 received" in out
+        if lone:
+            dev.write_packet(b"\x60junk")  # refused by the kernel: a drop, not an exception
     finally:
         dev.close()
-    dev.write_packet(bytes(48))  # after close: nothing happens
+    if lone:
+        dev.write_packet(bytes(48))  # after close: nothing happens
 
 
 def test_read_many_hands_over_the_packet_that_ended_a_wait_alone(netns: str) -> None:

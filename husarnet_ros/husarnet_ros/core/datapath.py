@@ -898,7 +898,9 @@ class Datapath:
             try:
                 # Read and send under one lock: the UDP thread may send an answer it finds on the TUN
                 # (_send_answer), and the lock keeps what leaves in the order the TUN gave it.  A read
-                # that ends a wait is taken alone (see TunDevice.read_many).
+                # that ends a wait is taken alone: after idle it almost always is, and a drain attempt
+                # (a failing read) would sit on its path on a cold CPU; under load reads do not wait,
+                # so batches still form.
                 with lock:
                     reads = tun.read_ready(1 if woke else 64)
                     if reads:

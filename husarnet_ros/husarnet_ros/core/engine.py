@@ -40,7 +40,7 @@ from .counters import Counters
 from .datapath import Datapath
 from .fsutil import StateFileError, ensure_state_dir
 from .identity import Identity, format_address, parse_address
-from .offload import IPPROTO_TCP, MAX_PACKET, PLAIN_VNET_HDR, Coalescer, OffloadError, split_for_send
+from .offload import MAX_PACKET, Coalescer, OffloadError, split_for_send
 from .path import KIND_NONE, KIND_RELAY, Network, classify, probe_interval_for
 from .peer import IndexTable, Peer, PendingHandshake
 from .session import Keypair
@@ -1408,12 +1408,12 @@ class Engine:
         """Inbound IPv6 packets: to the TUN, or to ``on_packet`` in memory mode."""
         tun = self._tun
         if tun is not None:
-            if not tun.vnet_hdr:
+            if len(packets) == 1:
+                # Nothing to coalesce (the Coalescer gives a lone packet a plain header): no round trip
+                # through it, which costs as much as the write itself on a cold CPU.
+                tun.write_packet(packets[0])
+            elif not tun.vnet_hdr:
                 _write_all(tun, packets)
-            elif len(packets) == 1 and (len(packets[0]) < 60 or packets[0][6] != IPPROTO_TCP):
-                # A lone packet the Coalescer would pass through unchanged (an echo, a DDS datagram): no
-                # Coalescer round trip, which costs as much as the write itself on a cold CPU.
-                _write_all(tun, [PLAIN_VNET_HDR + packets[0]])
             else:
                 # GRO: consecutive segments of one TCP flow become one super-packet write.
                 co = Coalescer(vnet=True)

@@ -34,6 +34,7 @@ import time
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .offload import PLAIN_VNET_HDR
 from .waiter import FdWaiter
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
 
 VNET_HDR_LEN = 10  # struct virtio_net_hdr, without num_buffers
-_PLAIN_HDR = bytes(VNET_HDR_LEN)  # no checksum offload, no segmentation
 IFA_F_NODAD = 0x02
 IFNAMSIZ = 16
 CAP_NET_ADMIN = 12
@@ -280,10 +280,17 @@ class TunDevice:
         """One packet (with its virtio-net header when ``vnet_hdr``); b"" on timeout.
 
         Raises :class:`TunError` once the device is closed (also when closed by another thread
-        while this one waits).
+        while this one waits).  The data path reads with :meth:`read_ready` and :meth:`wait_readable`.
         """
-        out = self.read_many(1, bufsize, timeout)
-        return out[0] if out else b""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            out = self.read_ready(1, bufsize)
+            if out:
+                return out[0]
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return b""
+            self.wait_readable(left)
 
     def read_ready(self, max_packets: int = 64, bufsize: int = 65536 + VNET_HDR_LEN) -> list[bytes]:
         """The packets queued now, at most ``max_packets``, without waiting ([] when there are none).
@@ -319,25 +326,6 @@ class TunDevice:
             raise TunError(f"TUN device {self.name!r} is closed")
         return ready
 
-    def read_many(
-        self, max_packets: int = 64, bufsize: int = 65536 + VNET_HDR_LEN, timeout: float | None = None
-    ) -> list[bytes]:
-        """Wait (up to ``timeout``) for at least one packet, then drain up to ``max_packets`` without blocking.
-
-        A packet that ended a wait comes back alone: after idle it is almost always alone, and the
-        drain attempt (a failing read) would sit on its path on a cold CPU (issue #6).  Under load
-        reads do not wait, so batches still form; nothing waits longer, the next call reads on.
-        """
-        out = self.read_ready(max_packets, bufsize)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not out:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return []
-            self.wait_readable(left)
-            out = self.read_ready(1, bufsize)
-        return out
-
     def write(self, packet: bytes | bytearray | memoryview) -> None:
         """Hand one packet (with its virtio-net header when ``vnet_hdr``) to the kernel.
 
@@ -361,7 +349,7 @@ class TunDevice:
         if self._closed:
             return
         try:
-            os.write(self.fd, _PLAIN_HDR + packet if self.vnet_hdr else packet)
+            os.write(self.fd, PLAIN_VNET_HDR + packet if self.vnet_hdr else packet)
         except OSError as e:
             log.debug("TUN write failed: %s", e)
 

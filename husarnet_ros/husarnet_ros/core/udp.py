@@ -245,8 +245,7 @@ class UdpSocket:
 
     def send_data(self, datagram: bytes, endpoint: Endpoint) -> None:
         """One Data datagram, for the data path's lone-packet fast path: like :meth:`send_many` of one."""
-        addr = self._addr_cache.get(endpoint)
-        self._sendto(datagram, addr if addr is not None else self._dest(endpoint))
+        self._sendto(datagram, self._dest(endpoint))
 
     def _sendto(self, d: bytes, addr: tuple[str, int, int, int], wait: float = DATA_SEND_WAIT) -> None:
         try:

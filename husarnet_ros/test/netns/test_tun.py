@@ -140,35 +140,6 @@ def test_write_delivers_to_the_stack(netns: str, vnet: bool, lone: bool) -> None
         dev.write_packet(bytes(48))  # after close: nothing happens
 
 
-def test_read_many_hands_over_the_packet_that_ended_a_wait_alone(netns: str) -> None:
-    """After idle one read goes straight to the caller; packets already queued are drained as one batch."""
-    import socket
-    import time
-
-    from husarnet_ros.core import tun
-
-    dev = tun.TunDevice.open("hnt0", ADDR, 1420, vnet_hdr=False)
-    tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        while dev.read(timeout=0.3):  # router/listener chatter after the device came up
-            pass
-
-        def wait_while_three_arrive(timeout: float | None) -> bool:
-            for i in range(3):
-                tx.sendto(b"w%d" % i, (PEER, 9))
-            time.sleep(0.1)
-            return True
-
-        dev._waiter.wait = wait_while_three_arrive  # the device is empty: read_many must wait
-        first = dev.read_many(64)
-        assert len(first) == 1 and first[0].endswith(b"w0")
-        rest = dev.read_many(64, timeout=1.0)
-        assert [p[-2:] for p in rest if p[6] == 17] == [b"w1", b"w2"]  # drained in one call
-    finally:
-        tx.close()
-        dev.close()
-
-
 def test_read_ready_never_waits_and_wait_readable_times_out(netns: str) -> None:
     """The data path's TUN loop reads under a lock and sleeps outside it: both halves, and close, behave."""
     import socket

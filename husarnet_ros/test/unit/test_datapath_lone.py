@@ -382,15 +382,26 @@ class FakeTun:
     mtu = 1371
     name = "fake0"
 
-    def __init__(self, *queued: bytes) -> None:
+    def __init__(self, *queued: bytes, bursts: list[list[bytes]] | None = None) -> None:
         self.queued = list(queued)
         self.closed = False
+        self.asked: list[int] = []
+        self.bursts = bursts or []
 
     def read_ready(self, max_packets: int = 64) -> list[bytes]:
         if self.closed:
             raise RuntimeError("closed")  # TunError in the real device
+        self.asked.append(max_packets)
         out, self.queued = self.queued[:max_packets], self.queued[max_packets:]
         return out
+
+    def wait_readable(self, timeout: float | None = None) -> bool:
+        """Each wait lets the next scripted burst arrive; with none left the device is closed."""
+        if not self.bursts:
+            self.closed = True
+            raise RuntimeError("closed")
+        self.queued += self.bursts.pop(0)
+        return True
 
 
 def wire_tun(side: Side, tun: FakeTun) -> list[bytes]:
@@ -439,3 +450,15 @@ def test_an_answer_to_a_peer_that_is_not_whitelisted_is_dropped_and_counted(side
     assert side.hooks.sent == []
     assert tun.queued == []
     assert sum(side.drops().values()) == 1
+
+
+def test_the_tun_loop_takes_a_read_that_ended_a_wait_alone_and_drains_a_backlog(side: Side) -> None:
+    """After idle the first packet leaves at once (no drain attempt on its path); what queued behind it
+    leaves as one batch; order on the wire is TUN order; a closed device ends the loop."""
+    pkts = [ip6(ME, PEER, b"p%d" % i) for i in range(5)]
+    tun = FakeTun(pkts[0], bursts=[[pkts[1], pkts[2], pkts[3]], [pkts[4]]])
+    side.dp._tun = tun
+    side.dp._tun_loop()  # returns when the fake device closes
+    assert tun.asked == [64, 64, 1, 64, 64, 1, 64]
+    assert [side.remote.open(d) for d, _ in side.hooks.sent] == pkts
+    assert not side.dp._tun_send_lock.locked()

@@ -47,9 +47,10 @@ class Pair:
     procs: dict[str, list[Proc]] = field(default_factory=dict)
 
 
-def make_pair(lab: Lab, mtu: int = 1500) -> Pair:
-    a = lab.host("a")
-    b = lab.host("b")
+def make_pair(lab: Lab, mtu: int = 1500, tag: str = "") -> Pair:
+    """Hosts ``a<tag>`` and ``b<tag>`` on one veth; pairs of different tags share nothing but the CPUs."""
+    a = lab.host(f"a{tag}")
+    b = lab.host(f"b{tag}")
     a_if = lab.link(a, b, f"{A4}/24", f"{A6}/64", other_addr4=f"{B4}/24", other_addr6=f"{B6}/64", mtu=mtu)
     b_if = next(iter(b.addrs4))
     return Pair(lab, a, b, a_if, b_if)

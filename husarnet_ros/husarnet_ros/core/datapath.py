@@ -43,12 +43,14 @@ from .offload import (
     OffloadError,
     split_for_send,
 )
+from .path import Path
 from .peer import IndexTable, Peer
 from .session import Keypair, SessionDrop, check_super, open_super, seal_super
 from .superpacket import REPORT_INTERVAL, REPORT_MIN_INTERVAL, Reassembly, fragment_payload
 from .transport import AnyEndpoint, Endpoint, RelayEndpoint
 from .udp import DatagramRun
 from .wire import (
+    DATA_HEADER_LEN,
     DATA_MIN_LEN,
     DATA_SUPER_HEADER,
     DATA_SUPER_HEADER_LEN,
@@ -146,9 +148,14 @@ class Datapath:
         self._reassembly = Reassembly()  # receive thread only (super fragments never come relayed)
         #: Set by the engine when the underlay is a UDP socket / the inbound side a TUN device: the lone-packet
         #: paths call them directly instead of going through the hooks' general batch calls (issue #6).
+        #: ``sendto`` is the socket's bare send, taking the address ``sockaddr`` made of an endpoint (kept in
+        #: the peer's :class:`Lane`); when it fails (full buffer, path error) ``send_direct`` takes over.
         self.send_direct: Callable[[bytes, Endpoint], None] | None = None
+        self.sendto: Callable[[bytes, Any], object] | None = None
+        self.sockaddr: Callable[[Endpoint], Any] | None = None
         self.write_direct: Callable[[bytes], None] | None = None
         self._tun_send_lock = threading.Lock()  # TUN reads and their sends: TUN thread or _send_answer
+        self._lane_gen = 0  # bumped by drop_lanes (whitelist changes): a lane of an older generation is stale
 
     # --- outbound: TUN -> peers ------------------------------------------------
     def _nudge(self, address: bytes, packet: bytes | None, now: float) -> None:
@@ -160,29 +167,28 @@ class Datapath:
         self._nudged[address] = now
         self.hooks.need_handshake(address, packet)
 
-    def send_packets(
+    def send_packets(self, packets: list[bytes]) -> None:
+        """Seal and send a batch of plain IPv6 packets (read from a TUN without virtio-net headers, or injected)."""
+        if len(packets) == 1 and self._send_lone(packets[0]):
+            return
+        self._send_batch(packets, {}, [])
+
+    def _send_batch(
         self,
         packets: list[bytes],
-        groups: dict[AnyEndpoint, list[bytes]] | None = None,
-        sent_peers: list[Peer] | None = None,
+        groups: dict[AnyEndpoint, list[bytes]],
+        sent_peers: list[Peer],
         sent: tuple[int, int] = (0, 0),
     ) -> None:
-        """Seal and send a batch of IPv6 packets read from the TUN.
+        """Seal a batch of packets, group the datagrams by endpoint and send each group in one transport call.
 
         ``groups`` may already hold datagrams per endpoint (super-packet fragments of the same TUN
-        batch, for ``sent_peers``, ``sent`` = (packets, bytes)); they leave with this batch's, one transport
-        call per endpoint.
+        batch, for ``sent_peers``, ``sent`` = (packets, bytes)); they leave with this batch's.
         """
-        if groups is None and len(packets) == 1 and self._send_lone(packets[0]):
-            return
         now = self.clock()
         me = self.address
         peers = self.peers
         is_allowed = self.hooks.is_allowed
-        if groups is None:
-            groups = {}
-        if sent_peers is None:
-            sent_peers = []
         drops: dict[str, int] = {}
         tx_packets, tx_bytes = sent
         fresh = False
@@ -252,34 +258,52 @@ class Datapath:
             peer.tx_bytes += n
         self._after_send(groups, sent_peers, tx_packets, tx_bytes, drops, now)
 
-    def _send_lone(self, pkt: bytes) -> bool:
-        """Seal and send one packet the plain way; False (before any key is used) leaves it to the batch loop.
+    def _send_lone(self, buf: bytes, skip: int = 0) -> bool:
+        """Seal and send one packet on its peer's lane; False (before any key is used) leaves it to the batch loop.
 
         Light traffic (an echo, a DDS heartbeat, a service call) arrives one packet per TUN read, and
         its latency is set by how much code runs on a CPU whose caches went cold since the last packet
-        (issue #6): the batch loop's dictionaries and grouping cost as much again as the seal itself.
-        Only the common case is taken here: our own source, a whitelisted peer with a live keypair and
-        a path.  Anything else (drops and their counters, staging for a handshake) is the batch loop's.
+        (issue #6).  So only the common case is taken here, with the least code before the send: our
+        own source, to a peer with a valid :class:`Lane` (which holds the whitelist verdict and the
+        socket address).  Drops and their counters, staging for a handshake, the relay: the batch loop's.
+        ``skip`` is the virtio-net header's length for a TUN read with one; only an all-zero header
+        (no checksum or segmentation left to us) leaves the packet as it is.
         """
+        if skip:
+            if buf[0] or buf[1] or len(buf) > skip + self.mtu:
+                return False
+            pkt = buf[skip:]
+        else:
+            pkt = buf
         if len(pkt) < IPV6_HEADER_LEN or pkt[0] >> 4 != 6 or pkt[8:24] != self.address:
             return False
-        dst = pkt[24:40]
-        peer = self.peers.get(dst)
+        peer = self.peers.get(pkt[24:40])
         if peer is None:
             return False
-        kp = peer.current
-        endpoint = peer.paths.endpoint
-        if kp is None or endpoint is None or not self.hooks.is_allowed(dst):
-            return False
+        lane = peer.lane
+        if (
+            lane is None
+            or lane.kp is not peer.current
+            or lane.path is not peer.paths.current
+            or lane.gen != self._lane_gen
+        ):
+            lane = self._make_lane(peer)
+            if lane is None:
+                return False
+        kp = lane.kp
         try:
             datagram = kp.seal(pkt)
         except SessionDrop:
             return False  # expired: the batch loop stages the packet and asks for a handshake
-        send = self.send_direct
-        if send is not None and type(endpoint) is tuple:
-            send(datagram, endpoint)
+        sendto = self.sendto
+        if sendto is None:
+            self.hooks.send_datagrams([datagram], lane.path.endpoint)
         else:
-            self.hooks.send_datagrams([datagram], endpoint)
+            try:
+                sendto(datagram, lane.addr)
+            except OSError:  # a full buffer (waits for room there) or a path error (a loss)
+                self.send_direct(datagram, lane.path.endpoint)
+        # Everything below runs after the packet left.
         now = self.clock()
         n = len(pkt)
         peer.tx_bytes += n
@@ -288,6 +312,38 @@ class Datapath:
             self._nudge(peer.address, None, now)
         self.counters.inc_traffic("tx_packets", "tx_bytes", n)
         return True
+
+    def _make_lane(self, peer: Peer) -> Lane | None:
+        """The peer's lane for its current keypair and direct path, if it may have one (else None).
+
+        The full rules run here, once per keypair, path or whitelist change: a keypair, a validated
+        direct path (never the relay) and the whitelist's consent.  A whitelist change that lands
+        while this runs bumps the generation, and the lane made from the old verdict is not kept.
+        """
+        gen = self._lane_gen
+        kp = peer.current
+        path = peer.paths.current
+        if kp is None or path is None or type(path.endpoint) is not tuple or not self.hooks.is_allowed(peer.address):
+            return None
+        try:
+            addr = path.endpoint if self.sockaddr is None else self.sockaddr(path.endpoint)
+        except (OSError, ValueError):
+            return None
+        lane = Lane(kp, path, addr, gen)
+        peer.lane = lane
+        if self._lane_gen != gen:
+            peer.lane = None
+            return None
+        return lane
+
+    def drop_lanes(self) -> None:
+        """Forget every peer's lane (the whitelist changed): the next packet of each goes through the full rules.
+
+        Safe from any thread; the engine calls it from the whitelist listener, right after the change.
+        """
+        self._lane_gen += 1
+        for peer in list(self.peers.values()):
+            peer.lane = None
 
     def _after_send(
         self,
@@ -323,19 +379,13 @@ class Datapath:
         full-size Data datagram, one GSO run per super-packet.  Everything else is cut into
         MTU-sized packets with checksums (:func:`offload.split_for_send`) and sealed one by one.
         """
-        mtu = self.mtu
-        if len(reads) == 1 and len(reads[0]) <= VNET_HDR_LEN + mtu:
-            # One small read (no TSO: it fits the MTU) is one packet: straight to the lone path.  With a
-            # zero header (no checksum left to us, no segmentation) the packet is the read minus the header.
-            buf = reads[0]
-            if len(buf) > VNET_HDR_LEN and buf[0] == 0 and buf[1] == 0:
-                self.send_packets([buf[VNET_HDR_LEN:]])
-                return
-            try:
-                self.send_packets(split_for_send(buf, True, mtu))
-            except OffloadError:
-                self.counters.inc("malformed")
+        if len(reads) == 1 and self._send_lone(reads[0], VNET_HDR_LEN):
             return
+        self._send_read_batch(reads)
+
+    def _send_read_batch(self, reads: list[bytes]) -> None:
+        """The rules of :meth:`send_reads` for every read: super-packets, splitting, checksums, drops."""
+        mtu = self.mtu
         packets: list[bytes] = []
         groups: dict[AnyEndpoint, list[bytes]] = {}
         sent_peers: list[Peer] = []
@@ -358,7 +408,7 @@ class Datapath:
         if sent:
             self.counters.inc("super_tx", sent)
         if packets:
-            self.send_packets(packets, groups, sent_peers, (sent, sent_bytes))
+            self._send_batch(packets, groups, sent_peers, (sent, sent_bytes))
         elif sent:
             self._after_send(groups, sent_peers, sent, sent_bytes, {}, now)
 
@@ -591,67 +641,80 @@ class Datapath:
         else:  # unknown, wrong length, or a base message (those only ever come from a base)
             drops["malformed"] = drops.get("malformed", 0) + 1
 
-    def receive_lone(self, datagram: bytes, src: AnyEndpoint) -> bool:
-        """Open and deliver one Data datagram the plain way; False (before any AEAD work) leaves it to the batch.
+    def receive_lone(self, datagram: bytes, src: Any) -> bool:
+        """Open and deliver one Data datagram on its peer's lane; False (before any AEAD work) leaves it to the batch.
 
-        The receive-side twin of :meth:`_send_lone`: a lone datagram on the current keypair of a
-        whitelisted peer, from the endpoint its path already uses, skips the batch bookkeeping.  The
-        receive rule is the same (:meth:`Keypair.open`: window check, AEAD, commit) and so are the
-        inner-packet checks (:func:`_inner_packet_drop`).  Relayed datagrams, a new or stale path
+        The receive-side twin of :meth:`_send_lone`: a lone datagram on a confirmed keypair of a
+        peer with a valid :class:`Lane`, from the lane's address, skips the batch bookkeeping.  ``src``
+        is the sender as the socket reported it (the form the lane keeps; an endpoint in memory mode).
+        The receive rule is the same (:meth:`Keypair.open`: window check, AEAD, commit) and so are the
+        inner-packet checks (:func:`_inner_packet_drop`).  Relayed datagrams, another source address
         (roaming needs the path update), the first use of a responder's next keypair (it confirms the
         keypair) and super fragments all go the batch way.  The UDP receive thread offers every lone
-        datagram here first (:meth:`UdpTransport.start`), so anything but a Data message is declined.
+        datagram here first (:meth:`UdpSocket.recv_batch`), so anything but a Data message is declined.
         """
-        if len(datagram) < DATA_MIN_LEN or datagram[:4] != _DATA_WORD or isinstance(src, RelayEndpoint):
+        if len(datagram) < DATA_MIN_LEN or datagram[:4] != _DATA_WORD:
             return False
-        kp = self.index.get(_U32.unpack_from(datagram, 4)[0])
-        if not isinstance(kp, Keypair):
+        kp = self.index.lookup(_U32.unpack_from(datagram, 4)[0])
+        if type(kp) is not Keypair:
             return False
         peer = kp.owner
-        if not isinstance(peer, Peer) or kp is peer.next:
+        if type(peer) is not Peer:
             return False
-        cur = peer.paths.current
-        now = self.clock()
-        if cur is None or cur.endpoint != src or now - cur.last_auth_rx > 0.5:
-            return False
-        address = peer.address
-        if not self.hooks.is_allowed(address):
+        lane = peer.lane
+        if lane is None or lane.path is not peer.paths.current or lane.gen != self._lane_gen:
+            lane = self._make_lane(peer)
+            if lane is None:
+                return False
+        # Any keypair of the peer but a responder's unconfirmed next one (using it confirms it: the batch
+        # path's job).  The previous keypair is common: after handshakes that crossed, each end may keep
+        # receiving on the session it holds as previous.
+        if kp is peer.next or src != lane.addr:
             return False
         c = self.counters
-        try:
-            plaintext = kp.open(datagram)
+        counter = _U64.unpack_from(datagram, 8)[0]
+        try:  # the keypair was found by the header's receiver index: its rule from the counter on
+            plaintext = kp.authenticate(counter, memoryview(datagram)[DATA_HEADER_LEN:], None)
         except SessionDrop as drop:
             c.inc(drop.reason)
             return True
-        cur.last_auth_rx = peer.last_rx = now
-        peer.last_seen_wall = self.wallclock()
         drops: dict[str, int] = {}
-        if plaintext:  # else a keepalive
-            if plaintext[0] >> 4 != 6:
-                self._inner_control(peer, kp, plaintext, src, now, drops)
+        delivered = 0
+        if plaintext and plaintext[0] >> 4 == 6:
+            reason = _inner_packet_drop(plaintext, peer.address, self.address)
+            if reason is None:
+                try:
+                    write = self.write_direct
+                    if write is not None:
+                        write(plaintext)
+                    else:
+                        self.deliver([plaintext])
+                except Exception:
+                    log.exception("delivering a packet failed")
+                if self._tun is not None:
+                    self._send_answer()
+                delivered = len(plaintext)
             else:
-                reason = _inner_packet_drop(plaintext, address, self.address)
-                if reason is None:
-                    n = len(plaintext)
-                    peer.rx_bytes += n
-                    peer.last_rx_data = now
-                    c.inc_traffic("rx_packets", "rx_bytes", n)
-                    try:
-                        write = self.write_direct
-                        if write is not None:
-                            write(plaintext)
-                        else:
-                            self.deliver([plaintext])
-                    except Exception:
-                        log.exception("delivering a packet failed")
-                    if self._tun is not None:
-                        self._send_answer()
-                else:
-                    drops[reason] = 1
+                drops[reason] = 1
+        # Everything below runs after the packet (and any answer) left.
+        now = self.clock()
+        path = lane.path
+        if now - path.last_auth_rx > 0.5:
+            with peer.lock:  # now and then the full path rule, which may prefer another path (path.py)
+                peer.paths.on_authenticated(path.endpoint, path.kind, now)
+        else:
+            path.last_auth_rx = now
+        peer.last_rx = now
+        peer.last_seen_wall = self.wallclock()
+        if delivered:
+            peer.rx_bytes += delivered
+            peer.last_rx_data = now
+            c.inc_traffic("rx_packets", "rx_bytes", delivered)
+        elif plaintext and plaintext[0] >> 4 != 6:  # a probe, a probe reply or a super-packet report
+            self._inner_control(peer, kp, plaintext, path.endpoint, now, drops)
         if self.super_packets:
-            # Loss accounting for super-packet mode, after the packet (and any answer) left: it is needed
-            # only at the next report, and a report due now (every REPORT_INTERVAL) must not delay this one.
-            counter = _U64.unpack_from(datagram, 8)[0]
+            # Loss accounting for super-packet mode: needed only at the next report, and a report due now
+            # (every REPORT_INTERVAL) must not delay the packet.
             st = peer.superpkt
             st.count_messages(kp, counter, counter, 1)
             # No report is ever due sooner than REPORT_MIN_INTERVAL after the last: only then the full check
@@ -902,16 +965,35 @@ class Datapath:
                 # (a failing read) would sit on its path on a cold CPU; under load reads do not wait,
                 # so batches still form.
                 with lock:
-                    reads = tun.read_ready(1 if woke else 64)
-                    if reads:
-                        self._send_tun_reads(reads)
-                if reads:
-                    woke = False
-                    continue
-                tun.wait_readable()
-                woke = True
+                    if woke:
+                        buf = tun.read_one()
+                        got = buf is not None
+                        if got:
+                            self._send_read(buf)
+                    else:
+                        reads = tun.read_ready(64)
+                        got = bool(reads)
+                        if got:
+                            self._send_tun_reads(reads)
+                woke = False
+                if not got:
+                    tun.wait_readable()
+                    woke = True
             except Exception:  # TunError once closed
                 return
+
+    def _send_read(self, buf: bytes) -> None:
+        """One TUN read on its own (it ended a wait, or answers a packet just written): the lone path first."""
+        try:
+            vnet = self._tun.vnet_hdr
+            if self._send_lone(buf, VNET_HDR_LEN if vnet else 0):
+                return
+            if vnet:
+                self._send_read_batch([buf])
+            else:
+                self._send_batch([buf], {}, [])
+        except Exception:
+            log.exception("sending a TUN read failed")
 
     def _send_tun_reads(self, reads: list[bytes]) -> None:
         """Seal and send TUN reads: with virtio-net headers (TSO super-packets) or plain packets."""
@@ -936,9 +1018,9 @@ class Datapath:
         if not lock.acquire(blocking=False):
             return
         try:
-            reads = self._tun.read_ready(1)
-            if reads:
-                self._send_tun_reads(reads)
+            buf = self._tun.read_one()
+            if buf is not None:
+                self._send_read(buf)
         except Exception:  # TunError once closed: the TUN thread ends on its own
             return
         finally:
@@ -951,6 +1033,25 @@ class Datapath:
         if self._tun_thread is not None:
             self._tun_thread.join(timeout=5)
             self._tun_thread = None
+
+
+class Lane:
+    """A peer's current keypair on its current direct path, with the checks that need doing once done once.
+
+    Why: on light traffic every packet meets a CPU whose caches went cold since the last one, and a
+    hop's latency grows with the code and data it touches (issue #6).  The whitelist verdict, the
+    socket address and the pairing of keypair and path are settled when the lane is made
+    (:meth:`Datapath._make_lane`); each packet then only checks that nothing moved since: the same
+    keypair and path are current and the whitelist has not changed (:meth:`Datapath.drop_lanes`).
+    """
+
+    __slots__ = ("addr", "gen", "kp", "path")
+
+    def __init__(self, kp: Keypair, path: Path, addr: Any, gen: int) -> None:
+        self.kp = kp
+        self.path = path
+        self.addr = addr  # the socket's form of path.endpoint (the endpoint itself without a socket)
+        self.gen = gen
 
 
 class SealedSuper:

@@ -362,6 +362,8 @@ class Engine:
         # The lone-packet paths reach socket and TUN without the general batch calls (issue #6).
         if isinstance(self._transport, UdpTransport):
             self._datapath.send_direct = self._transport.send_data
+            self._datapath.sendto = self._transport.raw_sendto
+            self._datapath.sockaddr = self._transport.sockaddr
         if self._tun is not None:
             self._datapath.write_direct = self._tun.write_packet
         # Hosts file block (own names + whitelist hostnames + websetup names).
@@ -970,6 +972,8 @@ class Engine:
 
     def _on_whitelist_change(self, kind: str, address: bytes | None) -> None:
         """Whitelist listener (any thread): tear down removed peers within a tick, start added ones."""
+        if self._datapath is not None:  # at once: the lone-packet paths keep the old verdict until this
+            self._datapath.drop_lanes()
         self._post(self._apply_whitelist, kind, address)
 
     def _apply_whitelist(self, kind: str, address: bytes | None) -> None:

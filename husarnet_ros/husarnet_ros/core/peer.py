@@ -45,6 +45,8 @@ class IndexTable:
     def __init__(self) -> None:
         self._table: dict[int, Any] = {}
         self._lock = threading.Lock()
+        #: ``lookup(index)``: :meth:`get` as the dict's own method, for the data path's per-packet lookup.
+        self.lookup = self._table.get
 
     def reserve(self, owner: Any) -> int:
         """A fresh random non-zero index bound to ``owner``."""
@@ -109,6 +111,7 @@ class Peer:
     session_started: float = 0.0
     pings: dict = field(default_factory=dict, repr=False)  # nonce -> (sent_at, future)
     superpkt: SuperState = field(default_factory=SuperState, repr=False)  # super-packet agreement and loss
+    lane: Any = field(default=None, repr=False)  # datapath.Lane: the lone-packet paths' checked shortcut
 
     def keypairs(self) -> list[Any]:
         return [kp for kp in (self.current, self.previous, self.next) if kp is not None]

@@ -170,10 +170,15 @@ class Keypair:
         word, receiver, n = DATA_HEADER.unpack_from(datagram)
         if word != MSG_DATA or receiver != self.local_index:
             raise SessionDrop("malformed")
-        return self._authenticate(n, memoryview(datagram)[DATA_HEADER_LEN:], None)
+        return self.authenticate(n, memoryview(datagram)[DATA_HEADER_LEN:], None)
 
-    def _authenticate(self, n: int, ciphertext: bytes | bytearray | memoryview, aad: bytes | None) -> bytes:
-        """The receive rule in one place: window check before the AEAD, window commit only after the tag."""
+    def authenticate(self, n: int, ciphertext: bytes | bytearray | memoryview, aad: bytes | None) -> bytes:
+        """The receive rule in one place: window check before the AEAD, window commit only after the tag.
+
+        For callers that parsed the header themselves: :meth:`open`, :func:`open_super`, and the data
+        path's lone receive, which found this keypair by the header's receiver index (issue #6: on a cold
+        CPU every layer counts).  ``n`` is the message counter, ``ciphertext`` what follows the header.
+        """
         verdict = self._replay.check(n)
         if verdict is not None:
             raise SessionDrop(verdict)
@@ -231,7 +236,7 @@ def open_super(kp: Keypair, counter: int, sealed: bytes | bytearray | memoryview
     """
     if len(sealed) < TAG_LEN:
         raise SessionDrop("malformed")
-    return kp._authenticate(counter, sealed, super_aad(kp.local_index, counter))
+    return kp.authenticate(counter, sealed, super_aad(kp.local_index, counter))
 
 
 def random_index() -> int:

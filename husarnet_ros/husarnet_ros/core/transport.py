@@ -169,6 +169,18 @@ class UdpTransport:
         except (OSError, ValueError) as exc:
             log.debug("send to %s failed: %s", endpoint, exc)
 
+    def sockaddr(self, endpoint: Endpoint) -> Any:
+        """The socket's form of ``endpoint``: what :meth:`raw_sendto` takes and ``on_lone`` is given."""
+        return self._sock.sockaddr(endpoint)
+
+    @property
+    def raw_sendto(self) -> Callable[[bytes, Any], object]:
+        """The socket's bare ``sendto(datagram, sockaddr)``: raises on a full buffer or a path error.
+
+        For the data path's lone packets, which fall back to :meth:`send_data` when it raises.
+        """
+        return self._sock.sock.sendto
+
     def send_segmented(self, parts: list[bytes | memoryview], segment: int, endpoint: Endpoint) -> None:
         """Buffers that are datagrams of ``segment`` bytes back to back (the last shorter): one GSO send."""
         if self._closed:
@@ -182,13 +194,14 @@ class UdpTransport:
         self,
         on_datagram: OnDatagram,
         on_batch: OnBatch | None = None,
-        on_lone: Callable[[bytes, Endpoint], bool] | None = None,
+        on_lone: Callable[[bytes, Any], bool] | None = None,
     ) -> None:
         """Start the receive thread; it calls ``on_batch(list)`` if given, else ``on_datagram(data, ep)``.
 
-        ``on_lone(data, ep)`` is offered a datagram that arrived alone first (light traffic); when it
-        returns False the datagram goes the usual way.  On a CPU gone cold between packets every call
-        layer costs latency (issue #6), so the data path's lone-datagram check is called directly.
+        ``on_lone(data, sockaddr)`` is offered a datagram that arrived alone first (light traffic), with
+        the sender in the form :meth:`sockaddr` gives; when it returns False the datagram goes the usual
+        way.  On a CPU gone cold between packets every call layer costs latency (issue #6), so the
+        socket's receive loop calls the data path's lone-datagram check directly.
         """
         if self._thread is not None:
             raise RuntimeError("transport already started")
@@ -198,13 +211,13 @@ class UdpTransport:
         self._thread.start()
 
     def _run(
-        self, on_datagram: OnDatagram, on_batch: OnBatch | None, on_lone: Callable[[bytes, Endpoint], bool] | None
+        self, on_datagram: OnDatagram, on_batch: OnBatch | None, on_lone: Callable[[bytes, Any], bool] | None
     ) -> None:
         recv_batch = self._sock.recv_batch
         runs = on_batch is not None  # a batch handler takes DataSuper GRO buffers whole (DatagramRun)
         while not self._closed:
             try:
-                batch = recv_batch(None, runs=runs)
+                batch = recv_batch(None, runs=runs, lone=on_lone)
             except OSError as exc:
                 if self._closed:
                     return
@@ -213,8 +226,6 @@ class UdpTransport:
             if not batch:
                 continue
             try:
-                if on_lone is not None and len(batch) == 1 and type(batch[0][0]) is bytes and on_lone(*batch[0]):
-                    continue
                 if on_batch is not None:
                     on_batch(batch)
                 else:

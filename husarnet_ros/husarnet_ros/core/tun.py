@@ -315,6 +315,23 @@ class TunDevice:
                 raise TunError(f"reading {self.name!r} failed: {e.strerror}") from None
         return out
 
+    def read_one(self, bufsize: int = 65536 + VNET_HDR_LEN) -> bytes | None:
+        """The next queued packet, or None when there is none (no waiting): one ``read``, nothing around it.
+
+        The data path's read after a wake-up, when one packet is what it expects (issue #6).  Raises
+        :class:`TunError` once the device is closed.
+        """
+        if self._closed:
+            raise TunError(f"TUN device {self.name!r} is closed")
+        try:
+            return os.read(self.fd, bufsize)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if self._closed:
+                raise TunError(f"TUN device {self.name!r} is closed") from None
+            raise TunError(f"reading {self.name!r} failed: {e.strerror}") from None
+
     def wait_readable(self, timeout: float | None = None) -> bool:
         """Sleep until a packet is queued (True) or ``timeout`` passes (False).
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 import select
 import socket
 import struct
@@ -30,6 +31,7 @@ from .waiter import FdWaiter
 from .wire import MSG_DATA, MSG_DATA_SUPER
 
 Endpoint = tuple[str, int]
+log = logging.getLogger(__name__)
 
 
 class DatagramRun:
@@ -165,7 +167,8 @@ class UdpSocket:
 
     # --- send -------------------------------------------------------------------
 
-    def _dest(self, endpoint: Endpoint) -> tuple[str, int, int, int]:
+    def sockaddr(self, endpoint: Endpoint) -> tuple[str, int, int, int]:
+        """The address the socket's ``sendto`` takes for ``endpoint`` (and reports for a datagram from it)."""
         addr = self._addr_cache.get(endpoint)
         if addr is None:
             addr = _sockaddr(endpoint)
@@ -193,7 +196,7 @@ class UdpSocket:
 
     def send(self, datagram: bytes, endpoint: Endpoint) -> None:
         """One (control) datagram; waits at most CONTROL_SEND_WAIT when full, never raises on network errors."""
-        self._sendto(datagram, self._dest(endpoint), CONTROL_SEND_WAIT)
+        self._sendto(datagram, self.sockaddr(endpoint), CONTROL_SEND_WAIT)
 
     def send_many(self, datagrams: list[bytes], endpoint: Endpoint) -> None:
         """Send datagrams in order; runs of equal size (the last of a run may be shorter) leave in one sendmsg.
@@ -204,7 +207,7 @@ class UdpSocket:
         """
         if not datagrams:
             return
-        addr = self._dest(endpoint)
+        addr = self.sockaddr(endpoint)
         if not self.gso or len(datagrams) == 1:
             for d in datagrams:
                 self._sendto(d, addr)
@@ -238,14 +241,14 @@ class UdpSocket:
         """
         total = sum(map(len, parts))
         if self.gso and segment < total <= min(MAX_GSO_BYTES, segment * UDP_MAX_SEGMENTS):
-            self._send_gso(parts, segment, self._dest(endpoint))
+            self._send_gso(parts, segment, self.sockaddr(endpoint))
             return
         buf = b"".join(parts)
         self.send_many([buf[off : off + segment] for off in range(0, len(buf), segment)], endpoint)
 
     def send_data(self, datagram: bytes, endpoint: Endpoint) -> None:
         """One Data datagram, for the data path's lone-packet fast path: like :meth:`send_many` of one."""
-        self._sendto(datagram, self._dest(endpoint))
+        self._sendto(datagram, self.sockaddr(endpoint))
 
     def _sendto(self, d: bytes, addr: tuple[str, int, int, int], wait: float = DATA_SEND_WAIT) -> None:
         try:
@@ -294,13 +297,22 @@ class UdpSocket:
         return ep
 
     def recv_batch(
-        self, timeout: float | None = None, max_calls: int = 32, *, runs: bool = False
+        self,
+        timeout: float | None = None,
+        max_calls: int = 32,
+        *,
+        runs: bool = False,
+        lone: Callable[[bytes, tuple], bool] | None = None,  # type: ignore[type-arg]
     ) -> list[tuple[bytes | DatagramRun, Endpoint]]:
         """Wait up to ``timeout`` for data, then drain up to ``max_calls`` receives without blocking.
 
         GRO buffers are cut back into the datagrams the sender sent; with ``runs`` a buffer of
         DataSuper fragments comes whole, as a :class:`DatagramRun`.  Returns [] on timeout and after
-        :meth:`close`.
+        :meth:`close`.  A datagram that ended a wait and came alone is first offered to ``lone(data,
+        sockaddr)`` with the sender as the socket reports it (:meth:`sockaddr`'s form): when it takes
+        it, the wait starts again (with the whole ``timeout``).  On light traffic that is every
+        datagram, and each layer between the socket and the data path costs latency on a cold CPU
+        (issue #6).
         """
         if self._closed:
             return []
@@ -331,6 +343,15 @@ class UdpSocket:
                     continue
                 raise
             calls += 1
+            if waited and lone is not None and not anc:
+                try:
+                    taken = lone(data, raw)
+                except Exception:  # a bug in the handler must not end the receiver
+                    log.exception("lone datagram handler failed")
+                    taken = True
+                if taken:
+                    waited = False
+                    continue
             ep = self._peer(raw)
             seg = 0
             if anc:

@@ -162,11 +162,21 @@ def test_read_ready_never_waits_and_wait_readable_times_out(netns: str) -> None:
         time.sleep(0.05)
         assert [p[-2:] for p in dev.read_ready(2) if p[6] == 17] == [b"r0", b"r1"]  # at most max_packets
         assert [p[-2:] for p in dev.read_ready() if p[6] == 17] == [b"r2"]
+        # read_one: the read after a wake-up, one packet or None, never a wait.
+        assert dev.read_one() is None
+        tx.sendto(b"r3", (PEER, 9))
+        assert dev.wait_readable(2.0) is True
+        one = dev.read_one()
+        while one is not None and one[6] != 17:  # skip the kernel's own chatter
+            one = dev.read_one()
+        assert one is not None and one[-2:] == b"r3"
     finally:
         tx.close()
         dev.close()
     with pytest.raises(tun.TunError, match="closed"):
         dev.read_ready()
+    with pytest.raises(tun.TunError, match="closed"):
+        dev.read_one()
     with pytest.raises(tun.TunError, match="closed"):
         dev.wait_readable(0.1)
 

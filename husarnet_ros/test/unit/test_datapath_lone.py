@@ -119,7 +119,8 @@ class Side:
         self.dp.receive_many(batch)
 
     def drops(self) -> dict[str, int]:
-        return {k: v for k, v in self.counters.snapshot().items() if v and k not in ("rx_packets", "rx_bytes")}
+        traffic = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+        return {k: v for k, v in self.counters.snapshot().items() if v and k not in traffic}
 
 
 MODES = ["lone", "batch"]
@@ -333,21 +334,136 @@ def test_a_batch_settles_each_session_and_endpoint_once_and_still_checks_each_pa
     assert side.counters.get("not_whitelisted") == 2 and len(side.delivered) == 4
 
 
-def test_lone_packets_use_the_direct_socket_and_tun_calls_when_wired(side: Side) -> None:
+def sockaddr(endpoint: tuple[str, int]) -> tuple[str, int, int, int]:
+    """What a dual-stack socket takes and reports for an IPv4 endpoint (UdpSocket.sockaddr)."""
+    return ("::ffff:" + endpoint[0], endpoint[1], 0, 0)
+
+
+def wire_socket(side: Side) -> list[tuple[bytes, object]]:
+    """The engine's wiring for a UDP socket: the bare sendto, its address form, and the careful fallback."""
+    bare: list[tuple[bytes, object]] = []
+    side.dp.sendto = lambda d, addr: bare.append((d, addr))
+    side.dp.sockaddr = sockaddr
+    side.dp.send_direct = lambda d, ep: pytest.fail("the careful send is only the bare send's fallback")
+    return bare
+
+
+def test_lone_packets_use_the_bare_socket_and_tun_calls_when_wired(side: Side) -> None:
     """With a UDP socket and a TUN (the engine wires them) the lone paths skip the general hook calls."""
-    direct_sent: list[tuple[bytes, object]] = []
+    bare = wire_socket(side)
     written: list[bytes] = []
-    side.dp.send_direct = lambda d, ep: direct_sent.append((d, ep))
     side.dp.write_direct = written.append
     out = ip6(ME, PEER)
     side.dp.send_packets([out])
-    assert [(side.remote.open(d), ep) for d, ep in direct_sent] == [(out, EP)]
+    assert [(side.remote.open(d), addr) for d, addr in bare] == [(out, sockaddr(EP))]
     assert side.hooks.sent == []
     assert side.counters.get("tx_packets") == 1 and side.counters.get("tx_bytes") == len(out)
     inbound = ip6(PEER, ME)
-    assert side.dp.receive_lone(side.remote.seal(inbound), EP) is True
+    # The receive thread reports the sender in the socket's form: the lane's address.
+    assert side.dp.receive_lone(side.remote.seal(inbound), sockaddr(EP)) is True
     assert written == [inbound] and side.delivered == []
     assert side.counters.get("rx_packets") == 1 and side.counters.get("rx_bytes") == len(inbound)
+    # Another sender (roaming) is the batch path's: declined before any AEAD work.
+    assert side.dp.receive_lone(side.remote.seal(inbound), sockaddr(EP_NEW)) is False
+    assert side.counters.get("rx_packets") == 1 and side.drops() == {}
+
+
+def test_a_bare_send_that_fails_is_retried_the_careful_way(side: Side) -> None:
+    """A full socket buffer or a path error: UdpTransport.send_data waits for room or counts a loss."""
+    careful: list[tuple[bytes, object]] = []
+
+    def full(d: bytes, addr: object) -> None:
+        raise BlockingIOError
+
+    side.dp.sendto = full
+    side.dp.sockaddr = sockaddr
+    side.dp.send_direct = lambda d, ep: careful.append((d, ep))
+    out = ip6(ME, PEER)
+    side.dp.send_packets([out])
+    assert [(side.remote.open(d), ep) for d, ep in careful] == [(out, EP)]
+    assert side.counters.get("tx_packets") == 1
+
+
+# --- lanes: the checks made once, and what makes them again ----------------------------------------------
+
+
+def count_lanes_made(side: Side, monkeypatch) -> list[object]:
+    made: list[object] = []
+    real = side.dp._make_lane
+
+    def spy(peer):
+        lane = real(peer)
+        made.append(lane)
+        return lane
+
+    monkeypatch.setattr(side.dp, "_make_lane", spy)
+    return made
+
+
+def test_a_lane_is_made_once_and_serves_both_directions(side: Side, monkeypatch) -> None:
+    made = count_lanes_made(side, monkeypatch)
+    for _ in range(3):
+        side.dp.send_packets([ip6(ME, PEER)])
+        side.receive(side.remote.seal(ip6(PEER, ME)), "lone")
+    assert len(made) == 1 and made[0] is side.peer.lane
+    assert len(side.hooks.sent) == 3 and len(side.delivered) == 3
+
+
+def test_a_whitelist_change_drops_every_lane_at_once(side: Side) -> None:
+    """The engine calls drop_lanes from the whitelist listener: the next packet meets the full rules."""
+    side.dp.send_packets([ip6(ME, PEER)])
+    assert side.peer.lane is not None
+    side.hooks.allowed.clear()
+    side.dp.drop_lanes()
+    assert side.peer.lane is None
+    side.dp.send_packets([ip6(ME, PEER)])
+    side.receive(side.remote.seal(ip6(PEER, ME)), "lone")
+    assert len(side.hooks.sent) == 1 and side.delivered == []
+    assert side.drops() == {"not_whitelisted": 2}
+
+
+def test_a_lane_made_while_the_whitelist_changed_is_not_kept(side: Side) -> None:
+    """The verdict may be read just before a removal lands: the generation tells, and the lane is dropped."""
+    real = side.hooks.is_allowed
+
+    def allowed_then_removed(address: bytes) -> bool:
+        verdict = real(address)
+        side.hooks.allowed.clear()
+        side.dp.drop_lanes()  # the removal lands between the verdict and the lane
+        return verdict
+
+    side.hooks.is_allowed = allowed_then_removed
+    assert side.dp._make_lane(side.peer) is None
+    assert side.peer.lane is None
+    side.hooks.is_allowed = real
+    side.dp.send_packets([ip6(ME, PEER)])
+    assert side.hooks.sent == [] and side.drops() == {"not_whitelisted": 1}
+
+
+def test_a_new_keypair_or_path_makes_a_new_lane(side: Side) -> None:
+    bare = wire_socket(side)
+    side.dp.send_packets([ip6(ME, PEER)])
+    first = side.peer.lane
+    side.peer.previous = side.kp
+    side.peer.current, new_remote = side.new_keys(5, 6)
+    side.dp.send_packets([ip6(ME, PEER, b"new key")])
+    assert new_remote.open(bare[-1][0]) == ip6(ME, PEER, b"new key")
+    second = side.peer.lane
+    assert second is not first and second.kp is side.peer.current
+    # The path moves (roaming, seen by the batch path): the lane follows it.
+    side.peer.paths.current.last_auth_rx -= 5.0
+    side.dp.receive_many([(new_remote.seal(ip6(PEER, ME)), EP_NEW)])
+    side.dp.send_packets([ip6(ME, PEER, b"new path")])
+    assert bare[-1][1] == sockaddr(EP_NEW)
+    assert side.peer.lane is not second
+
+
+def test_no_lane_on_the_relay_or_without_a_keypair(side: Side) -> None:
+    side.peer.current = None
+    assert side.dp._make_lane(side.peer) is None
+    side.peer.current = side.kp
+    side.peer.paths.invalidate()
+    assert side.dp._make_lane(side.peer) is None
 
 
 def test_a_relayed_path_never_takes_the_direct_socket_call(side: Side) -> None:
@@ -358,10 +474,9 @@ def test_a_relayed_path_never_takes_the_direct_socket_call(side: Side) -> None:
     side.peer.paths.add_candidate(relay, "relay", "base", 0.0)
     side.peer.paths.on_authenticated(relay, "relay", time.monotonic())
     assert side.peer.paths.endpoint == relay
-    direct_sent: list[object] = []
-    side.dp.send_direct = lambda d, ep: direct_sent.append(ep)
+    bare = wire_socket(side)
     side.dp.send_packets([ip6(ME, PEER)])
-    assert direct_sent == []
+    assert bare == [] and side.peer.lane is None
     assert [ep for _, ep in side.hooks.sent] == [relay]
 
 
@@ -394,6 +509,10 @@ class FakeTun:
         self.asked.append(max_packets)
         out, self.queued = self.queued[:max_packets], self.queued[max_packets:]
         return out
+
+    def read_one(self) -> bytes | None:
+        out = self.read_ready(1)
+        return out[0] if out else None
 
     def wait_readable(self, timeout: float | None = None) -> bool:
         """Each wait lets the next scripted burst arrive; with none left the device is closed."""

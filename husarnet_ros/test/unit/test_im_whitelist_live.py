@@ -159,3 +159,20 @@ def test_enabled_and_empty_denies_everyone_in_and_out(tmp_path):
         b.send(a, b"out")
         b.send(c, b"out")
         assert b.transport.sent_log == []
+
+
+def test_removal_closes_the_lone_packet_fast_path_before_remove_returns(tmp_path):
+    """The data path's lanes hold a whitelist verdict: the listener drops them at once, not a loop tick later."""
+    with Lab(tmp_path) as lb:
+        a, b = pair(lb)
+        connect(a, b)
+        b.send(a, b"before")
+        assert wait_for(lambda: a.payloads(b"before"))
+        peer = b.peer(a)
+        assert peer.lane is not None  # the packet took the lone path, which made the lane
+        refused = b.counter("not_whitelisted")
+        assert b.engine.whitelist.remove(a.address)
+        assert peer.lane is None
+        b.send(a, b"after")
+        assert b.counter("not_whitelisted") == refused + 1
+        assert not wait_for(lambda: a.payloads(b"after"), 0.3)

@@ -126,11 +126,15 @@ def test_the_receive_thread_offers_lone_datagrams_to_on_lone_first() -> None:
 
     t = UdpTransport(0, bind_host="127.0.0.1")
     offered: list[bytes] = []
+    senders: list[object] = []
     batches: list[bytes] = []
     done = threading.Event()
 
     def on_lone(data: bytes, ep: object) -> bool:
         offered.append(data)
+        senders.append(ep)
+        if data == b"boom":
+            raise RuntimeError("a bug in the handler")  # logged; the receiver goes on
         return data.startswith(b"L")
 
     def on_batch(batch: list) -> None:
@@ -140,13 +144,16 @@ def test_the_receive_thread_offers_lone_datagrams_to_on_lone_first() -> None:
 
     t.start(lambda d, ep: None, on_batch, on_lone)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", 0))
     try:
-        for msg in (b"L1", b"other", b"L2", b"end"):
+        for msg in (b"L1", b"other", b"boom", b"L2", b"end"):
             tx.sendto(msg, ("127.0.0.1", t.local_port))
             time.sleep(0.05)  # one at a time: each arrives alone
         assert done.wait(5)
         assert b"L1" in offered and b"L2" in offered
         assert batches == [b"other", b"end"]
+        # The sender in the socket's own form: what the data path's lanes keep and the bare sendto takes.
+        assert set(senders) == {t.sockaddr(tx.getsockname())}
     finally:
         tx.close()
         t.close()

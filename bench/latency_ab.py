@@ -25,7 +25,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -87,6 +89,42 @@ class Running:
             d.stop()
 
 
+def side_by_side(
+    lab: c.Lab, configs: list[str], rounds: int, count: int, report: Callable[[str], None] = print
+) -> dict[str, dict[str, Any]]:
+    """Start every configuration on its own pair, ping them in turn ``rounds`` times, stop them.
+
+    Per configuration: the median over rounds of the average and of the p99 (ms), the per-round
+    averages, and in how many rounds it beat the first configuration.  ``report`` gets one line per round.
+    """
+    avgs: dict[str, list[float]] = {k: [] for k in configs}
+    p99s: dict[str, list[float]] = {k: [] for k in configs}
+    running: list[Running] = []
+    try:
+        for i, config in enumerate(configs):
+            running.append(Running(lab, c.make_pair(lab, tag=f"ab{i}"), config))
+        time.sleep(0.5)
+        for r in range(rounds):
+            for run in running:
+                avg, p99 = run.ping(count)
+                avgs[run.config].append(avg)
+                p99s[run.config].append(p99)
+            report(f"round {r + 1}: " + "  ".join(f"{k}={v[-1]:.3f}" for k, v in avgs.items()))
+    finally:
+        for run in running:
+            run.stop()
+    first = configs[0]
+    return {
+        k: {
+            "avg_ms": statistics.median(avgs[k]),
+            "p99_ms": statistics.median(p99s[k]),
+            "round_avgs_ms": avgs[k],
+            "rounds_below_first": sum(a < b for a, b in zip(avgs[k], avgs[first], strict=True)),
+        }
+        for k in configs
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
@@ -97,37 +135,20 @@ def main() -> int:
         raise SystemExit("needs root (network namespaces)")
     if len(set(args.configs)) != len(args.configs):
         raise SystemExit("each configuration once")
-    if args.configs.count("wg") > 1:
-        raise SystemExit("wireguard-go runs once (its device names are per process)")
     for config in args.configs:
         if config != "wg":
             daemon_env(config)  # refuse a bad configuration before anything starts
     why = c.have_wireguard_go() if "wg" in args.configs else None
     if why:
         raise SystemExit(why)
-    avgs: dict[str, list[float]] = {k: [] for k in args.configs}
-    p99s: dict[str, list[float]] = {k: [] for k in args.configs}
     with c.Lab(tag="lab") as lab:
-        running: list[Running] = []
-        try:
-            for i, config in enumerate(args.configs):
-                running.append(Running(lab, c.make_pair(lab, tag=str(i)), config))
-            time.sleep(0.5)
-            for r in range(args.rounds):
-                for run in running:
-                    avg, p99 = run.ping(args.count)
-                    avgs[run.config].append(avg)
-                    p99s[run.config].append(p99)
-                print(f"round {r + 1}: " + "  ".join(f"{k}={v[-1]:.3f}" for k, v in avgs.items()), flush=True)
-        finally:
-            for run in running:
-                run.stop()
+        res = side_by_side(lab, args.configs, args.rounds, args.count, lambda line: print(line, flush=True))
     first = args.configs[0]
     print(f"\nping avg / p99 (ms), median of {args.rounds} rounds of {args.count} pings 10 ms apart")
     for config in args.configs:
-        wins = sum(a < b for a, b in zip(avgs[config], avgs[first], strict=True))
-        beat = "" if config == first else f"   lower than {first} in {wins} of {args.rounds} rounds"
-        print(f"  {config:40s} {statistics.median(avgs[config]):.3f} / {statistics.median(p99s[config]):.3f}{beat}")
+        r = res[config]
+        beat = "" if config == first else f"   lower than {first} in {r['rounds_below_first']} of {args.rounds} rounds"
+        print(f"  {config:40s} {r['avg_ms']:.3f} / {r['p99_ms']:.3f}{beat}")
     return 0
 
 

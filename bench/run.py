@@ -7,6 +7,9 @@ segment sealed on its own, HUSARNET_ROS_SUPER=0).  For each column:
 * TCP throughput, 1 and 4 streams (iperf3, 10 s; ``--quick`` 3 s);
 * UDP datagrams/s delivered at 64 and 1200 bytes (iperf3 -u -b 0);
 * ping average and p99 (10 ms interval);
+* ping again, side by side: wireguard-go and husarnet_ros running at once on pairs of their own, pinged
+  in turns for ``--latency-rounds`` rounds (bench/latency_ab.py): one column after the other, minutes
+  apart, differ by 10-30 % on a shared machine, side by side they do not;
 * CPU seconds per GB moved by the tunnel processes (both ends, utime+stime from /proc/<pid>/stat,
   over the 1-stream TCP run);
 * set-up time (process start to first answered ping) for the tunnels;
@@ -235,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-connectivity", action="store_true", help="skip the issue #3 connectivity metrics")
     p.add_argument("--full", action="store_true", help="base capacity with 10000 nodes instead of 2000")
     p.add_argument("--runs", type=int, default=3, help="set-up time runs per connectivity scenario")
+    p.add_argument(
+        "--latency-rounds",
+        type=int,
+        default=None,
+        help="rounds of the side-by-side ping comparison (default 10, --quick 4; 0 skips it)",
+    )
     args = p.parse_args(argv)
     args.seconds = 3 if args.quick else 10
     args.pings = 50 if args.quick else 200
@@ -269,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             c.log(f"measuring {name} ({args.seconds} s per throughput test, loss {args.loss} %)")
             results[name] = COLUMNS[name](pair, args)
             c.log(f"  {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in results[name].items() if isinstance(v, float)))
+        latency = side_by_side_latency(lab, args, results)
     info["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     conn = None if args.only or args.no_connectivity else run_connectivity(args)
     out = {
@@ -280,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if conn is not None:
         out["connectivity"] = conn
+    if latency is not None:
+        out["latency_side_by_side"] = latency
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     print(
@@ -287,12 +299,51 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {info.get('loadavg_start')} -> {info['loadavg_end']}"
     )
     print(table(results))
+    if latency is not None:
+        print("\n" + latency_table(latency, results))
     if conn is not None:
         import connectivity as cx
 
         print("\n" + cx.table(conn))
     print(f"\nwritten: {args.output}")
     return 0
+
+
+def side_by_side_latency(lab: c.Lab, args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict | None:
+    """wireguard-go and husarnet_ros pinged in turns while both run (None when either column did not run)."""
+    rounds = args.latency_rounds if args.latency_rounds is not None else (4 if args.quick else 10)
+    ran = [n for n in ("wireguard-go", "husarnet_ros") if n in results and "skipped" not in results[n]]
+    if rounds <= 0 or len(ran) < 2:
+        return None
+    import latency_ab
+
+    count = 50 if args.quick else 100
+    c.log(f"ping side by side: wireguard-go and husarnet_ros, {rounds} rounds of {count} pings each")
+    res = latency_ab.side_by_side(lab, ["wg", "ours"], rounds, count, lambda line: c.log("  " + line))
+    return {"rounds": rounds, "pings_per_round": count, "wireguard-go": res["wg"], "husarnet_ros": res["ours"]}
+
+
+def latency_table(latency: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    """The side-by-side ping medians, the latency each adds to the raw veth's, and the ratio of the two."""
+    raw = results.get("raw veth", {}).get("ping_avg_ms")
+    wg = latency["wireguard-go"]
+    lines = [
+        f"ping side by side ({latency['rounds']} rounds x {latency['pings_per_round']} pings, both running, "
+        "taking turns; medians over rounds)",
+        f"{'':16s}{'avg (ms)':>10s}{'p99 (ms)':>10s}{'added (ms)':>12s}{'added / wg':>12s}",
+    ]
+    for name in ("wireguard-go", "husarnet_ros"):
+        r = latency[name]
+        if isinstance(raw, (int, float)):
+            added = r["avg_ms"] - raw
+            ratio = added / (wg["avg_ms"] - raw) if wg["avg_ms"] > raw else float("nan")
+            tail = f"{added:12.3f}{'x' + format(ratio, '.2f'):>12s}"
+        else:
+            tail = f"{'-':>12s}{'-':>12s}"
+        lines.append(f"{name:16s}{r['avg_ms']:10.3f}{r['p99_ms']:10.3f}{tail}")
+    ours = latency["husarnet_ros"]
+    lines.append(f"husarnet_ros lower than wireguard-go in {ours['rounds_below_first']} of {latency['rounds']} rounds")
+    return "\n".join(lines)
 
 
 def run_connectivity(args: argparse.Namespace) -> dict[str, Any]:

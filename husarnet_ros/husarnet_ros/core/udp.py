@@ -307,12 +307,13 @@ class UdpSocket:
         """Wait up to ``timeout`` for data, then drain up to ``max_calls`` receives without blocking.
 
         GRO buffers are cut back into the datagrams the sender sent; with ``runs`` a buffer of
-        DataSuper fragments comes whole, as a :class:`DatagramRun`.  Returns [] on timeout and after
-        :meth:`close`.  A datagram that ended a wait and came alone is first offered to ``lone(data,
-        sockaddr)`` with the sender as the socket reports it (:meth:`sockaddr`'s form): when it takes
-        it, the wait starts again (with the whole ``timeout``).  On light traffic that is every
-        datagram, and each layer between the socket and the data path costs latency on a cold CPU
-        (issue #6).
+        DataSuper fragments comes whole, as a :class:`DatagramRun`.  Returns [] on timeout, after
+        :meth:`close`, and when ``lone`` took all of ``max_calls`` datagrams.  A datagram that ended a
+        wait and came alone is first offered to ``lone(data, sockaddr)`` with the sender as the socket
+        reports it (:meth:`sockaddr`'s form; a link-local sender as ``(host, port, 0, scope_id)``):
+        when it takes it, the wait starts again (with the whole ``timeout``).  On light traffic that
+        is every datagram, and each layer between the socket and the data path costs latency on a
+        cold CPU (issue #6).
         """
         if self._closed:
             return []

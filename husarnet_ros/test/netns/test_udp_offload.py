@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -267,6 +268,20 @@ def test_link_local_sender_keeps_its_scope_and_gets_a_reply(veth_pair: tuple[str
         with inside(a):
             back = receive(tx, 1)
         assert back == [(b"back", (f"fe80::77:2%{dev_a}", rx.local_port))]
+        # A datagram offered alone to the data path (recv_batch's ``lone``) names its sender in the form
+        # sockaddr() gives the reported endpoint: the form a data path lane keeps and compares with.
+        offered: list[tuple[bytes, object]] = []
+        waiter = threading.Thread(
+            target=rx.recv_batch, args=(1.5,), kwargs={"lone": lambda d, addr: offered.append((d, addr)) or True}
+        )
+        waiter.start()
+        time.sleep(0.3)  # the receiver is waiting: what arrives now arrives alone
+        with inside(a):
+            tx.send(b"alone", (f"fe80::77:2%{dev_a}", rx.local_port))
+        waiter.join(5)
+        with inside(b):
+            expected = rx.sockaddr((f"fe80::77:1%{dev_b}", tx.local_port))
+        assert offered == [(b"alone", expected)]
     finally:
         tx.close()
         rx.close()

@@ -266,13 +266,20 @@ class Datapath:
         (issue #6).  So only the common case is taken here, with the least code before the send: our
         own source, to a peer with a valid :class:`Lane` (which holds the whitelist verdict and the
         socket address).  Drops and their counters, staging for a handshake, the relay: the batch loop's.
-        ``skip`` is the virtio-net header's length for a TUN read with one; only an all-zero header
-        (no checksum or segmentation left to us) leaves the packet as it is.
+        ``skip`` is the virtio-net header's length for a TUN read with one: an all-zero header leaves
+        the packet as it is; a checksum left to us (a UDP or TCP packet from a local socket: DDS, a
+        service call) is completed first; segmentation (a TSO/USO read) is the batch loop's.
         """
         if skip:
-            if buf[0] or buf[1] or len(buf) > skip + self.mtu:
+            if buf[1] or len(buf) > skip + self.mtu:
                 return False
-            pkt = buf[skip:]
+            if buf[0]:
+                try:
+                    [pkt] = split_for_send(buf, True, self.mtu)
+                except (OffloadError, ValueError):
+                    return False  # the batch loop counts it
+            else:
+                pkt = buf[skip:]
         else:
             pkt = buf
         if len(pkt) < IPV6_HEADER_LEN or pkt[0] >> 4 != 6 or pkt[8:24] != self.address:

@@ -293,6 +293,37 @@ def test_a_small_tun_read_with_a_zero_header_is_sent_as_is(side: Side) -> None:
     assert [side.remote.open(d) for d, _ in side.hooks.sent] == [pkt]
 
 
+def ones_sum(data: bytes) -> int:
+    """The Internet checksum's one's complement sum of 16-bit words (odd length padded with a zero)."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def test_a_small_tun_read_whose_checksum_is_left_to_us_takes_the_lone_path(side: Side, monkeypatch) -> None:
+    """UDP and TCP from local sockets (DDS, service calls) come with NEEDS_CSUM: completed, then sent alone."""
+    from husarnet_ros.core import offload as o
+
+    body = struct.pack(">HHHH", 7400, 7401, 13, 0) + b"hello"
+    pkt = bytearray(ip6(ME, PEER, body))
+    pkt[6] = 17  # UDP
+    pseudo = ME + PEER + struct.pack(">I", len(body)) + b"\0\0\0\x11"
+    pkt[46:48] = struct.pack(">H", ones_sum(pseudo))  # what the kernel leaves in the field: the pseudo-header sum
+    buf = o.build_vnet_hdr(o.VnetHdr(o.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 40, 6)) + bytes(pkt)
+    taken: list[bool] = []
+    real = side.dp._send_lone
+    monkeypatch.setattr(side.dp, "_send_lone", lambda *a: taken.append(real(*a)) or taken[-1])
+    side.dp.send_reads([buf])
+    assert taken == [True]
+    [sent] = [side.remote.open(d) for d, _ in side.hooks.sent]
+    assert sent == o.split_for_send(buf, True, 1371)[0]
+    # The completed checksum verifies: the one's complement sum over pseudo-header and datagram is 0xFFFF.
+    assert ones_sum(pseudo + sent[40:]) == 0xFFFF
+
+
 def test_a_tun_read_too_short_for_its_header_is_malformed(side: Side) -> None:
     side.dp.send_reads([b"\x00\x00\x00"])
     assert side.hooks.sent == []

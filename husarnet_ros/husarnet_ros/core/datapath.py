@@ -149,8 +149,7 @@ class Datapath:
         #: Set by the engine when the underlay is a UDP socket / the inbound side a TUN device: the lone-packet
         #: paths call them directly instead of going through the hooks' general batch calls (issue #6).
         #: ``sendto`` is the socket's bare send, taking the address ``sockaddr`` made of an endpoint (kept in
-        #: the peer's :class:`Lane`); when it fails (full buffer, path error) ``send_direct`` takes over.
-        self.send_direct: Callable[[bytes, Endpoint], None] | None = None
+        #: the peer's :class:`Lane`); when it fails (full buffer, path error) the hooks' careful send takes over.
         self.sendto: Callable[[bytes, Any], object] | None = None
         self.sockaddr: Callable[[Endpoint], Any] | None = None
         self.write_direct: Callable[[bytes], None] | None = None
@@ -302,14 +301,15 @@ class Datapath:
             datagram = kp.seal(pkt)
         except SessionDrop:
             return False  # expired: the batch loop stages the packet and asks for a handshake
-        sendto = self.sendto
-        if sendto is None:
-            self.hooks.send_datagrams([datagram], lane.path.endpoint)
-        else:
+        sent = False
+        if self.sendto is not None:
             try:
-                sendto(datagram, lane.addr)
-            except OSError:  # a full buffer (waits for room there) or a path error (a loss)
-                self.send_direct(datagram, lane.path.endpoint)
+                self.sendto(datagram, lane.addr)
+                sent = True
+            except OSError:  # a full buffer or a path error: the careful send waits for room, or counts a loss
+                pass
+        if not sent:
+            self.hooks.send_datagrams([datagram], lane.path.endpoint)
         # Everything below runs after the packet left.
         now = self.clock()
         n = len(pkt)

@@ -361,7 +361,6 @@ class Engine:
             self._datapath.super_packets = cfg.super_packets
         # The lone-packet paths reach socket and TUN without the general batch calls (issue #6).
         if isinstance(self._transport, UdpTransport):
-            self._datapath.send_direct = self._transport.send_data
             self._datapath.sendto = self._transport.raw_sendto
             self._datapath.sockaddr = self._transport.sockaddr
         if self._tun is not None:

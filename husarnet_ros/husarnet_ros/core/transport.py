@@ -160,15 +160,6 @@ class UdpTransport:
         except (OSError, ValueError) as exc:
             log.debug("send to %s failed: %s", endpoint, exc)
 
-    def send_data(self, datagram: bytes, endpoint: Endpoint) -> None:
-        """One Data datagram from the data path's lone-packet path: the fewest calls between seal and socket."""
-        if self._closed:
-            return
-        try:
-            self._sock.send_data(datagram, endpoint)
-        except (OSError, ValueError) as exc:
-            log.debug("send to %s failed: %s", endpoint, exc)
-
     def sockaddr(self, endpoint: Endpoint) -> Any:
         """The socket's form of ``endpoint``: what :meth:`raw_sendto` takes and ``on_lone`` is given."""
         return self._sock.sockaddr(endpoint)
@@ -177,7 +168,7 @@ class UdpTransport:
     def raw_sendto(self) -> Callable[[bytes, Any], object]:
         """The socket's bare ``sendto(datagram, sockaddr)``: raises on a full buffer or a path error.
 
-        For the data path's lone packets, which fall back to :meth:`send_data` when it raises.
+        For the data path's lone packets, which fall back to :meth:`send_many` when it raises.
         """
         return self._sock.sock.sendto
 

@@ -246,10 +246,6 @@ class UdpSocket:
         buf = b"".join(parts)
         self.send_many([buf[off : off + segment] for off in range(0, len(buf), segment)], endpoint)
 
-    def send_data(self, datagram: bytes, endpoint: Endpoint) -> None:
-        """One Data datagram, for the data path's lone-packet fast path: like :meth:`send_many` of one."""
-        self._sendto(datagram, self.sockaddr(endpoint))
-
     def _sendto(self, d: bytes, addr: tuple[str, int, int, int], wait: float = DATA_SEND_WAIT) -> None:
         try:
             try:

@@ -371,11 +371,10 @@ def sockaddr(endpoint: tuple[str, int]) -> tuple[str, int, int, int]:
 
 
 def wire_socket(side: Side) -> list[tuple[bytes, object]]:
-    """The engine's wiring for a UDP socket: the bare sendto, its address form, and the careful fallback."""
+    """The engine's wiring for a UDP socket: the bare sendto and the address form it takes."""
     bare: list[tuple[bytes, object]] = []
     side.dp.sendto = lambda d, addr: bare.append((d, addr))
     side.dp.sockaddr = sockaddr
-    side.dp.send_direct = lambda d, ep: pytest.fail("the careful send is only the bare send's fallback")
     return bare
 
 
@@ -400,18 +399,16 @@ def test_lone_packets_use_the_bare_socket_and_tun_calls_when_wired(side: Side) -
 
 
 def test_a_bare_send_that_fails_is_retried_the_careful_way(side: Side) -> None:
-    """A full socket buffer or a path error: UdpTransport.send_data waits for room or counts a loss."""
-    careful: list[tuple[bytes, object]] = []
+    """A full socket buffer or a path error: the hooks' send (UdpTransport.send_many) waits or counts a loss."""
 
     def full(d: bytes, addr: object) -> None:
         raise BlockingIOError
 
     side.dp.sendto = full
     side.dp.sockaddr = sockaddr
-    side.dp.send_direct = lambda d, ep: careful.append((d, ep))
     out = ip6(ME, PEER)
     side.dp.send_packets([out])
-    assert [(side.remote.open(d), ep) for d, ep in careful] == [(out, EP)]
+    assert [(side.remote.open(d), ep) for d, ep in side.hooks.sent] == [(out, EP)]
     assert side.counters.get("tx_packets") == 1
 
 

@@ -687,7 +687,8 @@ class Datapath:
             return True
         drops: dict[str, int] = {}
         delivered = 0
-        if plaintext and plaintext[0] >> 4 == 6:
+        is_packet = bool(plaintext) and plaintext[0] >> 4 == 6  # else a keepalive or an inner control message
+        if is_packet:
             reason = _inner_packet_drop(plaintext, peer.address, self.address)
             if reason is None:
                 try:
@@ -717,7 +718,7 @@ class Datapath:
             peer.rx_bytes += delivered
             peer.last_rx_data = now
             c.inc_traffic("rx_packets", "rx_bytes", delivered)
-        elif plaintext and plaintext[0] >> 4 != 6:  # a probe, a probe reply or a super-packet report
+        elif plaintext and not is_packet:  # a probe, a probe reply or a super-packet report
             self._inner_control(peer, kp, plaintext, path.endpoint, now, drops)
         if self.super_packets:
             # Loss accounting for super-packet mode: needed only at the next report, and a report due now

@@ -141,6 +141,7 @@ def status_dict(st: Any, peers: Any) -> dict[str, Any]:
         "base": {"connection": st.base_connection, "address": st.base_address},
         "whitelist_enabled": st.whitelist_enabled,
         "dds": {"env_file": st.dds_env_file, "restart_needed": st.dds_restart_needed},
+        "failure": st.failure,
         "websetup": {"enabled": st.websetup_enabled, "port": st.websetup_port, **_kv(st.websetup)},
         "counters": {k: int(v) for k, v in _kv(st.counters).items()},
         "peers": [peer_dict(p) for p in (peers.peers if peers is not None else [])],
@@ -194,7 +195,8 @@ def format_status(d: dict[str, Any], now: float | None = None) -> str:
     if d["dds"]["restart_needed"]:
         dds += "  (RESTART NEEDED: ROS processes started before the last peer change use old profiles)"
     drops = {k: v for k, v in d["counters"].items() if v and not k.startswith(("rx_", "tx_", "handshakes_"))}
-    out = [
+    out = [f"FAILED     {d['failure']}"] if d["failure"] else []
+    out += [
         f"address    {d['address']}",
         f"hostname   {d['hostname'] or '-'}",
         f"interface  {d['interface']}",

@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         while not stop.wait(0.5):
-            pass
+            if engine.failure:  # the overlay cannot work any more: exit, so a supervisor starts it afresh
+                print(f"error: {engine.failure}", file=sys.stderr)
+                return 1
     except OSError as exc:
         print(f"error: control socket {args.control}: {exc}", file=sys.stderr)
         return 1

@@ -302,6 +302,7 @@ class HusarnetNode(LifecycleNode):
         self._dds_restart_needed = False
         self._dds_error = ""
         self._activate_error = ""
+        self._failure_logged = False  # the running engine's failure (if any) went to the ROS log
         self._peers_pub = None
         self._status_pub = None
         self._diag_pub = None
@@ -400,6 +401,7 @@ class HusarnetNode(LifecycleNode):
             self._engine = engine
             self._whitelist = None  # the engine's whitelist is the live one now
             self._activate_error = ""
+            self._failure_logged = False
         engine.whitelist.add_listener(self._on_core_change)
         result = super().on_activate(state)  # enables the lifecycle publishers
         self._restart_publish_timer(float(self.param("publish_period")))
@@ -554,6 +556,12 @@ class HusarnetNode(LifecycleNode):
     def _on_event(self) -> None:
         self._update_dds()
         self._publish(force=False)
+        engine = self._engine
+        if engine is not None and engine.failure and not self._failure_logged:
+            self._failure_logged = True
+            self.get_logger().error(
+                f"{engine.failure}; the overlay can no longer send or receive (status.failure, /diagnostics)"
+            )
 
     def _restart_publish_timer(self, period: float) -> None:
         self._destroy_publish_timer()
@@ -592,6 +600,7 @@ class HusarnetNode(LifecycleNode):
             websetup_enabled=self._config.websetup_enabled,
             websetup_port=WEBSETUP_PORT,
             websetup=key_values({k: v for k, v in st.websetup.items() if "secret" not in str(k).lower()}),
+            failure=st.failure,
         )
         msg.header.stamp = self.get_clock().now().to_msg()
         return msg
@@ -669,7 +678,10 @@ class HusarnetNode(LifecycleNode):
             st, peers = None, []
         else:
             st, peers = engine.status(), engine.peers()
-            add("node", DiagnosticStatus.OK, "active", {"interface": config.interface_name, "address": hw})
+            if st.failure:  # the TUN device failed under the running overlay: nothing gets through
+                add("node", DiagnosticStatus.ERROR, st.failure, {"interface": config.interface_name, "address": hw})
+            else:
+                add("node", DiagnosticStatus.OK, "active", {"interface": config.interface_name, "address": hw})
         if st is None:
             add("base", DiagnosticStatus.OK, "inactive", {})
         elif not config.base_servers:

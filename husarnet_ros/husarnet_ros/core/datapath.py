@@ -153,6 +153,9 @@ class Datapath:
         self.sendto: Callable[[bytes, Any], object] | None = None
         self.sockaddr: Callable[[Endpoint], Any] | None = None
         self.write_direct: Callable[[bytes], None] | None = None
+        #: Given (on the TUN thread) the error that stopped the TUN reader while the device was not closed by
+        #: us (deleted or detached by someone else): without it the overlay would go deaf while looking healthy.
+        self.on_tun_failure: Callable[[Exception], None] | None = None
         self._tun_send_lock = threading.Lock()  # TUN reads and their sends: TUN thread or _send_answer
         self._lane_gen = 0  # bumped by drop_lanes (whitelist changes): a lane of an older generation is stale
 
@@ -987,8 +990,21 @@ class Datapath:
                 if not got:
                     tun.wait_readable()
                     woke = True
-            except Exception:  # TunError once closed
+            except Exception as exc:  # TunError once closed by stop_tun: the normal end
+                if not tun.closed:
+                    self._tun_failed(exc)
                 return
+
+    def _tun_failed(self, exc: Exception) -> None:
+        """The TUN reader ends on an error it cannot recover from: whoever set ``on_tun_failure`` reports it."""
+        notify = self.on_tun_failure
+        if notify is None:
+            log.error("the TUN reader stopped: %s", exc, exc_info=exc)
+            return
+        try:
+            notify(exc)
+        except Exception:
+            log.exception("reporting the TUN failure failed")
 
     def _send_read(self, buf: bytes) -> None:
         """One TUN read on its own (it ended a wait, or answers a packet just written): the lone path first."""

@@ -146,6 +146,8 @@ class StatusInfo:
     counters: dict[str, int]
     websetup: dict
     dds_restart_needed: bool = False
+    #: Why the overlay stopped working while the engine runs (the TUN device was deleted under it); "" while fine.
+    failure: str = ""
 
 
 def parse_peer_spec(spec: str) -> tuple[bytes, Endpoint | None]:
@@ -208,6 +210,8 @@ class Engine:
         self.whitelist: Whitelist | None = None
         self.on_packet: Callable[[bytes], None] | None = None
         self.dds_restart_needed = False
+        #: Set (once) when the data path fails for good while running: see :meth:`_on_tun_failure`.
+        self.failure = ""
         self._given_transport = transport
         self._transport: Transport | None = None
         self._clock = clock
@@ -365,6 +369,7 @@ class Engine:
             self._datapath.sockaddr = self._transport.sockaddr
         if self._tun is not None:
             self._datapath.write_direct = self._tun.write_packet
+            self._datapath.on_tun_failure = self._on_tun_failure
         # Hosts file block (own names + whitelist hostnames + websetup names).
         if cfg.hosts_file:
             from .hosts import HostsError, HostsFile, HostsSync
@@ -685,7 +690,24 @@ class Engine:
             counters=self.counters.snapshot(),
             websetup=self._websetup.status() if self._websetup is not None else {"enabled": False},
             dds_restart_needed=self.dds_restart_needed,
+            failure=self.failure,
         )
+
+    def _on_tun_failure(self, exc: Exception) -> None:
+        """The TUN reader stopped on an error while the engine runs: record why, log it, tell the listeners.
+
+        Called on the TUN thread.  Nothing can be sent or received any more, so the daemon exits with this
+        reason and the ROS node reports it (status ``failure``, an ERROR diagnostic) instead of looking healthy.
+        """
+        from .tun import TunError
+
+        reason = str(exc) if isinstance(exc, TunError) else f"the TUN reader failed: {exc!r}"
+        self.failure = reason
+        trace = None if isinstance(exc, TunError) else exc  # a bug, not a device gone: keep its traceback
+        log.error("%s; the overlay can no longer send or receive", reason, exc_info=trace)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._notify, "status")
 
     def ping(self, address: bytes, timeout: float = 2.0) -> float:
         """Round-trip time (seconds) to a peer over its current session and path.

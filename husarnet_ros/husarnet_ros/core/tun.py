@@ -276,6 +276,19 @@ class TunDevice:
     def fileno(self) -> int:
         return self.fd
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (a read error after that is the normal end of the reader)."""
+        return self._closed
+
+    def _read_error(self, e: OSError) -> TunError:
+        if e.errno == errno.EBADFD:  # the kernel detached the queue: the interface was deleted under us
+            return TunError(
+                f"TUN device {self.name!r} is gone: it was deleted while husarnet_ros was using it; "
+                "restart husarnet_ros (or deactivate and activate the node) to create it again"
+            )
+        return TunError(f"reading {self.name!r} failed: {e.strerror}")
+
     def read(self, bufsize: int = 65536 + VNET_HDR_LEN, timeout: float | None = None) -> bytes:
         """One packet (with its virtio-net header when ``vnet_hdr``); b"" on timeout.
 
@@ -312,7 +325,7 @@ class TunDevice:
                     raise TunError(f"TUN device {self.name!r} is closed") from None
                 if out:
                     break
-                raise TunError(f"reading {self.name!r} failed: {e.strerror}") from None
+                raise self._read_error(e) from None
         return out
 
     def read_one(self, bufsize: int = 65536 + VNET_HDR_LEN) -> bytes | None:
@@ -330,7 +343,7 @@ class TunDevice:
         except OSError as e:
             if self._closed:
                 raise TunError(f"TUN device {self.name!r} is closed") from None
-            raise TunError(f"reading {self.name!r} failed: {e.strerror}") from None
+            raise self._read_error(e) from None
 
     def wait_readable(self, timeout: float | None = None) -> bool:
         """Sleep until a packet is queued (True) or ``timeout`` passes (False).

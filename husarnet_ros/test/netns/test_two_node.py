@@ -242,3 +242,22 @@ def test_static_peer_on_ipv6_link_local_endpoint(tmp_path, namespaces):
     finally:
         for d in daemons:
             d.stop()
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
+def test_a_tun_deleted_under_the_daemon_ends_it_with_the_reason(tmp_path, namespaces, offload):
+    """Someone deletes hnet0 under a running daemon: it must not go on deaf and healthy-looking, but exit
+    non-zero saying what happened, so its supervisor (systemd, launch respawn) starts it afresh."""
+    d = Daemon(NS_A, tmp_path / "a", [] if offload else ["--no-offload"])
+    try:
+        assert control(d.ctl, "status")["status"]["failure"] == ""
+        in_ns(NS_A, "ip", "link", "del", "hnet0")
+        try:
+            code = d.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the daemon kept running without its TUN device") from None
+        err = d.proc.stderr.read()
+        assert code == 1, err
+        assert "error: TUN device 'hnet0' is gone" in err and "restart husarnet_ros" in err, err
+    finally:
+        d.stop()

@@ -468,3 +468,40 @@ def test_dds_peers_follow_the_whitelist_state(ros_context: Any, spinner: Any, tm
     finally:
         n._release()
         n.destroy_node()
+
+
+@pytest.mark.netns
+def test_a_device_deleted_under_the_active_node_is_an_error_and_reactivation_recovers(
+    ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str, waiter: Any
+) -> None:
+    """Deleting the interface under an active node must not leave a deaf overlay that reports OK."""
+    n = spinner.add(make_node(ros_context, tmp_path / "state", interface_name=unique_ifname, publish_period=0.2))
+    listener = rclpy.create_node("failure_listener", context=ros_context)
+    spinner.add(listener)
+    try:
+        assert n.trigger_configure() == SUCCESS
+        assert n.trigger_activate() == SUCCESS
+        statuses: list[Status] = []
+        listener.create_subscription(Status, "/husarnet/status", statuses.append, LATCHED_QOS)
+        waiter(lambda: statuses, 10, "a status")
+        assert statuses[-1].failure == ""
+        assert {s.name: s for s in n.diagnostics()}["husarnet: node"].level == DiagnosticStatus.OK
+
+        subprocess.run(["ip", "link", "del", unique_ifname], check=True)
+        waiter(lambda: statuses and statuses[-1].failure, 10, "the failure in the status")
+        assert f"TUN device {unique_ifname!r} is gone" in statuses[-1].failure
+        node_diag = {s.name: s for s in n.diagnostics()}["husarnet: node"]
+        assert node_diag.level == DiagnosticStatus.ERROR and "is gone" in node_diag.message
+
+        # What the message advises: deactivate and activate brings the interface back, healthy.
+        assert n.trigger_deactivate() == SUCCESS
+        assert n.trigger_activate() == SUCCESS
+        assert link_exists(unique_ifname)
+        assert n.engine.status().failure == ""
+        assert {s.name: s for s in n.diagnostics()}["husarnet: node"].level == DiagnosticStatus.OK
+        assert n.trigger_deactivate() == SUCCESS
+    finally:
+        n._release()
+        listener.destroy_node()
+        n.destroy_node()
+    assert not link_exists(unique_ifname)

@@ -153,6 +153,7 @@ def fake_status(**over: object) -> SimpleNamespace:
         "whitelist_enabled": True,
         "dds_env_file": "/var/lib/husarnet_ros/dds/dds.env",
         "dds_restart_needed": False,
+        "failure": "",
         "websetup_enabled": True,
         "websetup_port": 5580,
         "websetup": kv({"last_command": "ping"}),
@@ -196,8 +197,12 @@ def test_status_formatting_and_json_shape() -> None:
     assert "PATH" in header and "RTT" in header
     assert any("laptop" in line and "12.5 ms" in line and "10 s ago" in line for line in lines)
     assert any("fc94::3" in line and " none " in line for line in lines)
+    assert "FAILED" not in text
     empty = cli.format_status(cli.status_dict(fake_status(), SimpleNamespace(peers=[])))
     assert "no peers" in empty
+    gone = "TUN device 'hnet0' is gone: it was deleted while husarnet_ros was using it"
+    failed = cli.format_status(cli.status_dict(fake_status(failure=gone), SimpleNamespace(peers=[])))
+    assert failed.splitlines()[0] == f"FAILED     {gone}"
 
 
 def test_entry_point_runs_without_ros_environment(tmp_path: Path) -> None:

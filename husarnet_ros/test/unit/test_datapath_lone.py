@@ -605,7 +605,38 @@ def test_the_tun_loop_takes_a_read_that_ended_a_wait_alone_and_drains_a_backlog(
     pkts = [ip6(ME, PEER, b"p%d" % i) for i in range(5)]
     tun = FakeTun(pkts[0], bursts=[[pkts[1], pkts[2], pkts[3]], [pkts[4]]])
     side.dp._tun = tun
+    failures: list[Exception] = []
+    side.dp.on_tun_failure = failures.append
     side.dp._tun_loop()  # returns when the fake device closes
+    assert failures == []  # closed by us: the normal end, nothing to report
     assert tun.asked == [64, 64, 1, 64, 64, 1, 64]
     assert [side.remote.open(d) for d, _ in side.hooks.sent] == pkts
     assert not side.dp._tun_send_lock.locked()
+
+
+class DeletedTun(FakeTun):
+    """A device that fails while open, as a TUN deleted under the daemon does (EBADFD): not closed by us."""
+
+    def wait_readable(self, timeout: float | None = None) -> bool:
+        raise OSError(77, "File descriptor in bad state")
+
+
+def test_a_tun_failing_while_open_is_reported_once_and_ends_the_loop(side: Side) -> None:
+    """Without the report the overlay would go deaf while looking healthy (the engine exits or raises ERROR)."""
+    tun = DeletedTun()
+    side.dp._tun = tun
+    failures: list[Exception] = []
+    side.dp.on_tun_failure = failures.append
+    side.dp._tun_loop()
+    assert [type(e) for e in failures] == [OSError] and failures[0].errno == 77
+    assert not side.dp._tun_send_lock.locked()
+
+
+def test_a_failing_failure_report_does_not_escape_the_tun_thread(side: Side) -> None:
+    side.dp._tun = DeletedTun()
+
+    def broken(exc: Exception) -> None:
+        raise RuntimeError("listener bug")
+
+    side.dp.on_tun_failure = broken
+    side.dp._tun_loop()  # logs, returns

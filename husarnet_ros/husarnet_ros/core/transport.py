@@ -18,11 +18,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
+
+#: Receive errors in a row back off from RECV_BACKOFF_FIRST, doubling, to RECV_BACKOFF_MAX seconds.
+RECV_BACKOFF_FIRST = 0.001
+RECV_BACKOFF_MAX = 1.0
 
 Endpoint = tuple[str, int]
 
@@ -206,14 +211,20 @@ class UdpTransport:
     ) -> None:
         recv_batch = self._sock.recv_batch
         runs = on_batch is not None  # a batch handler takes DataSuper GRO buffers whole (DatagramRun)
+        failures = 0
         while not self._closed:
             try:
                 batch = recv_batch(None, runs=runs, lone=on_lone)
             except OSError as exc:
                 if self._closed:
                     return
-                log.warning("UDP receive failed: %s", exc)
+                failures += 1
+                if failures == 1 or failures % 100 == 0:
+                    log.warning("UDP receive failed (%d in a row): %s", failures, exc)
+                # An error that persists must neither spin a core nor flood the log: back off, up to 1 s.
+                time.sleep(min(RECV_BACKOFF_MAX, RECV_BACKOFF_FIRST * 2 ** min(failures - 1, 16)))
                 continue
+            failures = 0
             if not batch:
                 continue
             try:

@@ -157,3 +157,38 @@ def test_the_receive_thread_offers_lone_datagrams_to_on_lone_first() -> None:
     finally:
         tx.close()
         t.close()
+
+
+def test_a_receive_error_that_persists_backs_off_and_a_success_resets_it(monkeypatch) -> None:
+    """A socket that keeps failing must not spin a core or flood the log; the receiver goes on after it."""
+    import errno
+
+    from husarnet_ros.core import transport as tmod
+
+    t = tmod.UdpTransport(0, bind_host="127.0.0.1")
+    script: list[object] = [OSError(errno.ENOMEM, "no memory")] * 12 + [[(b"x", ("127.0.0.1", 1))]]
+    script += [OSError(errno.ENOMEM, "no memory")] * 2
+    sleeps: list[float] = []
+    got: list[bytes] = []
+
+    def recv_batch(timeout, **_kw):  # type: ignore[no-untyped-def]
+        if not script:
+            t._closed = True  # the loop ends at its next check
+            return []
+        step = script.pop(0)
+        if isinstance(step, OSError):
+            raise step
+        return step
+
+    monkeypatch.setattr(t._sock, "recv_batch", recv_batch)
+    monkeypatch.setattr(tmod.time, "sleep", sleeps.append)
+    try:
+        t._run(lambda data, ep: got.append(data), None, None)
+    finally:
+        t._closed = False
+        t.close()
+    assert got == [b"x"]
+    first, limit = tmod.RECV_BACKOFF_FIRST, tmod.RECV_BACKOFF_MAX
+    doubling = [first * 2**i for i in range(10)]  # 1 ms .. 512 ms, then the 1 s cap
+    assert doubling[-1] < limit < 2 * doubling[-1]
+    assert sleeps == [*doubling, limit, limit, first, 2 * first]  # a success starts over

@@ -378,6 +378,11 @@ def cmd_genid(args: argparse.Namespace) -> int:
 STATE_ENTRIES = frozenset({"id", "whitelist.json", "websetup.json", "base_keys.json", "dds"})
 
 
+def _temp_of_state(name: str) -> bool:
+    """``.<entry>.<random>.tmp``: what fsutil.atomic_write leaves behind if interrupted (``.whitelist.json.x.tmp``)."""
+    return any(name.startswith(f".{entry}.") for entry in STATE_ENTRIES)
+
+
 def _check_state_dir(state_dir: Path) -> None:
     """Refuse a directory that holds anything but node state: setup-tun runs as root and hands it to USER.
 
@@ -388,7 +393,7 @@ def _check_state_dir(state_dir: Path) -> None:
         e.name
         for e in os.scandir(state_dir)
         if e.name not in STATE_ENTRIES
-        and not (e.name.startswith(".") and e.name.endswith(".tmp") and e.name[1:].split(".", 1)[0] in STATE_ENTRIES)
+        and not (e.name.startswith(".") and e.name.endswith(".tmp") and _temp_of_state(e.name))
     )
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")

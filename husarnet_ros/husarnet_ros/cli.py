@@ -375,7 +375,7 @@ def cmd_genid(args: argparse.Namespace) -> int:
 
 
 #: What a node keeps in its state directory (the dds/ subdirectory included).
-STATE_ENTRIES = frozenset({"id", "whitelist.json", "websetup.json", "base_keys.json", "dds"})
+STATE_ENTRIES = frozenset({"id", "whitelist.json", "websetup.json", "base_keys.json", "endpoints.json", "dds"})
 
 
 def _temp_of_state(name: str) -> bool:

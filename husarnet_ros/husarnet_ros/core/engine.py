@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import endpoint_cache
 from . import handshake as hs
 from .constants import DEFAULT_INTERFACE, DEFAULT_MTU, DEFAULT_UDP_PORT, OVERLAY_PREFIX, Timers
 from .counters import Counters
@@ -84,6 +85,8 @@ MAX_CONTROL_BACKLOG = 1024
 INITIATION_RATE = 200.0
 #: Bound on peers created from unsolicited traffic (whitelist disabled).
 MAX_PEERS = 4096
+#: How often (s) the validated direct paths are compared with the endpoint cache, and written if they changed.
+ENDPOINT_SAVE_INTERVAL = 30.0
 
 
 class EngineError(Exception):
@@ -210,6 +213,8 @@ class Engine:
         self.whitelist: Whitelist | None = None
         self.on_packet: Callable[[bytes], None] | None = None
         self.dds_restart_needed = False
+        self._endpoint_cache_path: Path | None = None
+        self._cached_endpoints: dict[bytes, list[Endpoint]] = {}  # as last loaded or saved
         #: Set (once) when the data path fails for good while running: see :meth:`_on_tun_failure`.
         self.failure = ""
         self._given_transport = transport
@@ -295,6 +300,7 @@ class Engine:
             )
         except (WhitelistError, ValueError) as exc:
             raise EngineError(f"whitelist: {exc}") from None
+        self._endpoint_cache_path = state_dir / endpoint_cache.FILE_NAME
         for spec in cfg.peers:
             try:
                 addr, ep = parse_peer_spec(spec)
@@ -456,6 +462,8 @@ class Engine:
                 if peer is not None and name:
                     peer.hostname = name
         self.whitelist.add_listener(self._on_whitelist_change)
+        if isinstance(self._transport, UdpTransport):
+            self._offer_cached_endpoints()
         if self.config.lan_discovery and isinstance(self._transport, UdpTransport):
             self._start_beacons()
         for spec in self.config.base_servers:
@@ -631,6 +639,8 @@ class Engine:
     def _shutdown_on_loop(self) -> None:
         if self._tick_task is not None:
             self._tick_task.cancel()
+        if isinstance(self._transport, UdpTransport):
+            self._save_endpoints(self._endpoint_snapshot())
         if self._beacons is not None:
             with contextlib.suppress(Exception):
                 self._beacons.close()
@@ -963,6 +973,45 @@ class Engine:
             self._start_handshake(peer)
         elif source in ("beacon", "base"):
             self._probe_round(peer, now)
+
+    # ------------------------------------------------------------------ endpoint cache (endpoint_cache.py)
+    def _offer_cached_endpoints(self) -> None:
+        """At start: where each allowed peer was last reached directly, offered like a base hint (probed only)."""
+        try:
+            cached = endpoint_cache.load(self._endpoint_cache_path)
+        except endpoint_cache.EndpointCacheError as exc:
+            log.warning("%s; starting without it (it is written again once peers are reached)", exc)
+            cached = {}
+        self._cached_endpoints = cached
+        for address, endpoints in cached.items():
+            if address != self.address:
+                self._learn(address, endpoints, None, "cache")
+
+    def _endpoint_snapshot(self) -> dict[bytes, list[Endpoint]]:
+        """Each allowed peer's validated direct paths, the current one first; the older entry for peers not met."""
+        out: dict[bytes, list[Endpoint]] = {}
+        for peer in list(self._peers.values()):
+            if not self.is_allowed(peer.address):
+                continue
+            with peer.lock:
+                current = peer.paths.current
+                valid = [p for p in peer.paths.paths.values() if p.validated and type(p.endpoint) is tuple]
+            valid.sort(key=lambda p: (p is not current, -p.last_auth_rx))
+            if valid:
+                out[peer.address] = [p.endpoint for p in valid[: endpoint_cache.MAX_ENDPOINTS]]
+        for address, endpoints in self._cached_endpoints.items():
+            if address not in out and self.is_allowed(address):
+                out[address] = endpoints
+        return out
+
+    def _save_endpoints(self, snapshot: dict[bytes, list[Endpoint]]) -> None:
+        """Write the cache (atomic, 0600); a failure is a warning: the cache only saves time after a restart."""
+        try:
+            endpoint_cache.save(self._endpoint_cache_path, snapshot)
+        except OSError as exc:
+            log.warning("endpoint cache %s not written: %s", self._endpoint_cache_path, exc)
+            return
+        self._cached_endpoints = snapshot
 
     def _remember_unlisted_beacon(self, address: bytes, public_key: bytes, endpoint: Endpoint) -> None:
         """Keep a bounded cache of LAN neighbours we may be asked to whitelist (oldest evicted)."""
@@ -1330,7 +1379,7 @@ class Engine:
 
     async def _ticker(self) -> None:
         interval = self._tick_interval()
-        last_nets = self._clock()
+        last_nets = last_saved = self._clock()
         while True:
             await asyncio.sleep(interval)
             now = self._clock()
@@ -1343,6 +1392,11 @@ class Engine:
                     self._peer_timers(peer, now)
                 except Exception:
                     log.exception("timers for %s failed", format_address(peer.address))
+            if isinstance(self._transport, UdpTransport) and now - last_saved >= ENDPOINT_SAVE_INTERVAL:
+                last_saved = now
+                snapshot = self._endpoint_snapshot()
+                if snapshot != self._cached_endpoints:
+                    await asyncio.get_running_loop().run_in_executor(None, self._save_endpoints, snapshot)
             if isinstance(self._transport, UdpTransport) and now - last_nets >= self.timers.probe_interval:
                 last_nets = now
                 addrs = await asyncio.get_running_loop().run_in_executor(

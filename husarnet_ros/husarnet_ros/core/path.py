@@ -57,7 +57,7 @@ class Path:
 
     endpoint: AnyEndpoint
     kind: str
-    source: str  # 'static' | 'base' | 'beacon' | 'handshake' | 'roam'
+    source: str  # 'static' | 'base' | 'beacon' | 'cache' | 'handshake' | 'roam'
     added: float
     validated: bool = False
     rtt: float | None = None

@@ -86,12 +86,13 @@ def test_setup_tun_refuses_a_directory_that_is_not_node_state(
     (tmp_path / "thesis.tex").write_text("someone else's work")
     (tmp_path / ".id.abc.tmp").write_text("")  # a leftover of an atomic write is state, not foreign
     (tmp_path / ".whitelist.json.k2j3.tmp").write_text("")
+    (tmp_path / "endpoints.json").write_text("{}")  # the node's endpoint cache
     before = (tmp_path / "thesis.tex").stat().st_uid
     code, _, err = run(
         ["setup-tun", "--user", "nobody", "--state-dir", str(tmp_path), "--interface", "hnt-never"], capsys
     )
     assert code == cli.EXIT_USAGE and "thesis.tex" in err and "dedicated" in err
-    assert "whitelist" not in err and ".id" not in err  # only the foreign file
+    assert "whitelist" not in err and "endpoints" not in err and ".id" not in err  # only the foreign file
     assert (tmp_path / "thesis.tex").stat().st_uid == before
     assert not (tmp_path / "id").exists()  # refused before anything was created
 

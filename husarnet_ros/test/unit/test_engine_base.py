@@ -10,6 +10,7 @@ upgrade to direct only after an authenticated probe on it.
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import threading
 import time
@@ -184,3 +185,69 @@ def test_base_down_keeps_direct_session(tmp_path):
         a.stop()
         b.stop()
         bt.close()
+
+
+def _restart_a_without_base(tmp_path: Path, ia: Identity, ib: Identity, tb: UdpTransport, got_b: list[bytes]) -> bool:
+    """Start A again (same state directory, new socket) with its base gone: True if B gets a packet from it."""
+    ta = UdpTransport(0, bind_host="127.0.0.1")
+    ta.local_networks = []
+    a = make_engine(tmp_path, "a", ia, ib, "127.0.0.1:9", ta)  # a base that is not there
+    try:
+        a.start()
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            i = info(a, ib.address)
+            if i is not None and i.is_secure:
+                a.inject_packet(packet(ia.address, ib.address, b"after-restart"))
+                if wait_for(lambda: any(p[40:] == b"after-restart" for p in got_b), 1):
+                    return True
+            time.sleep(0.05)
+        return False
+    finally:
+        a.stop()
+
+
+def test_a_restart_while_the_base_is_down_reaches_the_peer_at_its_cached_endpoint(tmp_path):
+    """The endpoint cache: A met B through the base; the base goes away; A restarts and still finds B
+    at the direct endpoint it validated before (a hint: the handshake authenticates it).  Without the
+    cache file the same restart stays cut off, which is what the cache is for."""
+    ia, ib = Identity.generate(), Identity.generate()
+    bt = BaseThread(tmp_path / "base")
+    ta, tb = UdpTransport(0, bind_host="127.0.0.1"), UdpTransport(0, bind_host="127.0.0.1")
+    for t in (ta, tb):
+        t.local_networks = []
+    a = make_engine(tmp_path, "a", ia, ib, bt.spec, ta)
+    b = make_engine(tmp_path, "b", ib, ia, bt.spec, tb)
+    got_b: list[bytes] = []
+    b.on_packet = got_b.append
+    try:
+        a.start()
+        b.start()
+        assert wait_for(lambda: (i := info(a, ib.address)) is not None and i.is_secure and i.path == "direct", 15)
+        a.stop()  # writes the cache
+        bt.close()
+        cache = tmp_path / "a" / "endpoints.json"
+        assert (cache.stat().st_mode & 0o777) == 0o600
+        assert json.loads(cache.read_text())["peers"] == {format_address(ib.address): [f"127.0.0.1:{tb.local_port}"]}
+        assert _restart_a_without_base(tmp_path, ia, ib, tb, got_b)
+        cache.unlink()
+        assert not _restart_a_without_base(tmp_path, ia, ib, tb, got_b)
+    finally:
+        a.stop()
+        b.stop()
+        bt.close()
+
+
+def test_a_damaged_endpoint_cache_is_reported_and_replaced(tmp_path, caplog):
+    ia, ib = Identity.generate(), Identity.generate()
+    (tmp_path / "a").mkdir()
+    cache = tmp_path / "a" / "endpoints.json"
+    cache.write_text("{damaged")
+    cache.chmod(0o600)
+    ta = UdpTransport(0, bind_host="127.0.0.1")
+    a = make_engine(tmp_path, "a", ia, ib, "127.0.0.1:9", ta)
+    with caplog.at_level("WARNING"):
+        a.start()
+        a.stop()
+    assert any("is not JSON" in r.getMessage() and "starting without it" in r.getMessage() for r in caplog.records)
+    assert json.loads(cache.read_text()) == {"version": 1, "peers": {}}  # rewritten, usable again

@@ -215,6 +215,7 @@ class Engine:
         self.dds_restart_needed = False
         self._endpoint_cache_path: Path | None = None
         self._cached_endpoints: dict[bytes, list[Endpoint]] = {}  # as last loaded or saved
+        self._cache_save_error = ""  # the last save failure, warned about once
         #: Set (once) when the data path fails for good while running: see :meth:`_on_tun_failure`.
         self.failure = ""
         self._given_transport = transport
@@ -1009,8 +1010,17 @@ class Engine:
         try:
             endpoint_cache.save(self._endpoint_cache_path, snapshot)
         except OSError as exc:
-            log.warning("endpoint cache %s not written: %s", self._endpoint_cache_path, exc)
+            # Once per distinct error: a read-only state directory (an immutable robot image) must not
+            # repeat the same warning every ENDPOINT_SAVE_INTERVAL.
+            if str(exc) != self._cache_save_error:
+                self._cache_save_error = str(exc)
+                log.warning(
+                    "endpoint cache %s not written (%s); after a restart peers are found the usual way",
+                    self._endpoint_cache_path,
+                    exc,
+                )
             return
+        self._cache_save_error = ""
         self._cached_endpoints = snapshot
 
     def _remember_unlisted_beacon(self, address: bytes, public_key: bytes, endpoint: Endpoint) -> None:

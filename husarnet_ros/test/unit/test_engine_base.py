@@ -251,3 +251,31 @@ def test_a_damaged_endpoint_cache_is_reported_and_replaced(tmp_path, caplog):
         a.stop()
     assert any("is not JSON" in r.getMessage() and "starting without it" in r.getMessage() for r in caplog.records)
     assert json.loads(cache.read_text()) == {"version": 1, "peers": {}}  # rewritten, usable again
+
+
+def test_an_endpoint_cache_that_cannot_be_written_is_one_warning_not_one_per_interval(tmp_path, caplog, monkeypatch):
+    """A read-only state directory (an immutable robot image) is a choice, not news every 30 s."""
+    from husarnet_ros.core import endpoint_cache
+
+    ia, ib = Identity.generate(), Identity.generate()
+    transport = UdpTransport(0, bind_host="127.0.0.1")
+    a = make_engine(tmp_path, "a", ia, ib, "127.0.0.1:9", transport)
+    a._endpoint_cache_path = tmp_path / "a" / "endpoints.json"
+    calls: list[dict] = []
+
+    def read_only(path, entries):  # type: ignore[no-untyped-def]
+        calls.append(entries)
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(endpoint_cache, "save", read_only)
+    snapshot = {ib.address: [("198.18.0.2", 5582)]}
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            a._save_endpoints(snapshot)
+    warned = [r for r in caplog.records if "not written" in r.getMessage()]
+    assert len(calls) == 3 and len(warned) == 1 and "Read-only" in warned[0].getMessage()
+    assert a._cached_endpoints == {}  # not saved: the next interval tries again
+    monkeypatch.setattr(endpoint_cache, "save", lambda path, entries: None)
+    a._save_endpoints(snapshot)
+    assert a._cached_endpoints == snapshot and a._cache_save_error == ""
+    transport.close()

@@ -139,9 +139,14 @@ def udp_pps(data: dict) -> float:
     return (s["packets"] - s["lost_packets"]) / max(s["seconds"], 1e-9)
 
 
-def ping(lab: Lab, ns: Host, dst: str, count: int) -> tuple[float, float, float]:
-    """(avg ms, p99 ms, loss fraction) of ``count`` pings 10 ms apart."""
-    res = lab.run(ns, ["ping", "-c", str(count), "-i", "0.01", "-W", "1", dst], check=False, timeout=count * 0.1 + 30)
+def ping(lab: Lab, ns: Host, dst: str, count: int, interval: float = 0.01) -> tuple[float, float, float]:
+    """(avg ms, p99 ms, loss fraction) of ``count`` pings ``interval`` seconds (10 ms) apart."""
+    res = lab.run(
+        ns,
+        ["ping", "-c", str(count), "-i", f"{interval:g}", "-W", "1", dst],
+        check=False,
+        timeout=count * (interval + 0.09) + 30,
+    )
     times = [float(x) for x in re.findall(r"time=([\d.]+) ms", res.stdout)]
     if not times:
         return float("nan"), float("nan"), 1.0

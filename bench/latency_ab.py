@@ -14,7 +14,11 @@ Configurations:
   tree:PATH                 the daemon of another checkout (its repository root), e.g. a ``git worktree``
                             of an older commit
 
-Needs root.  Usage: ``bench/latency_ab.py [--rounds N] [--count N] CONFIG [CONFIG ...]``, e.g.
+``--interval S`` spaces the pings (default 0.01 s, as in ``make bench``): how long the CPUs idle between
+packets decides how cold each hop starts, so e.g. 0.001 (1 kHz, a fast control loop) and 0.1 (10 Hz)
+show how the comparison moves with the traffic rate.
+
+Needs root.  Usage: ``bench/latency_ab.py [--rounds N] [--count N] [--interval S] CONFIG [CONFIG ...]``, e.g.
 ``bench/latency_ab.py wg ours tree:/tmp/old``.
 """
 
@@ -78,9 +82,9 @@ class Running:
             self.stop()
             raise SystemExit(f"{config}: no ping within 20 s")
 
-    def ping(self, count: int) -> tuple[float, float]:
-        """(average, p99) ms of ``count`` pings 10 ms apart."""
-        avg, p99, _ = c.ping(self.pair.lab, self.pair.a, self.target, count)
+    def ping(self, count: int, interval: float = 0.01) -> tuple[float, float]:
+        """(average, p99) ms of ``count`` pings ``interval`` seconds apart."""
+        avg, p99, _ = c.ping(self.pair.lab, self.pair.a, self.target, count, interval)
         return avg, p99
 
     def stop(self) -> None:
@@ -90,7 +94,12 @@ class Running:
 
 
 def side_by_side(
-    lab: c.Lab, configs: list[str], rounds: int, count: int, report: Callable[[str], None] = print
+    lab: c.Lab,
+    configs: list[str],
+    rounds: int,
+    count: int,
+    report: Callable[[str], None] = print,
+    interval: float = 0.01,
 ) -> dict[str, dict[str, Any]]:
     """Start every configuration on its own pair, ping them in turn ``rounds`` times, stop them.
 
@@ -106,7 +115,7 @@ def side_by_side(
         time.sleep(0.5)
         for r in range(rounds):
             for run in running:
-                avg, p99 = run.ping(count)
+                avg, p99 = run.ping(count, interval)
                 avgs[run.config].append(avg)
                 p99s[run.config].append(p99)
             report(f"round {r + 1}: " + "  ".join(f"{k}={v[-1]:.3f}" for k, v in avgs.items()))
@@ -129,10 +138,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--count", type=int, default=100, help="pings per configuration and round")
+    ap.add_argument("--interval", type=float, default=0.01, help="seconds between pings (0.001 to 1)")
     ap.add_argument("configs", nargs="+")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
+    if not 0.001 <= args.interval <= 1:
+        raise SystemExit("--interval: 0.001 to 1 s")
     if len(set(args.configs)) != len(args.configs):
         raise SystemExit("each configuration once")
     for config in args.configs:
@@ -142,9 +154,12 @@ def main() -> int:
     if why:
         raise SystemExit(why)
     with c.Lab(tag="lab") as lab:
-        res = side_by_side(lab, args.configs, args.rounds, args.count, lambda line: print(line, flush=True))
+        res = side_by_side(
+            lab, args.configs, args.rounds, args.count, lambda line: print(line, flush=True), args.interval
+        )
     first = args.configs[0]
-    print(f"\nping avg / p99 (ms), median of {args.rounds} rounds of {args.count} pings 10 ms apart")
+    apart = f"{args.interval * 1000:g} ms apart"
+    print(f"\nping avg / p99 (ms), median of {args.rounds} rounds of {args.count} pings {apart}")
     for config in args.configs:
         r = res[config]
         beat = "" if config == first else f"   lower than {first} in {r['rounds_below_first']} of {args.rounds} rounds"

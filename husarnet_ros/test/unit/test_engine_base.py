@@ -10,10 +10,12 @@ upgrade to direct only after an authenticated probe on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,11 +140,8 @@ def test_relay_then_upgrade_to_direct(tmp_path, base):
 def test_rendezvous_over_loopback_udp(tmp_path, base):
     """Real UDP sockets on loopback; the base learns each node's UDP mapping and hands it to the other."""
     ia, ib = Identity.generate(), Identity.generate()
-    ta, tb = UdpTransport(0, bind_host="127.0.0.1"), UdpTransport(0, bind_host="127.0.0.1")
-    for t in (ta, tb):
-        t.local_networks = []  # report no LAN endpoints: keep every datagram on loopback
-    a = make_engine(tmp_path, "a", ia, ib, base.spec, ta)
-    b = make_engine(tmp_path, "b", ib, ia, base.spec, tb)
+    a = make_engine(tmp_path, "a", ia, ib, base.spec, loopback_udp())
+    b = make_engine(tmp_path, "b", ib, ia, base.spec, loopback_udp())
     got_b: list[bytes] = []
     b.on_packet = got_b.append
     try:
@@ -150,7 +149,7 @@ def test_rendezvous_over_loopback_udp(tmp_path, base):
         b.start()
         assert wait_for(lambda: a.status().base == "udp" and b.status().base == "udp", 15)
         assert wait_for(lambda: (i := info(a, ib.address)) is not None and i.is_secure and i.path == "direct", 15)
-        assert info(a, ib.address).endpoint == f"127.0.0.1:{tb.local_port}"
+        assert info(a, ib.address).endpoint == f"127.0.0.1:{b.local_port}"
         deadline = time.monotonic() + 10
         while not got_b:
             assert time.monotonic() < deadline
@@ -162,36 +161,47 @@ def test_rendezvous_over_loopback_udp(tmp_path, base):
         b.stop()
 
 
-def test_base_down_keeps_direct_session(tmp_path):
+def loopback_udp() -> UdpTransport:
+    """A real UDP socket on 127.0.0.1 that reports no LAN endpoints: every datagram stays on loopback."""
+    t = UdpTransport(0, bind_host="127.0.0.1")
+    t.local_networks = []
+    return t
+
+
+@contextlib.contextmanager
+def direct_pair_via_base(tmp_path: Path, bt: BaseThread) -> Iterator[tuple[Identity, Identity, Engine, Engine, list]]:
+    """A and B on loopback UDP, met through the base and on a direct path; what B receives is collected."""
     ia, ib = Identity.generate(), Identity.generate()
-    bt = BaseThread(tmp_path / "base")
-    ta, tb = UdpTransport(0, bind_host="127.0.0.1"), UdpTransport(0, bind_host="127.0.0.1")
-    for t in (ta, tb):
-        t.local_networks = []
-    a = make_engine(tmp_path, "a", ia, ib, bt.spec, ta)
-    b = make_engine(tmp_path, "b", ib, ia, bt.spec, tb)
+    a = make_engine(tmp_path, "a", ia, ib, bt.spec, loopback_udp())
+    b = make_engine(tmp_path, "b", ib, ia, bt.spec, loopback_udp())
     got_b: list[bytes] = []
     b.on_packet = got_b.append
     try:
         a.start()
         b.start()
         assert wait_for(lambda: (i := info(a, ib.address)) is not None and i.is_secure and i.path == "direct", 15)
-        bt.close()
-        assert wait_for(lambda: a.status().base == "none", 10)
-        for i in range(10):
-            a.inject_packet(packet(ia.address, ib.address, b"p%d" % i))
-        assert wait_for(lambda: len([p for p in got_b if p[40:41] == b"p"]) == 10)
+        yield ia, ib, a, b, got_b
     finally:
         a.stop()
         b.stop()
+
+
+def test_base_down_keeps_direct_session(tmp_path):
+    bt = BaseThread(tmp_path / "base")
+    try:
+        with direct_pair_via_base(tmp_path, bt) as (ia, ib, a, _b, got_b):
+            bt.close()
+            assert wait_for(lambda: a.status().base == "none", 10)
+            for i in range(10):
+                a.inject_packet(packet(ia.address, ib.address, b"p%d" % i))
+            assert wait_for(lambda: len([p for p in got_b if p[40:41] == b"p"]) == 10)
+    finally:
         bt.close()
 
 
-def _restart_a_without_base(tmp_path: Path, ia: Identity, ib: Identity, tb: UdpTransport, got_b: list[bytes]) -> bool:
+def _restart_a_without_base(tmp_path: Path, ia: Identity, ib: Identity, got_b: list[bytes]) -> bool:
     """Start A again (same state directory, new socket) with its base gone: True if B gets a packet from it."""
-    ta = UdpTransport(0, bind_host="127.0.0.1")
-    ta.local_networks = []
-    a = make_engine(tmp_path, "a", ia, ib, "127.0.0.1:9", ta)  # a base that is not there
+    a = make_engine(tmp_path, "a", ia, ib, "127.0.0.1:9", loopback_udp())  # a base that is not there
     try:
         a.start()
         deadline = time.monotonic() + 4
@@ -211,30 +221,19 @@ def test_a_restart_while_the_base_is_down_reaches_the_peer_at_its_cached_endpoin
     """The endpoint cache: A met B through the base; the base goes away; A restarts and still finds B
     at the direct endpoint it validated before (a hint: the handshake authenticates it).  Without the
     cache file the same restart stays cut off, which is what the cache is for."""
-    ia, ib = Identity.generate(), Identity.generate()
     bt = BaseThread(tmp_path / "base")
-    ta, tb = UdpTransport(0, bind_host="127.0.0.1"), UdpTransport(0, bind_host="127.0.0.1")
-    for t in (ta, tb):
-        t.local_networks = []
-    a = make_engine(tmp_path, "a", ia, ib, bt.spec, ta)
-    b = make_engine(tmp_path, "b", ib, ia, bt.spec, tb)
-    got_b: list[bytes] = []
-    b.on_packet = got_b.append
     try:
-        a.start()
-        b.start()
-        assert wait_for(lambda: (i := info(a, ib.address)) is not None and i.is_secure and i.path == "direct", 15)
-        a.stop()  # writes the cache
-        bt.close()
-        cache = tmp_path / "a" / "endpoints.json"
-        assert (cache.stat().st_mode & 0o777) == 0o600
-        assert json.loads(cache.read_text())["peers"] == {format_address(ib.address): [f"127.0.0.1:{tb.local_port}"]}
-        assert _restart_a_without_base(tmp_path, ia, ib, tb, got_b)
-        cache.unlink()
-        assert not _restart_a_without_base(tmp_path, ia, ib, tb, got_b)
+        with direct_pair_via_base(tmp_path, bt) as (ia, ib, a, b, got_b):
+            a.stop()  # writes the cache
+            bt.close()
+            cache = tmp_path / "a" / "endpoints.json"
+            assert (cache.stat().st_mode & 0o777) == 0o600
+            expected = {format_address(ib.address): [f"127.0.0.1:{b.local_port}"]}
+            assert json.loads(cache.read_text())["peers"] == expected
+            assert _restart_a_without_base(tmp_path, ia, ib, got_b)
+            cache.unlink()
+            assert not _restart_a_without_base(tmp_path, ia, ib, got_b)
     finally:
-        a.stop()
-        b.stop()
         bt.close()
 
 

@@ -213,7 +213,7 @@ class Engine:
         self.whitelist: Whitelist | None = None
         self.on_packet: Callable[[bytes], None] | None = None
         self.dds_restart_needed = False
-        self._endpoint_cache_path: Path | None = None
+        self._endpoint_cache_path: Path | None = None  # set when the underlay is real UDP (endpoint_cache.py)
         self._cached_endpoints: dict[bytes, list[Endpoint]] = {}  # as last loaded or saved
         self._cache_save_error = ""  # the last save failure, warned about once
         #: Set (once) when the data path fails for good while running: see :meth:`_on_tun_failure`.
@@ -301,7 +301,6 @@ class Engine:
             )
         except (WhitelistError, ValueError) as exc:
             raise EngineError(f"whitelist: {exc}") from None
-        self._endpoint_cache_path = state_dir / endpoint_cache.FILE_NAME
         for spec in cfg.peers:
             try:
                 addr, ep = parse_peer_spec(spec)
@@ -320,6 +319,8 @@ class Engine:
                 raise EngineError(
                     f"{exc.strerror or exc}: is another husarnet instance running? choose another --udp-port"
                 ) from None
+        if isinstance(self._transport, UdpTransport):  # real endpoints: worth remembering across restarts
+            self._endpoint_cache_path = state_dir / endpoint_cache.FILE_NAME
         nets = getattr(self._transport, "local_networks", None)
         if nets is not None:
             self._local_networks = list(nets)
@@ -463,7 +464,7 @@ class Engine:
                 if peer is not None and name:
                     peer.hostname = name
         self.whitelist.add_listener(self._on_whitelist_change)
-        if isinstance(self._transport, UdpTransport):
+        if self._endpoint_cache_path is not None:
             self._offer_cached_endpoints()
         if self.config.lan_discovery and isinstance(self._transport, UdpTransport):
             self._start_beacons()
@@ -640,7 +641,7 @@ class Engine:
     def _shutdown_on_loop(self) -> None:
         if self._tick_task is not None:
             self._tick_task.cancel()
-        if isinstance(self._transport, UdpTransport):
+        if self._endpoint_cache_path is not None:
             self._save_endpoints(self._endpoint_snapshot())
         if self._beacons is not None:
             with contextlib.suppress(Exception):
@@ -1402,7 +1403,7 @@ class Engine:
                     self._peer_timers(peer, now)
                 except Exception:
                     log.exception("timers for %s failed", format_address(peer.address))
-            if isinstance(self._transport, UdpTransport) and now - last_saved >= ENDPOINT_SAVE_INTERVAL:
+            if self._endpoint_cache_path is not None and now - last_saved >= ENDPOINT_SAVE_INTERVAL:
                 last_saved = now
                 snapshot = self._endpoint_snapshot()
                 if snapshot != self._cached_endpoints:

@@ -43,6 +43,7 @@ DEFAULT_MTU = UNDERLAY_MTU - OVERHEAD_IPV6 - OVERHEAD_RELAY  # 1371
 NOISE_PROTOCOL_NAME = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"
 NOISE_PROLOGUE = b"husarnet_ros v1"
 LABEL_MAC1 = b"mac1----"
+LABEL_COOKIE = b"cookie--"
 
 # --- Session limits (WireGuard's values) ----------------------------------
 REKEY_AFTER_MESSAGES = 1 << 60

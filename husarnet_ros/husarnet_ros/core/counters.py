@@ -37,6 +37,8 @@ TRAFFIC_COUNTERS: tuple[str, ...] = (
     "handshakes_sent",
     "handshakes_received",
     "handshakes_completed",
+    "cookie_replies_sent",
+    "cookie_replies_received",
 )
 
 KNOWN_COUNTERS: tuple[str, ...] = DROP_REASONS + TRAFFIC_COUNTERS

@@ -37,6 +37,7 @@ from typing import Any
 from . import endpoint_cache
 from . import handshake as hs
 from .constants import DEFAULT_INTERFACE, DEFAULT_MTU, DEFAULT_UDP_PORT, OVERLAY_PREFIX, Timers
+from .cookie import COOKIE_SECRET_LIFETIME, CookieChecker, CookieError, SourceLimiter, open_cookie_reply, with_mac2
 from .counters import Counters
 from .datapath import Datapath
 from .fsutil import StateFileError, ensure_state_dir
@@ -59,6 +60,9 @@ from .transport import (
 from .udp import DatagramRun
 from .whitelist import Whitelist, WhitelistError
 from .wire import (
+    HANDSHAKE_INIT_LEN,
+    MAC_LEN,
+    MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_DATA_SUPER,
     MSG_HANDSHAKE_INIT,
@@ -67,13 +71,16 @@ from .wire import (
     Malformed,
     build_hello,
     build_probe,
+    parse_cookie_reply,
     parse_hello,
+    split_mac2,
 )
 
 log = logging.getLogger(__name__)
 
 _DATA_WORD = MSG_DATA.to_bytes(4, "little")
 _DATA_WORDS = (_DATA_WORD, MSG_DATA_SUPER.to_bytes(4, "little"))
+_CONTROL_WORDS = frozenset((MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_COOKIE_REPLY, MSG_HELLO))
 
 #: Hello flag: "this Hello answers yours" (never answered again, so Hellos cannot ping-pong).
 HELLO_FLAG_REPLY = 1
@@ -246,8 +253,11 @@ class Engine:
         self._control_posted = 0  # written by receive threads (under _post_lock)
         self._control_done = 0  # written by the loop only
         self._post_lock = threading.Lock()
-        self._init_tokens = [INITIATION_RATE, INITIATION_RATE]  # [strangers, known sources]
-        self._init_tokens_at = [clock(), clock()]
+        # Diffie-Hellman budgets: [strangers, known sources, cookie-proven sources] (_take_init_token).
+        self._init_tokens = [INITIATION_RATE] * 3
+        self._init_tokens_at = [clock()] * 3
+        self._cookies: CookieChecker | None = None  # made once the identity is known (_start)
+        self._proven_sources = SourceLimiter()
         self._known_sources: frozenset = frozenset()  # every peer's endpoints, rebuilt each tick
         self._last_hello_ts = 0
         self._relay_sender: Callable[[bytes, RelayEndpoint], None] | None = None
@@ -295,6 +305,7 @@ class Engine:
                     "to create a new identity (the node's address will change)"
                 ) from None
             self.address = self.identity.address
+        self._cookies = CookieChecker(self.identity.x25519_public, self._clock)
         try:
             self.whitelist = Whitelist(
                 state_dir / "whitelist.json", static=cfg.whitelist, enabled_default=cfg.whitelist_enabled
@@ -862,13 +873,16 @@ class Engine:
             assert self._datapath is not None
             self._datapath.receive(data, src)
             return
-        if word not in (MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_HELLO):
+        if word not in _CONTROL_WORDS:
             self.counters.inc("malformed")
             return
         # Two single-writer counters (receive threads / loop) instead of one shared one: no lost updates.
         backlog = self._control_posted - self._control_done
-        if backlog >= MAX_CONTROL_BACKLOG and (backlog >= 2 * MAX_CONTROL_BACKLOG or src not in self._known_sources):
-            self.counters.inc("rate_limited")  # a full queue still admits datagrams from known endpoints
+        if backlog >= MAX_CONTROL_BACKLOG and (
+            backlog >= 2 * MAX_CONTROL_BACKLOG
+            or (src not in self._known_sources and not self._cookie_checked(word, data, src))
+        ):
+            self.counters.inc("rate_limited")  # a full queue still admits known and cookie-proven sources
             return
         with self._post_lock:
             self._control_posted += 1
@@ -893,6 +907,30 @@ class Engine:
                 if type(d) is not DatagramRun and d[:4] not in _DATA_WORDS:
                     self._on_datagram(d, src)
 
+    def _cookie_checked(self, word: int, data: bytes, src: AnyEndpoint) -> bool:
+        """For a stranger's datagram that meets a full control queue: True for an initiation with a valid mac2.
+
+        An initiation without one, with a valid mac1, is answered here with a cookie reply (the queue
+        being full is load as much as an empty budget is), so a newcomer can prove its address even
+        while a flood keeps the queue full.  Anything else: False (dropped).
+        """
+        if word != MSG_HANDSHAKE_INIT:
+            return False
+        cookies = self._cookies
+        if cookies is None:
+            return False
+        body, mac2 = split_mac2(data)
+        if mac2 is not None and cookies.check_mac2(body, mac2, src):
+            return True
+        if len(body) == HANDSHAKE_INIT_LEN and hs.check_mac1(self.identity, body):
+            self._send_cookie_reply(body, src)
+        return False
+
+    def _send_cookie_reply(self, initiation: bytes, src: AnyEndpoint) -> None:
+        assert self._cookies is not None
+        self.counters.inc("cookie_replies_sent")
+        self.send_control(self._cookies.reply(initiation, src), src)
+
     def _on_control(self, word: int, data: bytes, src: AnyEndpoint) -> None:
         self._control_done += 1
         if self._state not in ("running", "starting"):
@@ -902,6 +940,8 @@ class Engine:
                 self._on_initiation(data, src)
             elif word == MSG_HANDSHAKE_RESP:
                 self._on_response(data, src)
+            elif word == MSG_COOKIE_REPLY:
+                self._on_cookie_reply(data)
             else:
                 self._on_hello(data, src)
         except Exception:
@@ -1137,6 +1177,8 @@ class Engine:
         except Exception:
             self._index.remove(idx, pending)
             raise
+        if peer.cookie is not None and now - peer.cookie_at < COOKIE_SECRET_LIFETIME:
+            msg = with_mac2(msg, peer.cookie)  # the responder was under load: prove our address
         pending.state, pending.local_index, pending.message = state, idx, msg
         peer.handshake = pending
         # The same initiation on every path: the responder answers the first copy only.
@@ -1155,6 +1197,36 @@ class Engine:
         ts = max(int(self._wallclock() * 1000), self._last_hello_ts + 1)
         self._last_hello_ts = ts
         return ts
+
+    def _on_cookie_reply(self, data: bytes) -> None:
+        """A responder under load sent a cookie for our initiation: keep it, and repeat the attempt with mac2.
+
+        The first cookie of an attempt repeats it at once (the newcomer gets in within a round trip);
+        a cookie answering an initiation that already carried mac2 (ours had gone stale) is kept for
+        the next scheduled attempt, so replies cannot drive us into a fast loop.
+        """
+        c = self.counters
+        try:
+            reply = parse_cookie_reply(data)
+        except Malformed as exc:
+            c.inc(exc.reason)
+            return
+        pending = self._index.lookup(reply.receiver_index)
+        if type(pending) is not PendingHandshake or pending.state is None:
+            c.inc("no_session")
+            return
+        peer = pending.peer
+        mac1 = pending.message[HANDSHAKE_INIT_LEN - MAC_LEN : HANDSHAKE_INIT_LEN]
+        try:
+            cookie = open_cookie_reply(reply, pending.state.peer_static, mac1)
+        except CookieError:
+            c.inc("bad_mac")
+            return
+        c.inc("cookie_replies_received")
+        now = self._clock()
+        peer.cookie, peer.cookie_at = cookie, now
+        if len(pending.message) == HANDSHAKE_INIT_LEN and peer.handshake is pending:
+            self._attempt(peer, now)
 
     def _on_response(self, data: bytes, src: AnyEndpoint) -> None:
         if len(data) < 12:
@@ -1220,14 +1292,13 @@ class Engine:
         self._notify("peers")
 
     # ========================================================================= handshake: responder
-    def _take_init_token(self, now: float, known: bool) -> bool:
-        """Diffie-Hellman budget: one bucket for sources we already know (a peer's endpoints), one for the rest.
+    def _take_init_token(self, now: float, i: int) -> bool:
+        """Diffie-Hellman budget ``i``: 0 for strangers, 1 for sources we know (a peer's endpoints), 2 for proven ones.
 
-        A flood of initiations from strangers then cannot starve a known peer that restarts or rekeys
-        (without cookies, a never-seen newcomer still competes with the flood for the strangers' budget).
+        A flood of initiations from strangers then cannot starve a known peer that restarts or rekeys,
+        nor a newcomer that proved its source address with a cookie (cookie.py).
         """
         rate = INITIATION_RATE
-        i = 1 if known else 0
         tokens = min(rate, self._init_tokens[i] + (now - self._init_tokens_at[i]) * rate)
         self._init_tokens_at[i] = now
         if tokens < 1:
@@ -1241,11 +1312,23 @@ class Engine:
         c = self.counters
         c.inc("handshakes_received")
         now = self._clock()
-        if not self._take_init_token(now, src in self._known_sources):
-            c.inc("rate_limited")
-            return
+        data, mac2 = split_mac2(data)
         if not hs.check_mac1(self.identity, data):
             c.inc("bad_mac")
+            return
+        known = src in self._known_sources
+        assert self._cookies is not None
+        if mac2 is not None and self._cookies.check_mac2(data, mac2, src):
+            # A proven source: a budget of its own, and a limit per source so one cannot take it all.
+            admitted = self._proven_sources.take(src, now) and self._take_init_token(now, 2)
+            proven = True
+        else:
+            admitted = self._take_init_token(now, 1 if known else 0)
+            proven = False
+        if not admitted:
+            c.inc("rate_limited")
+            if not known and not proven:  # under load: a stranger must first prove its address
+                self._send_cookie_reply(data, src)
             return
         try:
             st = hs.consume_initiation(self.identity, data)

@@ -259,6 +259,11 @@ class InitiatorState:
     _symmetric: _SymmetricState = field(repr=False)
     completed: bool = False
 
+    @property
+    def peer_static(self) -> bytes:
+        """The responder's X25519 static public key (what its cookie replies are sealed to)."""
+        return self._peer_static
+
 
 @dataclass(eq=False)
 class ResponderState:

@@ -100,6 +100,8 @@ class Peer:
     last_probe_round: float = -1e9
     relayed_rounds: int = 0  # probe rounds sent while relayed (fast retries of the hole punch, path.py)
     last_query: float = -1e9  # last time we asked the base(s) about this peer
+    cookie: bytes | None = field(default=None, repr=False)  # from the peer's cookie reply (cookie.py)
+    cookie_at: float = -1e9
     # traffic (monotonic times; written by datapath threads, read by the loop - plain attribute writes)
     rx_bytes: int = 0
     tx_bytes: int = 0

@@ -25,10 +25,13 @@ from .identity import Identity, address_from_pubkey, verify_signature
 # --- Message types ----------------------------------------------------------
 MSG_HANDSHAKE_INIT = 1
 MSG_HANDSHAKE_RESP = 2
+MSG_COOKIE_REPLY = 3
 MSG_DATA = 4
 MSG_HELLO = 5
 MSG_DATA_SUPER = 6
-MESSAGE_TYPES = frozenset((MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_DATA, MSG_HELLO, MSG_DATA_SUPER))
+MESSAGE_TYPES = frozenset(
+    (MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_COOKIE_REPLY, MSG_DATA, MSG_HELLO, MSG_DATA_SUPER)
+)
 
 KEY_LEN = 32
 TAG_LEN = 16
@@ -42,6 +45,8 @@ _WORD = struct.Struct("<I")
 HANDSHAKE_INIT = struct.Struct("<II32s48s64s16s")
 #: type(1) res(3) sender_index(4) receiver_index(4) ephemeral(32) enc_payload(20) mac1(16)
 HANDSHAKE_RESP = struct.Struct("<III32s20s16s")
+#: type(1) res(3) receiver_index(4) nonce(24) enc_cookie(32): the cookie, sealed with XChaCha20-Poly1305.
+COOKIE_REPLY = struct.Struct("<II24s32s")
 #: type(1) res(3) receiver_index(4) counter(8); the ciphertext follows.
 DATA_HEADER = struct.Struct("<IIQ")
 #: type(1) res(3) flags(4) pubkey(32) timestamp_ms(8) target(16) signature(64)
@@ -49,6 +54,10 @@ HELLO = struct.Struct("<II32sQ16s64s")
 
 HANDSHAKE_INIT_LEN = HANDSHAKE_INIT.size  # 168
 HANDSHAKE_RESP_LEN = HANDSHAKE_RESP.size  # 80
+#: An initiation with WireGuard's mac2 appended (sent only to a responder that gave us a cookie).
+HANDSHAKE_INIT_MAC2_LEN = HANDSHAKE_INIT_LEN + MAC_LEN  # 184
+COOKIE_REPLY_LEN = COOKIE_REPLY.size  # 64
+COOKIE_NONCE_LEN = 24
 DATA_HEADER_LEN = DATA_HEADER.size  # 16
 DATA_MIN_LEN = DATA_HEADER_LEN + TAG_LEN  # 32: an empty (keepalive) plaintext
 HELLO_LEN = HELLO.size  # 128
@@ -178,6 +187,43 @@ def parse_handshake_resp(buf: bytes | bytearray | memoryview) -> HandshakeResp:
     if word != MSG_HANDSHAKE_RESP:
         raise Malformed("not a handshake response (type or reserved bytes)")
     return HandshakeResp(sender, receiver, eph, enc_payload, mac1)
+
+
+# --- Cookie reply (WireGuard's type 3) ----------------------------------------------
+class CookieReply(NamedTuple):
+    """Fields of a CookieReply datagram: the initiation it answers (our sender index) and the sealed cookie."""
+
+    receiver_index: int
+    nonce: bytes
+    enc_cookie: bytes
+
+
+def build_cookie_reply(receiver_index: int, nonce: bytes, enc_cookie: bytes) -> bytes:
+    """Serialise a CookieReply (64 bytes: smaller than the 168-byte initiation it answers)."""
+    _need_u32("receiver_index", receiver_index)
+    _need_len("nonce", nonce, COOKIE_NONCE_LEN)
+    _need_len("enc_cookie", enc_cookie, MAC_LEN + TAG_LEN)
+    return COOKIE_REPLY.pack(MSG_COOKIE_REPLY, receiver_index, nonce, enc_cookie)
+
+
+def parse_cookie_reply(buf: bytes | bytearray | memoryview) -> CookieReply:
+    """Parse a CookieReply of exactly 64 bytes."""
+    if len(buf) != COOKIE_REPLY_LEN:
+        raise Malformed(f"cookie reply must be {COOKIE_REPLY_LEN} bytes, got {len(buf)}")
+    word, receiver, nonce, enc = COOKIE_REPLY.unpack(buf)
+    if word != MSG_COOKIE_REPLY:
+        raise Malformed("not a cookie reply (type or reserved bytes)")
+    return CookieReply(receiver, nonce, enc)
+
+
+def split_mac2(buf: bytes) -> tuple[bytes, bytes | None]:
+    """An initiation as ``(the 168-byte message, mac2)``; mac2 is None when the datagram carries none.
+
+    Any other length is returned whole (with None), for the initiation parser to refuse.
+    """
+    if len(buf) == HANDSHAKE_INIT_MAC2_LEN:
+        return buf[:HANDSHAKE_INIT_LEN], buf[HANDSHAKE_INIT_LEN:]
+    return buf, None
 
 
 # --- Data ---------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """TESTPLAN row 17 (IM variant): a flood of handshake initiations from random keys and spoofed sources.
 
-Expected: no reply to anything that is not allowed; replies (when the
-whitelist is off) never larger than the requests; peer and index tables
-bounded; and a legitimate peer still completes its handshake *during* the
-flood, within a few rekey-timeouts.
+Expected: no handshake reply to anything that is not allowed; under load
+only cookie replies (64 bytes for 168), never larger than the requests;
+peer and index tables bounded; and a legitimate peer, known or a newcomer
+that proves its source address with a cookie, still completes its handshake
+*during* the flood, within a few rekey-timeouts, while one real source that
+floods with valid cookies is held to its own per-source limit.
 
 Random keys are cheap here because the address derivation's validity rule
 (``h[0] == 0 and h[1] < 50``, ~1300 tries per key) is replaced by "every key
@@ -21,8 +23,9 @@ import threading
 import time
 
 import pytest
-from test_im_common import EP_A, EP_B, EP_C, Lab, connect, identity, pair, spec, wait_for
+from test_im_common import EP_A, EP_B, EP_C, Lab, connect, identity, msg_type, pair, spec, wait_for
 
+from husarnet_ros.core import cookie as cookie_mod
 from husarnet_ros.core import engine as engine_mod
 from husarnet_ros.core import handshake as hs
 from husarnet_ros.core import identity as identity_mod
@@ -135,8 +138,13 @@ def test_flood_from_strangers_gets_silence_and_a_restarting_peer_still_gets_in(t
         lb.net.quiesce()
         time.sleep(0.05)
         assert took < LEGIT_DEADLINE
-        # Silence towards every flood source; tables hold only the real peer.
-        assert bytes_sent_to(b, flood.sources) == 0
+        # Towards the flood sources nothing but cookie replies (B is under load), each smaller than the
+        # initiation it answers and never more of them than initiations: no handshake, no amplification.
+        to_flood = [d for ep, d in list(b.transport.sent_log) if ep in flood.sources]
+        assert all(msg_type(d) == wire_mod.MSG_COOKIE_REPLY and len(d) == 64 < len(msgs[0]) for d in to_flood)
+        assert 0 < len(to_flood) <= b.counter("cookie_replies_sent") <= flood.count
+        assert bytes_sent_to(b, flood.sources) <= flood.bytes * 64 // 168
+        # Tables hold only the real peer.
         assert set(b.engine._peers) == {a.address}
         assert len(b.engine._index) <= 4
         # Every flood initiation was refused and counted (not_whitelisted after the DH work, or rate_limited
@@ -201,3 +209,66 @@ def test_a_new_peer_still_gets_in_after_a_flood_filled_the_peer_table(tmp_path, 
             c.send(b, b"newcomer")
             wait_for(lambda: b.payloads(b"newcomer"), 0.1)
         assert len(b.engine._peers) <= 32
+
+
+def test_a_peer_the_responder_forgot_proves_its_address_with_a_cookie_and_gets_in_during_the_flood(
+    tmp_path, cheap_keys, monkeypatch
+):
+    """B restarts during the flood and knows no endpoint any more: A's initiations come from a stranger's source.
+
+    The strangers' budget is the flood's, so without a budget of its own A would have to win a lottery
+    against thousands of initiations a second.  A cookie reply lets it prove its address and get one.
+    """
+    monkeypatch.setattr(engine_mod, "INITIATION_RATE", 20.0)
+    with Lab(tmp_path, log_sent=True) as lb:
+        ia, ib = identity(0), identity(1)
+        a = lb.node(ia, EP_A, peers=[spec(ib, EP_B)], whitelist=[ib], start=True)
+        b = lb.node(ib, EP_B, whitelist=[ia], start=True)  # B learns A's endpoint only from A
+        connect(a, b)
+        msgs = flood_initiations(b.id, FLOOD_KEYS, seed=47)
+        with Flood(lb, msgs, EP_B, seed=48) as flood:
+            assert wait_for(lambda: flood.count > 3000, 5)
+            b2 = lb.restart(b)
+            assert wait_for(lambda: b2.counter("cookie_replies_sent") > 0, 5)  # under load, before A is back
+            assert EP_A not in b2.engine._known_sources
+            t0 = time.monotonic()
+            while not b2.payloads(b"after-restart"):
+                assert time.monotonic() - t0 < LEGIT_DEADLINE, (
+                    f"A starved by the flood: A {a.engine.counters.snapshot()} B {b2.engine.counters.snapshot()}"
+                )
+                a.send(b2, b"after-restart")
+                wait_for(lambda: b2.payloads(b"after-restart"), 0.1)
+        # A got in because it proved its address: a cookie reply came back, the initiation B answered
+        # carried mac2 (184 bytes), and B's answer went to A's real address.
+        assert a.counter("cookie_replies_received") >= 1
+        init_sizes = {len(d) for d in a.sent_of_type(wire_mod.MSG_HANDSHAKE_INIT, EP_B)}
+        assert wire_mod.HANDSHAKE_INIT_MAC2_LEN in init_sizes
+        assert b2.sent_of_type(wire_mod.MSG_HANDSHAKE_RESP, EP_A)
+
+
+def test_one_source_with_valid_cookies_is_held_to_its_own_limit(tmp_path, cheap_keys, monkeypatch):
+    """A real (unspoofed) source can learn its cookie, but mac2 only buys it PROVEN_SOURCE_RATE handshakes a second."""
+    monkeypatch.setattr(engine_mod, "INITIATION_RATE", 20.0)
+    attacker = ("198.19.7.7", 4444)
+    with Lab(tmp_path, log_sent=True) as lb:
+        b = lb.node(identity(1), EP_B, whitelist=[identity(2)], start=True)
+        # Empty the strangers' budget from spoofed sources, then ask for a cookie from the attacker's real one.
+        for i, msg in enumerate(flood_initiations(b.id, 40, seed=57)):
+            lb.net.inject(msg, (f"198.19.8.{i + 1}", 1000 + i), EP_B)
+        assert wait_for(lambda: b.counter("cookie_replies_sent") >= 1)
+        [probe] = flood_initiations(b.id, 1, seed=58)
+        lb.net.inject(probe, attacker, EP_B)
+        assert wait_for(lambda: b.sent_of_type(wire_mod.MSG_COOKIE_REPLY, attacker))
+        [reply] = b.sent_of_type(wire_mod.MSG_COOKIE_REPLY, attacker)
+        cookie = cookie_mod.open_cookie_reply(wire_mod.parse_cookie_reply(reply), b.id.x25519_public, probe[-16:])
+        before = b.counter("not_whitelisted") + b.counter("rate_limited")
+        dh_before = b.counter("not_whitelisted")
+        proven = [cookie_mod.with_mac2(m, cookie) for m in flood_initiations(b.id, 60, seed=59)]
+        t0 = time.monotonic()
+        for m in proven:
+            lb.net.inject(m, attacker, EP_B)
+        assert wait_for(lambda: b.counter("not_whitelisted") + b.counter("rate_limited") - before >= 60)
+        elapsed = time.monotonic() - t0
+        # Each admitted initiation cost a Diffie-Hellman and ended as not_whitelisted (random keys).
+        admitted = b.counter("not_whitelisted") - dh_before
+        assert 1 <= admitted <= cookie_mod.PROVEN_SOURCE_RATE * (1 + elapsed) + 1

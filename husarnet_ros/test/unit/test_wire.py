@@ -96,9 +96,9 @@ def test_data_header() -> None:
 
 
 def test_message_type_rejects_unknown_and_reserved() -> None:
-    for t in (1, 2, 4, 5):
+    for t in (1, 2, 3, 4, 5, 6):
         assert wire.message_type(bytes((t, 0, 0, 0))) == t
-    for bad in (b"", b"\x01\x00\x00", b"\x03\x00\x00\x00", b"\x00\x00\x00\x00", b"\x01\x00\x00\x80", b"\xff" * 4):
+    for bad in (b"", b"\x01\x00\x00", b"\x07\x00\x00\x00", b"\x00\x00\x00\x00", b"\x01\x00\x00\x80", b"\xff" * 4):
         with pytest.raises(wire.Malformed):
             wire.message_type(bad)
 

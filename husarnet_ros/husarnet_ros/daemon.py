@@ -3,7 +3,7 @@
     python -m husarnet_ros.daemon --state-dir DIR [--interface hnet0] [--udp-port 5582] [--hostname NAME]
         [--peer SPEC]... [--whitelist ADDR[=HOSTNAME]]... [--no-whitelist] [--base HOST:PORT[#PUBKEY]]...
         [--no-lan-discovery] [--mtu N] [--control PATH] [--timers-scale F] [--hosts-file PATH] [--log-level L]
-        [--no-offload] [--no-tun]
+        [--no-offload] [--no-tun] [--handshake-cookies]
     python -m husarnet_ros.daemon --state-dir DIR --print-address
 
 The control socket speaks one JSON object per line each way:
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-whitelist", action="store_true", help="allow every valid fc94 identity")
     p.add_argument("--base", action="append", default=[], metavar="HOST:PORT[#PUBKEY]", help="repeatable")
     p.add_argument("--no-lan-discovery", action="store_true")
+    p.add_argument(
+        "--handshake-cookies",
+        action="store_true",
+        help="under a handshake flood, answer unknown addresses with cookie replies (see docs/SECURITY.md)",
+    )
     p.add_argument("--mtu", type=int, default=DEFAULT_MTU)
     p.add_argument("--control", type=Path, default=None, help="unix control socket path")
     p.add_argument("--timers-scale", type=float, default=1.0, help="multiply every protocol interval")
@@ -244,6 +249,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         base_servers=list(args.base),
         peers=list(args.peer),
         lan_discovery=not args.no_lan_discovery,
+        handshake_cookies=args.handshake_cookies,
         whitelist_enabled=not args.no_whitelist,
         whitelist=list(args.whitelist),
         hosts_file=args.hosts_file,

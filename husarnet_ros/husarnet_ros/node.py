@@ -144,6 +144,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ),
     ParamSpec("lan_discovery", True, B, "Find peers on the LAN by multicast beacons."),
     ParamSpec(
+        "handshake_cookies",
+        False,
+        B,
+        "Under a handshake flood, answer initiations from unknown addresses with 64-byte cookie replies, so "
+        "peers at new addresses still get in; off: such senders get no answer at all, even under load.",
+    ),
+    ParamSpec(
         "whitelist_enabled",
         True,
         B,
@@ -465,6 +472,7 @@ class HusarnetNode(LifecycleNode):
             base_servers=self.param("base_servers"),
             peers=self.param("peers"),
             lan_discovery=bool(self.param("lan_discovery")),
+            handshake_cookies=bool(self.param("handshake_cookies")),
             whitelist_enabled=bool(self.param("whitelist_enabled")),
             whitelist=self.param("whitelist"),
             websetup_enabled=bool(self.param("websetup.enabled")),

@@ -13,6 +13,10 @@ The reply (64 bytes) is smaller than the initiation it answers (168), so it cann
 costs one BLAKE2s and one XChaCha20-Poly1305, no Diffie-Hellman.  It is only sent to initiations
 that carry a valid mac1, i.e. from senders that already know our public key.
 
+Sending cookie replies is the operator's choice (``EngineConfig.handshake_cookies``, off by default):
+the reply goes out before we can know who asks, so it breaks DESIGN.md's "a responder answers
+nothing" towards senders that know our key.  Receiving them is always on.
+
 Nodes without cookies stay compatible: an initiation carries mac2 (184 bytes instead of 168) only
 after a cookie reply from that responder, and only cookie-aware responders send those.
 """

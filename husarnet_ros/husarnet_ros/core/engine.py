@@ -112,6 +112,9 @@ class EngineConfig:
     base_servers: list[str] = field(default_factory=list)
     peers: list[str] = field(default_factory=list)
     lan_discovery: bool = True
+    #: Under a handshake flood, answer strangers' initiations with cookie replies (cookie.py): peers at
+    #: addresses we have not seen still get in, but a sender that knows our public key gets an answer.
+    handshake_cookies: bool = False
     whitelist_enabled: bool = True
     whitelist: list[str] = field(default_factory=list)
     websetup_enabled: bool = True
@@ -910,9 +913,9 @@ class Engine:
     def _cookie_checked(self, word: int, data: bytes, src: AnyEndpoint) -> bool:
         """For a stranger's datagram that meets a full control queue: True for an initiation with a valid mac2.
 
-        An initiation without one, with a valid mac1, is answered here with a cookie reply (the queue
-        being full is load as much as an empty budget is), so a newcomer can prove its address even
-        while a flood keeps the queue full.  Anything else: False (dropped).
+        With ``handshake_cookies``, an initiation without one, with a valid mac1, is answered here with a
+        cookie reply (the queue being full is load as much as an empty budget is), so a newcomer can
+        prove its address even while a flood keeps the queue full.  Anything else: False (dropped).
         """
         if word != MSG_HANDSHAKE_INIT:
             return False
@@ -922,7 +925,7 @@ class Engine:
         body, mac2 = split_mac2(data)
         if mac2 is not None and cookies.check_mac2(body, mac2, src):
             return True
-        if len(body) == HANDSHAKE_INIT_LEN and hs.check_mac1(self.identity, body):
+        if self.config.handshake_cookies and len(body) == HANDSHAKE_INIT_LEN and hs.check_mac1(self.identity, body):
             self._send_cookie_reply(body, src)
         return False
 
@@ -1327,8 +1330,8 @@ class Engine:
             proven = False
         if not admitted:
             c.inc("rate_limited")
-            if not known and not proven:  # under load: a stranger must first prove its address
-                self._send_cookie_reply(data, src)
+            if self.config.handshake_cookies and not known and not proven:
+                self._send_cookie_reply(data, src)  # under load: a stranger must first prove its address
             return
         try:
             st = hs.consume_initiation(self.identity, data)

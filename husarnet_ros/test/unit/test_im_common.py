@@ -210,6 +210,7 @@ class Lab:
         wallclock: Callable[[], float] = time.time,
         state_dir: Path | None = None,
         start: bool = False,
+        handshake_cookies: bool = False,
     ) -> Node:
         self._count += 1
         wl = [format_address(w.address if isinstance(w, Identity) else w) for w in whitelist]
@@ -222,6 +223,7 @@ class Lab:
             whitelist=wl,
             whitelist_enabled=whitelist_enabled,
             timers=timers or self.timers,
+            handshake_cookies=handshake_cookies,
         )
         t = self.net.transport(ep)
         n = Node(Engine(cfg, identity=ident, transport=t, clock=clock, wallclock=wallclock), t, ident, ep)

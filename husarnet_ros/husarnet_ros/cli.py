@@ -142,6 +142,7 @@ def status_dict(st: Any, peers: Any) -> dict[str, Any]:
         "whitelist_enabled": st.whitelist_enabled,
         "dds": {"env_file": st.dds_env_file, "restart_needed": st.dds_restart_needed},
         "failure": st.failure,
+        "warning": st.warning,
         "websetup": {"enabled": st.websetup_enabled, "port": st.websetup_port, **_kv(st.websetup)},
         "counters": {k: int(v) for k, v in _kv(st.counters).items()},
         "peers": [peer_dict(p) for p in (peers.peers if peers is not None else [])],
@@ -194,8 +195,10 @@ def format_status(d: dict[str, Any], now: float | None = None) -> str:
     dds = d["dds"]["env_file"] or "disabled"
     if d["dds"]["restart_needed"]:
         dds += "  (RESTART NEEDED: ROS processes started before the last peer change use old profiles)"
-    drops = {k: v for k, v in d["counters"].items() if v and not k.startswith(("rx_", "tx_", "handshakes_"))}
+    totals = ("rx_", "tx_", "handshakes_", "cookie_replies_")
+    drops = {k: v for k, v in d["counters"].items() if v and not k.startswith(totals)}
     out = [f"FAILED     {d['failure']}"] if d["failure"] else []
+    out += [f"WARNING    {d['warning']}"] if d["warning"] else []
     out += [
         f"address    {d['address']}",
         f"hostname   {d['hostname'] or '-'}",

@@ -609,6 +609,7 @@ class HusarnetNode(LifecycleNode):
             websetup_port=WEBSETUP_PORT,
             websetup=key_values({k: v for k, v in st.websetup.items() if "secret" not in str(k).lower()}),
             failure=st.failure,
+            warning=st.warning,
         )
         msg.header.stamp = self.get_clock().now().to_msg()
         return msg
@@ -688,6 +689,8 @@ class HusarnetNode(LifecycleNode):
             st, peers = engine.status(), engine.peers()
             if st.failure:  # the TUN device failed under the running overlay: nothing gets through
                 add("node", DiagnosticStatus.ERROR, st.failure, {"interface": config.interface_name, "address": hw})
+            elif st.warning:  # e.g. the TUN device was set down: nothing gets through until someone sets it up
+                add("node", DiagnosticStatus.WARN, st.warning, {"interface": config.interface_name, "address": hw})
             else:
                 add("node", DiagnosticStatus.OK, "active", {"interface": config.interface_name, "address": hw})
         if st is None:

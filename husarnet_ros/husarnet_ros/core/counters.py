@@ -26,6 +26,7 @@ DROP_REASONS: tuple[str, ...] = (
     "expired",
     "no_session",
     "no_path",
+    "tun_write_failed",
 )
 
 # Traffic and handshake totals.

@@ -94,6 +94,8 @@ INITIATION_RATE = 200.0
 MAX_PEERS = 4096
 #: How often (s) the validated direct paths are compared with the endpoint cache, and written if they changed.
 ENDPOINT_SAVE_INTERVAL = 30.0
+#: How often the TUN device's link state and address are checked (seconds).
+INTERFACE_CHECK_INTERVAL = 1.0
 
 
 class EngineError(Exception):
@@ -161,6 +163,8 @@ class StatusInfo:
     dds_restart_needed: bool = False
     #: Why the overlay stopped working while the engine runs (the TUN device was deleted under it); "" while fine.
     failure: str = ""
+    #: What keeps the overlay from working that someone outside may fix (the TUN device was set down); "" while fine.
+    warning: str = ""
 
 
 def parse_peer_spec(spec: str) -> tuple[bytes, Endpoint | None]:
@@ -228,6 +232,9 @@ class Engine:
         self._cache_save_error = ""  # the last save failure, warned about once
         #: Set (once) when the data path fails for good while running: see :meth:`_on_tun_failure`.
         self.failure = ""
+        #: Set while the TUN device is down, or lost its address and we could not put it back (_check_interface).
+        self.warning = ""
+        self._tun_write_errors = 0  # the TUN's write_errors already counted as tun_write_failed
         self._given_transport = transport
         self._transport: Transport | None = None
         self._clock = clock
@@ -717,6 +724,7 @@ class Engine:
             websetup=self._websetup.status() if self._websetup is not None else {"enabled": False},
             dds_restart_needed=self.dds_restart_needed,
             failure=self.failure,
+            warning=self.warning,
         )
 
     def _on_tun_failure(self, exc: Exception) -> None:
@@ -1476,7 +1484,7 @@ class Engine:
 
     async def _ticker(self) -> None:
         interval = self._tick_interval()
-        last_nets = last_saved = self._clock()
+        last_nets = last_saved = last_iface = self._clock()
         while True:
             await asyncio.sleep(interval)
             now = self._clock()
@@ -1494,6 +1502,9 @@ class Engine:
                 snapshot = self._endpoint_snapshot()
                 if snapshot != self._cached_endpoints:
                     await asyncio.get_running_loop().run_in_executor(None, self._save_endpoints, snapshot)
+            if self._tun is not None and now - last_iface >= INTERFACE_CHECK_INTERVAL:
+                last_iface = now
+                await self._check_interface()
             if isinstance(self._transport, UdpTransport) and now - last_nets >= self.timers.probe_interval:
                 last_nets = now
                 addrs = await asyncio.get_running_loop().run_in_executor(
@@ -1502,6 +1513,48 @@ class Engine:
                 self._refresh_local(addrs)
                 for client in self._bases.values():
                     client.update_endpoints()
+
+    async def _check_interface(self) -> None:
+        """Is the TUN device still up, with our address?  Put a lost address back; report a device set down.
+
+        Someone may set the device down (an operator, a network manager, ``netplan apply``).  While it is
+        down every packet from a peer fails to be written (counted as ``tun_write_failed``), and IPv6
+        removes our address and route, which setting it up again does not restore: without this check the
+        overlay would stay cut while every peer looks connected.  We respect a device set down (it may be
+        on purpose) but say so in ``status().warning``; once it is up, the address comes back here.
+        """
+        tun = self._tun
+        if tun is None or self.failure:
+            return
+        errors = tun.write_errors
+        if errors != self._tun_write_errors:
+            self.counters.inc("tun_write_failed", max(0, errors - self._tun_write_errors))
+            self._tun_write_errors = errors
+        from .tun import TunError
+
+        address = format_address(self.address)
+        try:
+            up, has_address = await asyncio.get_running_loop().run_in_executor(None, tun.link_state)
+            warning = ""
+            if not up:
+                warning = (
+                    f"{tun.name} is down (it was set down outside husarnet_ros): the overlay is cut until "
+                    f"'ip link set {tun.name} up'; husarnet_ros then puts its address back"
+                )
+            elif not has_address:
+                await asyncio.get_running_loop().run_in_executor(None, tun.restore_address)
+                log.warning("%s had lost its address %s (the link was down); put it back", tun.name, address)
+        except TunError as exc:
+            if tun.closed or self.failure:  # stopping, or deleted (the reader reports that)
+                return
+            warning = f"{tun.name} cannot be checked or repaired ({exc}); restart husarnet_ros"
+        if warning != self.warning:
+            if warning:
+                log.warning("%s", warning)
+            else:
+                log.info("%s is up with its address %s again", tun.name, address)
+            self.warning = warning
+            self._notify("status")
 
     def _peer_timers(self, peer: Peer, now: float) -> None:
         t = self.timers

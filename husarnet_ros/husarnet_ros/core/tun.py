@@ -27,6 +27,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import socket
 import struct
 import threading
 import time
@@ -52,6 +53,8 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+SIOCGIFFLAGS = 0x8913  # struct ifreq: name, then the interface flags
+IFF_UP = 0x1
 
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
@@ -221,9 +224,25 @@ class TunDevice:
     mtu: int
     ifindex: int
     offload_flags: int  # TUN_F_* accepted by the kernel (0 without vnet_hdr)
+    #: Packets the kernel refused for a reason other than a full queue (EIO: the link is down).  Written by
+    #: the threads that deliver, read by the engine's interface check: a count, not an exact total.
+    write_errors: int
 
-    def __init__(self, name: str, fd: int, vnet_hdr: bool, mtu: int, ifindex: int, offload_flags: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        fd: int,
+        vnet_hdr: bool,
+        mtu: int,
+        ifindex: int,
+        offload_flags: int,
+        address: bytes | None = None,
+        prefixlen: int = 16,
+    ) -> None:
         self.name = name
+        self.address = address
+        self.prefixlen = prefixlen
+        self.write_errors = 0
         self.fd = fd
         self.vnet_hdr = vnet_hdr
         self.mtu = mtu
@@ -271,7 +290,7 @@ class TunDevice:
             os.close(fd)
             raise
         log.info("TUN %s open (mtu %d, vnet_hdr %s, offload 0x%x)", name, actual_mtu, vnet_hdr, offload)
-        return cls(name, fd, vnet_hdr, actual_mtu, idx, offload)
+        return cls(name, fd, vnet_hdr, actual_mtu, idx, offload, address, prefixlen)
 
     def fileno(self) -> int:
         return self.fd
@@ -366,10 +385,13 @@ class TunDevice:
             raise TunError(f"TUN device {self.name!r} is closed")
         # A full device queue (EAGAIN) drops the packet, as a router would; TCP above recovers.  A plain
         # try, not contextlib.suppress: this is the per-packet receive path, and every object counts.
-        try:  # noqa: SIM105
+        try:
             os.write(self.fd, packet)
         except BlockingIOError:
             pass
+        except OSError:
+            self.write_errors += 1
+            raise
 
     def write_packet(self, packet: bytes) -> None:
         """Hand one plain IPv6 packet to the kernel (a zero virtio-net header first when ``vnet_hdr``).
@@ -380,8 +402,49 @@ class TunDevice:
             return
         try:
             os.write(self.fd, PLAIN_VNET_HDR + packet if self.vnet_hdr else packet)
+        except BlockingIOError:
+            pass
         except OSError as e:
+            self.write_errors += 1
             log.debug("TUN write failed: %s", e)
+
+    def link_state(self) -> tuple[bool, bool]:
+        """(the link is up, our address is on it): what the engine's interface check needs.
+
+        Someone may set the device down (an operator, a network manager); IPv6 then removes our
+        address and its route, and setting it up again does not bring them back.  Raises
+        :class:`TunError` when the device is gone.
+        """
+        # An ioctl and one small /proc file, not netlink dumps: this runs every second for the node's lifetime.
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+                raw = fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack("16sH", self.name.encode(), 0))
+            up = bool(struct.unpack_from("16sH", raw)[1] & IFF_UP)
+            with open("/proc/net/if_inet6") as f:
+                table = f.read()
+        except OSError as e:
+            raise TunError(f"cannot read the state of {self.name!r}: {e.strerror or e}") from None
+        if self.address is None:
+            return up, True
+        # Lines: address (32 hex digits), ifindex, prefix length (hex), scope, flags, interface name.
+        want = (self.address.hex(), f"{self.prefixlen:02x}", self.name)
+        rows = (line.split() for line in table.splitlines())
+        has_address = any(len(f) == 6 and (f[0], f[2], f[5]) == want for f in rows)
+        return up, has_address
+
+    def restore_address(self) -> None:
+        """Put our address back on the device (the kernel adds the prefix route with it); needs CAP_NET_ADMIN."""
+        if self.address is None:
+            return
+        try:
+            with IPRoute() as ipr:
+                idx = _link_index(ipr, self.name)
+                ipr.addr(
+                    "add", index=idx, address=_address_text(self.address), prefixlen=self.prefixlen, flags=IFA_F_NODAD
+                )
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise TunError(f"cannot restore the address of {self.name!r}: {os.strerror(e.code)}") from None
 
     def close(self) -> None:
         """Release the fd (a non-persistent device disappears); safe to call more than once."""

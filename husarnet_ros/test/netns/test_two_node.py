@@ -261,3 +261,48 @@ def test_a_tun_deleted_under_the_daemon_ends_it_with_the_reason(tmp_path, namesp
         assert "error: TUN device 'hnet0' is gone" in err and "restart husarnet_ros" in err, err
     finally:
         d.stop()
+
+
+def _wait(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_tun_set_down_and_up_again_is_reported_and_gets_its_address_back(tmp_path, namespaces):
+    """'ip link set hnet0 down; ... up' (an operator, a network manager): IPv6 drops the address and route on
+    down and does not bring them back on up.  The daemon must say the overlay is cut while the link is down,
+    count the packets it could not deliver, and restore its address once the link is up again."""
+    sa, sb = tmp_path / "a", tmp_path / "b"
+    addr_a, addr_b = print_address(sa), print_address(sb)
+    daemons: list[Daemon] = []
+
+    def ping_b() -> bool:
+        return in_ns(NS_A, "ping", "-6", "-c", "2", "-i", "0.2", "-W", "1", addr_b, check=False).returncode == 0
+
+    try:
+        daemons.append(Daemon(NS_A, sa, ["--peer", f"{addr_b}@{IP_B}:5582", "--whitelist", addr_b]))
+        daemons.append(Daemon(NS_B, sb, ["--whitelist", addr_a]))
+        b = daemons[1]
+        _wait(ping_b, 20, "the first ping")
+        assert control(b.ctl, "status")["status"]["warning"] == ""
+        in_ns(NS_B, "ip", "link", "set", "hnet0", "down")
+        warning = _wait(lambda: control(b.ctl, "status")["status"]["warning"], 5, "the warning")
+        assert "hnet0 is down" in warning and "ip link set hnet0 up" in warning, warning
+        assert not ping_b()  # the overlay is cut, and the packets B could not deliver are counted
+        _wait(lambda: control(b.ctl, "counters")["counters"]["tun_write_failed"] > 0, 5, "tun_write_failed")
+        in_ns(NS_B, "ip", "link", "set", "hnet0", "up")
+        _wait(lambda: control(b.ctl, "status")["status"]["warning"] == "", 5, "the warning to clear")
+        link = in_ns(NS_B, "ip", "-6", "addr", "show", "dev", "hnet0").stdout
+        assert f"{addr_b}/16" in link, link
+        assert "fc94::/16" in in_ns(NS_B, "ip", "-6", "route", "show", "dev", "hnet0").stdout
+        _wait(ping_b, 10, "a ping after the link came back")
+        for d in daemons:
+            assert d.stop() == 0
+    finally:
+        for d in daemons:
+            d.stop()

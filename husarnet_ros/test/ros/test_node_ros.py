@@ -471,6 +471,42 @@ def test_dds_peers_follow_the_whitelist_state(ros_context: Any, spinner: Any, tm
 
 
 @pytest.mark.netns
+def test_a_device_set_down_is_a_warning_and_setting_it_up_restores_the_address(
+    ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str, waiter: Any
+) -> None:
+    """'ip link set <dev> down' cuts the overlay: status.warning and a WARN diagnostic say so; 'up' heals it."""
+    n = spinner.add(make_node(ros_context, tmp_path / "state", interface_name=unique_ifname, publish_period=0.2))
+    listener = rclpy.create_node("warning_listener", context=ros_context)
+    spinner.add(listener)
+    try:
+        assert n.trigger_configure() == SUCCESS
+        assert n.trigger_activate() == SUCCESS
+        statuses: list[Status] = []
+        listener.create_subscription(Status, "/husarnet/status", statuses.append, LATCHED_QOS)
+        waiter(lambda: statuses, 10, "a status")
+        assert statuses[-1].warning == ""
+        address = statuses[-1].address
+
+        subprocess.run(["ip", "link", "set", unique_ifname, "down"], check=True)
+        waiter(lambda: statuses and statuses[-1].warning, 10, "the warning in the status")
+        assert f"{unique_ifname} is down" in statuses[-1].warning
+        node_diag = {s.name: s for s in n.diagnostics()}["husarnet: node"]
+        assert node_diag.level == DiagnosticStatus.WARN and "is down" in node_diag.message
+
+        subprocess.run(["ip", "link", "set", unique_ifname, "up"], check=True)
+        waiter(lambda: statuses and statuses[-1].warning == "", 10, "the warning to clear")
+        shown = subprocess.run(["ip", "-6", "addr", "show", "dev", unique_ifname], capture_output=True, text=True)
+        assert f"{address}/16" in shown.stdout
+        assert {s.name: s for s in n.diagnostics()}["husarnet: node"].level == DiagnosticStatus.OK
+        assert n.trigger_deactivate() == SUCCESS
+    finally:
+        n._release()
+        listener.destroy_node()
+        n.destroy_node()
+    assert not link_exists(unique_ifname)
+
+
+@pytest.mark.netns
 def test_a_device_deleted_under_the_active_node_is_an_error_and_reactivation_recovers(
     ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str, waiter: Any
 ) -> None:

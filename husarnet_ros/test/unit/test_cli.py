@@ -157,6 +157,7 @@ def fake_status(**over: object) -> SimpleNamespace:
         "dds_env_file": "/var/lib/husarnet_ros/dds/dds.env",
         "dds_restart_needed": False,
         "failure": "",
+        "warning": "",
         "websetup_enabled": True,
         "websetup_port": 5580,
         "websetup": kv({"last_command": "ping"}),
@@ -262,3 +263,16 @@ def test_websetup_secret_prints_the_node_secret(tmp_path: Path, capsys: pytest.C
     secret = websetup.read_secret(tmp_path, create=True)
     code, out, _ = run(["websetup", "secret", "--state-dir", str(tmp_path)], capsys)
     assert code == 0 and out.strip() == secret.hex()
+
+
+def test_status_shows_a_warning_and_keeps_cookie_totals_out_of_the_drops() -> None:
+    st = fake_status(
+        warning="hnet0 is down (it was set down outside husarnet_ros)",
+        counters=kv({"cookie_replies_sent": 4, "tun_write_failed": 2}),
+    )
+    d = cli.status_dict(st, SimpleNamespace(peers=[]))
+    assert d["warning"].startswith("hnet0 is down")
+    text = cli.format_status(d, now=1010)
+    assert text.splitlines()[0] == "WARNING    hnet0 is down (it was set down outside husarnet_ros)"
+    drops = text.split("drops")[1].splitlines()[0]
+    assert "tun_write_failed=2" in drops and "cookie" not in drops

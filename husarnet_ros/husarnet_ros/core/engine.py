@@ -1547,7 +1547,7 @@ class Engine:
         except TunError as exc:
             if tun.closed or self.failure:  # stopping, or deleted (the reader reports that)
                 return
-            warning = f"{tun.name} cannot be checked or repaired ({exc}); restart husarnet_ros"
+            warning = f"{tun.name} cannot be checked or repaired: {exc}"
         if warning != self.warning:
             if warning:
                 log.warning("%s", warning)

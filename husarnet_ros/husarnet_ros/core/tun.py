@@ -443,8 +443,10 @@ class TunDevice:
                     "add", index=idx, address=_address_text(self.address), prefixlen=self.prefixlen, flags=IFA_F_NODAD
                 )
         except NetlinkError as e:
+            if e.code == errno.EPERM:  # an unprivileged node on a persistent device (setup-tun)
+                raise TunError(f"not allowed to put the address of {self.name!r} back; {SETUP_HINT}") from None
             if e.code != errno.EEXIST:
-                raise TunError(f"cannot restore the address of {self.name!r}: {os.strerror(e.code)}") from None
+                raise TunError(f"cannot put the address of {self.name!r} back: {os.strerror(e.code)}") from None
 
     def close(self) -> None:
         """Release the fd (a non-persistent device disappears); safe to call more than once."""

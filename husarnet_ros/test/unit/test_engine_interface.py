@@ -74,10 +74,10 @@ def test_down_is_a_warning_with_the_fix_and_write_failures_are_counted(engine):
 def test_an_address_that_cannot_be_put_back_is_a_warning(engine):
     tun = engine._tun
     tun.has_address = False
-    tun.restore_error = "cannot restore the address of 'hnet0': Operation not permitted"
+    tun.restore_error = "not allowed to put the address of 'hnet0' back; run once: sudo husarnet-ros setup-tun"
     check(engine)
     warning = engine.status().warning
-    assert "Operation not permitted" in warning and "restart husarnet_ros" in warning
+    assert warning.startswith("hnet0 cannot be checked or repaired: not allowed") and "setup-tun" in warning
     tun.restore_error = None
     check(engine)
     assert engine.status().warning == "" and tun.has_address

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from husarnet_ros.daemon import control
+from husarnet_ros.testing.netns import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -263,16 +264,6 @@ def test_a_tun_deleted_under_the_daemon_ends_it_with_the_reason(tmp_path, namesp
         d.stop()
 
 
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_tun_set_down_and_up_again_is_reported_and_gets_its_address_back(tmp_path, namespaces):
     """'ip link set hnet0 down; ... up' (an operator, a network manager): IPv6 drops the address and route on
     down and does not bring them back on up.  The daemon must say the overlay is cut while the link is down,
@@ -288,19 +279,20 @@ def test_a_tun_set_down_and_up_again_is_reported_and_gets_its_address_back(tmp_p
         daemons.append(Daemon(NS_A, sa, ["--peer", f"{addr_b}@{IP_B}:5582", "--whitelist", addr_b]))
         daemons.append(Daemon(NS_B, sb, ["--whitelist", addr_a]))
         b = daemons[1]
-        _wait(ping_b, 20, "the first ping")
+        assert wait_until(ping_b, 20), "no first ping"
         assert control(b.ctl, "status")["status"]["warning"] == ""
         in_ns(NS_B, "ip", "link", "set", "hnet0", "down")
-        warning = _wait(lambda: control(b.ctl, "status")["status"]["warning"], 5, "the warning")
+        assert wait_until(lambda: control(b.ctl, "status")["status"]["warning"], 5), "no warning"
+        warning = control(b.ctl, "status")["status"]["warning"]
         assert "hnet0 is down" in warning and "ip link set hnet0 up" in warning, warning
         assert not ping_b()  # the overlay is cut, and the packets B could not deliver are counted
-        _wait(lambda: control(b.ctl, "counters")["counters"]["tun_write_failed"] > 0, 5, "tun_write_failed")
+        assert wait_until(lambda: control(b.ctl, "counters")["counters"]["tun_write_failed"] > 0, 5)
         in_ns(NS_B, "ip", "link", "set", "hnet0", "up")
-        _wait(lambda: control(b.ctl, "status")["status"]["warning"] == "", 5, "the warning to clear")
+        assert wait_until(lambda: control(b.ctl, "status")["status"]["warning"] == "", 5), "the warning stayed"
         link = in_ns(NS_B, "ip", "-6", "addr", "show", "dev", "hnet0").stdout
         assert f"{addr_b}/16" in link, link
         assert "fc94::/16" in in_ns(NS_B, "ip", "-6", "route", "show", "dev", "hnet0").stdout
-        _wait(ping_b, 10, "a ping after the link came back")
+        assert wait_until(ping_b, 10), "no ping after the link came back"
         for d in daemons:
             assert d.stop() == 0
     finally:

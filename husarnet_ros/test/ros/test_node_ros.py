@@ -6,12 +6,14 @@ interface name in the root namespace, UDP on loopback only, no LAN discovery and
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -470,13 +472,13 @@ def test_dds_peers_follow_the_whitelist_state(ros_context: Any, spinner: Any, tm
         n.destroy_node()
 
 
-@pytest.mark.netns
-def test_a_device_set_down_is_a_warning_and_setting_it_up_restores_the_address(
-    ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str, waiter: Any
-) -> None:
-    """'ip link set <dev> down' cuts the overlay: status.warning and a WARN diagnostic say so; 'up' heals it."""
-    n = spinner.add(make_node(ros_context, tmp_path / "state", interface_name=unique_ifname, publish_period=0.2))
-    listener = rclpy.create_node("warning_listener", context=ros_context)
+@contextlib.contextmanager
+def active_node_with_statuses(
+    ros_context: Any, spinner: Any, state: Path, ifname: str, waiter: Any
+) -> Iterator[tuple[Any, list[Status]]]:
+    """An active node on ``ifname`` and the Status messages it publishes (the first one already in)."""
+    n = spinner.add(make_node(ros_context, state, interface_name=ifname, publish_period=0.2))
+    listener = rclpy.create_node("status_listener", context=ros_context)
     spinner.add(listener)
     try:
         assert n.trigger_configure() == SUCCESS
@@ -484,26 +486,39 @@ def test_a_device_set_down_is_a_warning_and_setting_it_up_restores_the_address(
         statuses: list[Status] = []
         listener.create_subscription(Status, "/husarnet/status", statuses.append, LATCHED_QOS)
         waiter(lambda: statuses, 10, "a status")
+        yield n, statuses
+    finally:
+        n._release()
+        listener.destroy_node()
+        n.destroy_node()
+    assert not link_exists(ifname)
+
+
+def node_diagnostic(n: Any) -> Any:
+    return {s.name: s for s in n.diagnostics()}["husarnet: node"]
+
+
+@pytest.mark.netns
+def test_a_device_set_down_is_a_warning_and_setting_it_up_restores_the_address(
+    ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str, waiter: Any
+) -> None:
+    """'ip link set <dev> down' cuts the overlay: status.warning and a WARN diagnostic say so; 'up' heals it."""
+    with active_node_with_statuses(ros_context, spinner, tmp_path / "state", unique_ifname, waiter) as (n, statuses):
         assert statuses[-1].warning == ""
         address = statuses[-1].address
 
         subprocess.run(["ip", "link", "set", unique_ifname, "down"], check=True)
         waiter(lambda: statuses and statuses[-1].warning, 10, "the warning in the status")
         assert f"{unique_ifname} is down" in statuses[-1].warning
-        node_diag = {s.name: s for s in n.diagnostics()}["husarnet: node"]
-        assert node_diag.level == DiagnosticStatus.WARN and "is down" in node_diag.message
+        diag = node_diagnostic(n)
+        assert diag.level == DiagnosticStatus.WARN and "is down" in diag.message
 
         subprocess.run(["ip", "link", "set", unique_ifname, "up"], check=True)
         waiter(lambda: statuses and statuses[-1].warning == "", 10, "the warning to clear")
         shown = subprocess.run(["ip", "-6", "addr", "show", "dev", unique_ifname], capture_output=True, text=True)
         assert f"{address}/16" in shown.stdout
-        assert {s.name: s for s in n.diagnostics()}["husarnet: node"].level == DiagnosticStatus.OK
+        assert node_diagnostic(n).level == DiagnosticStatus.OK
         assert n.trigger_deactivate() == SUCCESS
-    finally:
-        n._release()
-        listener.destroy_node()
-        n.destroy_node()
-    assert not link_exists(unique_ifname)
 
 
 @pytest.mark.netns
@@ -511,33 +526,20 @@ def test_a_device_deleted_under_the_active_node_is_an_error_and_reactivation_rec
     ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str, waiter: Any
 ) -> None:
     """Deleting the interface under an active node must not leave a deaf overlay that reports OK."""
-    n = spinner.add(make_node(ros_context, tmp_path / "state", interface_name=unique_ifname, publish_period=0.2))
-    listener = rclpy.create_node("failure_listener", context=ros_context)
-    spinner.add(listener)
-    try:
-        assert n.trigger_configure() == SUCCESS
-        assert n.trigger_activate() == SUCCESS
-        statuses: list[Status] = []
-        listener.create_subscription(Status, "/husarnet/status", statuses.append, LATCHED_QOS)
-        waiter(lambda: statuses, 10, "a status")
+    with active_node_with_statuses(ros_context, spinner, tmp_path / "state", unique_ifname, waiter) as (n, statuses):
         assert statuses[-1].failure == ""
-        assert {s.name: s for s in n.diagnostics()}["husarnet: node"].level == DiagnosticStatus.OK
+        assert node_diagnostic(n).level == DiagnosticStatus.OK
 
         subprocess.run(["ip", "link", "del", unique_ifname], check=True)
         waiter(lambda: statuses and statuses[-1].failure, 10, "the failure in the status")
         assert f"TUN device {unique_ifname!r} is gone" in statuses[-1].failure
-        node_diag = {s.name: s for s in n.diagnostics()}["husarnet: node"]
-        assert node_diag.level == DiagnosticStatus.ERROR and "is gone" in node_diag.message
+        diag = node_diagnostic(n)
+        assert diag.level == DiagnosticStatus.ERROR and "is gone" in diag.message
 
         # What the message advises: deactivate and activate brings the interface back, healthy.
         assert n.trigger_deactivate() == SUCCESS
         assert n.trigger_activate() == SUCCESS
         assert link_exists(unique_ifname)
         assert n.engine.status().failure == ""
-        assert {s.name: s for s in n.diagnostics()}["husarnet: node"].level == DiagnosticStatus.OK
+        assert node_diagnostic(n).level == DiagnosticStatus.OK
         assert n.trigger_deactivate() == SUCCESS
-    finally:
-        n._release()
-        listener.destroy_node()
-        n.destroy_node()
-    assert not link_exists(unique_ifname)

@@ -112,6 +112,18 @@ def bytes_sent_to(node, sources: set) -> int:
     return sum(len(d) for ep, d in list(node.transport.sent_log) if ep in sources)
 
 
+def send_until_delivered(sender, receiver, payload: bytes, starved: str) -> float:
+    """Send ``payload`` until the receiver has it; seconds taken.  Fails after LEGIT_DEADLINE with ``starved``."""
+    t0 = time.monotonic()
+    while not receiver.payloads(payload):
+        assert time.monotonic() - t0 < LEGIT_DEADLINE, (
+            f"{starved}: A {sender.engine.counters.snapshot()} B {receiver.engine.counters.snapshot()}"
+        )
+        sender.send(receiver, payload)
+        wait_for(lambda: receiver.payloads(payload), 0.1)
+    return time.monotonic() - t0
+
+
 def test_flood_from_strangers_gets_silence_and_a_restarting_peer_still_gets_in(tmp_path, cheap_keys, monkeypatch):
     # A smaller DH budget than the default 200/s changes nothing in what is required - the legitimate peer
     # must not have to win a lottery against the flood for the same budget - but it makes the outcome
@@ -126,15 +138,7 @@ def test_flood_from_strangers_gets_silence_and_a_restarting_peer_still_gets_in(t
             assert wait_for(lambda: flood.count > 3000, 5)
             # A restarts (loses its keys) in the middle of the flood and must get back in.
             a2 = lb.restart(a, state_dir=tmp_path / "a2")
-            t0 = time.monotonic()
-            while not b.payloads(b"through-the-flood"):
-                assert time.monotonic() - t0 < LEGIT_DEADLINE, (
-                    f"legitimate peer starved by the flood: flood {flood.count} initiations, "
-                    f"A {a2.engine.counters.snapshot()} B {b.engine.counters.snapshot()}"
-                )
-                a2.send(b, b"through-the-flood")
-                wait_for(lambda: b.payloads(b"through-the-flood"), 0.1)
-            took = time.monotonic() - t0
+            took = send_until_delivered(a2, b, b"through-the-flood", "legitimate peer starved by the flood")
         lb.net.quiesce()
         time.sleep(0.05)
         assert took < LEGIT_DEADLINE
@@ -197,13 +201,7 @@ def test_a_new_peer_still_gets_in_after_a_flood_filled_the_peer_table(tmp_path, 
         lb.net.quiesce()
         assert len(b.engine._peers) <= 32
         c = lb.node(ic, EP_C, peers=[spec(ib, EP_B)], whitelist=[ib], start=True)
-        t0 = time.monotonic()
-        while not b.payloads(b"newcomer"):
-            assert time.monotonic() - t0 < LEGIT_DEADLINE, (
-                f"newcomer locked out by {len(b.engine._peers)} half-open junk peers: B {b.engine.counters.snapshot()}"
-            )
-            c.send(b, b"newcomer")
-            wait_for(lambda: b.payloads(b"newcomer"), 0.1)
+        send_until_delivered(c, b, b"newcomer", "newcomer locked out by half-open junk peers")
         assert len(b.engine._peers) <= 32
 
 
@@ -227,13 +225,7 @@ def test_a_peer_the_responder_forgot_proves_its_address_with_a_cookie_and_gets_i
             b2 = lb.restart(b)
             assert wait_for(lambda: b2.counter("cookie_replies_sent") > 0, 5)  # under load, before A is back
             assert EP_A not in b2.engine._known_sources
-            t0 = time.monotonic()
-            while not b2.payloads(b"after-restart"):
-                assert time.monotonic() - t0 < LEGIT_DEADLINE, (
-                    f"A starved by the flood: A {a.engine.counters.snapshot()} B {b2.engine.counters.snapshot()}"
-                )
-                a.send(b2, b"after-restart")
-                wait_for(lambda: b2.payloads(b"after-restart"), 0.1)
+            send_until_delivered(a, b2, b"after-restart", "A starved by the flood")
         # A got in because it proved its address: a cookie reply came back, the initiation B answered
         # carried mac2 (184 bytes), and B's answer went to A's real address.  Towards the flood sources only
         # cookie replies, each smaller than the initiation it answers: no handshake, no amplification.

@@ -927,15 +927,26 @@ class Engine:
         """
         if word != MSG_HANDSHAKE_INIT:
             return False
-        cookies = self._cookies
-        if cookies is None:
+        screened = self._screen_initiation(data, src)
+        if isinstance(screened, str):
             return False
-        body, mac2 = split_mac2(data)
-        if mac2 is not None and cookies.check_mac2(body, mac2, src):
-            return True
-        if self.config.handshake_cookies and len(body) == HANDSHAKE_INIT_LEN and hs.check_mac1(self.identity, body):
+        body, proven = screened
+        if not proven and self.config.handshake_cookies:
             self._send_cookie_reply(body, src)
-        return False
+        return proven
+
+    def _screen_initiation(self, data: bytes, src: AnyEndpoint) -> tuple[bytes, bool] | str:
+        """``(the 168-byte initiation, whether its mac2 proves src)``, or the drop reason.
+
+        The checks before any Diffie-Hellman: two BLAKE2s at most, so a receive thread may run them too.
+        """
+        body, mac2 = split_mac2(data)
+        if len(body) != HANDSHAKE_INIT_LEN:
+            return "malformed"
+        if not hs.check_mac1(self.identity, body):
+            return "bad_mac"
+        cookies = self._cookies
+        return body, mac2 is not None and cookies is not None and cookies.check_mac2(body, mac2, src)
 
     def _send_cookie_reply(self, initiation: bytes, src: AnyEndpoint) -> None:
         assert self._cookies is not None
@@ -1323,19 +1334,16 @@ class Engine:
         c = self.counters
         c.inc("handshakes_received")
         now = self._clock()
-        data, mac2 = split_mac2(data)
-        if not hs.check_mac1(self.identity, data):
-            c.inc("bad_mac")
+        screened = self._screen_initiation(data, src)
+        if isinstance(screened, str):
+            c.inc(screened)
             return
+        data, proven = screened
         known = src in self._known_sources
-        assert self._cookies is not None
-        if mac2 is not None and self._cookies.check_mac2(data, mac2, src):
-            # A proven source: a budget of its own, and a limit per source so one cannot take it all.
+        if proven:  # a budget of its own, and a limit per source so one cannot take it all
             admitted = self._proven_sources.take(src, now) and self._take_init_token(now, 2)
-            proven = True
         else:
             admitted = self._take_init_token(now, 1 if known else 0)
-            proven = False
         if not admitted:
             c.inc("rate_limited")
             if self.config.handshake_cookies and not known and not proven:

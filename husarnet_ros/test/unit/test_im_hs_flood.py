@@ -264,3 +264,23 @@ def test_one_source_with_valid_cookies_is_held_to_its_own_limit(tmp_path, cheap_
         # Each admitted initiation cost a Diffie-Hellman and ended as not_whitelisted (random keys).
         admitted = b.counter("not_whitelisted") - dh_before
         assert 1 <= admitted <= cookie_mod.PROVEN_SOURCE_RATE * (1 + elapsed) + 1
+
+
+def test_a_short_initiation_with_a_valid_mac1_is_malformed_under_load(tmp_path, cheap_keys, monkeypatch):
+    """An 80-byte type-1 datagram passes a mac1 check (it has a response's length); under load it must be counted
+    as malformed, not crash the cookie reply (which reads the 168-byte layout) nor get an answer."""
+    monkeypatch.setattr(engine_mod, "INITIATION_RATE", 1.0)  # one stranger's token: the next one meets load
+    sender = ("198.19.9.9", 4444)
+    with Lab(tmp_path, log_sent=True) as lb:
+        b = lb.node(identity(1), EP_B, whitelist=[identity(2)], start=True, handshake_cookies=True)
+        for i, msg in enumerate(flood_initiations(b.id, 3, seed=67)):
+            lb.net.inject(msg, (f"198.19.10.{i + 1}", 1000), EP_B)
+        assert wait_for(lambda: b.counter("cookie_replies_sent") >= 1)  # under load now
+        body = wire_mod.MSG_HANDSHAKE_INIT.to_bytes(4, "little") + bytes(wire_mod.HANDSHAKE_RESP_LEN - 20)
+        short = body + hs.compute_mac1(b.id.x25519_public, body)
+        assert len(short) == wire_mod.HANDSHAKE_RESP_LEN and hs.check_mac1(b.id, short)
+        before = b.counter("malformed")
+        lb.net.inject(short, sender, EP_B)
+        assert wait_for(lambda: b.counter("malformed") == before + 1)
+        lb.net.quiesce()
+        assert b.sent_to(sender) == []

@@ -1534,9 +1534,9 @@ class Engine:
         tun = self._tun
         if tun is None or self.failure:
             return
-        errors = tun.write_errors
-        if errors != self._tun_write_errors:
-            self.counters.inc("tun_write_failed", max(0, errors - self._tun_write_errors))
+        errors = tun.write_errors  # only ever grows
+        if errors > self._tun_write_errors:
+            self.counters.inc("tun_write_failed", errors - self._tun_write_errors)
             self._tun_write_errors = errors
         from .tun import TunError
 

@@ -420,12 +420,12 @@ class TunDevice:
             with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
                 raw = fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack("16sH", self.name.encode(), 0))
             up = bool(struct.unpack_from("16sH", raw)[1] & IFF_UP)
+            if self.address is None:
+                return up, True
             with open("/proc/net/if_inet6") as f:
                 table = f.read()
         except OSError as e:
             raise TunError(f"cannot read the state of {self.name!r}: {e.strerror or e}") from None
-        if self.address is None:
-            return up, True
         # Lines: address (32 hex digits), ifindex, prefix length (hex), scope, flags, interface name.
         want = (self.address.hex(), f"{self.prefixlen:02x}", self.name)
         rows = (line.split() for line in table.splitlines())

@@ -44,7 +44,20 @@ def _file_parameters(path: str) -> dict:
     for key in ("/**", "/**/husarnet", NODE_NAME, "/" + NODE_NAME):
         section = doc.get(key) or {}
         params.update(_flatten(section.get("ros__parameters") or {}))
+    for name, value in params.items():
+        if value is None:  # launch_ros would fail with a bare TypeError that names neither file nor key
+            raise ValueError(f"{path}: parameter {name!r} has no value: give it one or delete the line")
     return params
+
+
+def _launchable(params: dict) -> dict:
+    """The parameters without empty lists, which launch_ros cannot pass on.
+
+    launch_ros needs a list's first element to know its type, and stops the whole launch with a
+    TypeError on an empty one (Humble to Kilted).  The node declares every list parameter with
+    the default [], so leaving an empty list out changes nothing.
+    """
+    return {name: value for name, value in params.items() if not (isinstance(value, list) and not value)}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -83,7 +96,7 @@ def _launch_node(context: LaunchContext) -> list:
         name=NODE_NAME,
         namespace=LaunchConfiguration("namespace"),
         output="screen",
-        parameters=[params],
+        parameters=[_launchable(params)],
         arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
     )
     configure = RegisterEventHandler(

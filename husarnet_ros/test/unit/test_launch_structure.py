@@ -1,7 +1,9 @@
 """The launch file and the parameters file, checked without ROS 2's launch (not installable here).
 
 The launch file is read as a syntax tree: the node, its arguments, and the two event handlers
-that configure and then activate it on every distribution. When launch_ros is importable the
+that configure and then activate it on every distribution. Its node-building function also runs
+over stand-ins for launch and launch_ros, and what it passes is held to launch_ros's rule for
+parameter values (an empty list stops a real launch). When launch_ros is importable the
 description is also built for real.
 """
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -142,6 +146,96 @@ def test_config_file_lists_every_parameter(tree: ast.Module) -> None:
     assert sorted(params) == sorted(names)
     assert params["autostart"] is False
     assert params["udp_port"] == 5582 and params["mtu"] == DEFAULT_MTU
+
+
+class _Recorded:
+    """Stands in for any launch action or event: keeps what it was built with."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+class _Configuration(_Recorded):
+    """LaunchConfiguration: performs to the value the fake context holds for its name."""
+
+    def perform(self, context: dict) -> str:
+        return context[self.args[0]]
+
+
+@pytest.fixture
+def launch_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """The launch file imported over stand-ins for launch and launch_ros, so _launch_node really runs."""
+    names = {
+        "launch": ("LaunchContext", "LaunchDescription"),
+        "launch.actions": ("DeclareLaunchArgument", "EmitEvent", "OpaqueFunction", "RegisterEventHandler"),
+        "launch.event_handlers": ("OnProcessStart",),
+        "launch.events": ("matches_action",),
+        "launch.substitutions": ("PathJoinSubstitution",),
+        "launch_ros": (),
+        "launch_ros.actions": ("LifecycleNode",),
+        "launch_ros.event_handlers": ("OnStateTransition",),
+        "launch_ros.events": (),
+        "launch_ros.events.lifecycle": ("ChangeState",),
+        "launch_ros.substitutions": ("FindPackageShare",),
+        "lifecycle_msgs": (),
+        "lifecycle_msgs.msg": (),
+    }
+    for module, attrs in names.items():
+        fake = types.ModuleType(module)
+        for attr in attrs:
+            setattr(fake, attr, _Recorded)
+        monkeypatch.setitem(sys.modules, module, fake)
+    sys.modules["launch.substitutions"].LaunchConfiguration = _Configuration
+    sys.modules["lifecycle_msgs.msg"].Transition = types.SimpleNamespace(TRANSITION_CONFIGURE=1, TRANSITION_ACTIVATE=3)
+    spec = importlib.util.spec_from_file_location("husarnet_launch_stubbed", LAUNCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _passable_by_launch_ros(value: object) -> bool:
+    """What launch_ros can hand to a node from a parameters dict: a scalar, or a non-empty list of one type."""
+    if isinstance(value, (bool, int, float, str, bytes)):
+        return True
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and type(value[0]) in (bool, int, float, str)
+        and all(type(v) is type(value[0]) for v in value)
+    )
+
+
+def _node_parameters(mod: types.ModuleType, **arguments: str) -> dict:
+    context = {"config_file": str(CONFIG), "hostname": "", "base_servers": "", **arguments}
+    entities = mod._launch_node(context)
+    [node] = [e for e in entities if e.kwargs.get("executable") == "husarnet_node"]
+    [params] = node.kwargs["parameters"]
+    return params
+
+
+def test_launch_node_passes_only_what_launch_ros_accepts(launch_module: types.ModuleType, tmp_path: Path) -> None:
+    # The shipped file has four empty lists (base_servers, whitelist, peers, websetup.whitelist):
+    # launch_ros stops the launch on an empty list, so they are left to the node's own defaults.
+    params = _node_parameters(launch_module)
+    bad = {name: value for name, value in params.items() if not _passable_by_launch_ros(value)}
+    assert bad == {}
+    assert "whitelist" not in params and "websetup.whitelist" not in params
+    assert params["autostart"] is False and params["interface_name"] == "hnet0"
+    # Arguments override the file; a list from the command line is passed as a list of strings.
+    params = _node_parameters(launch_module, hostname="robot1", base_servers="['base.example.org:443', 'b:1:2']")
+    assert params["hostname"] == "robot1" and params["base_servers"] == ["base.example.org:443", "b:1:2"]
+    # A file with a filled list passes it on.
+    config = tmp_path / "p.yaml"
+    config.write_text("husarnet:\n  ros__parameters:\n    whitelist: ['fc94::1 robot2']\n    mtu: 1400\n")
+    assert _node_parameters(launch_module, config_file=str(config)) == {
+        "whitelist": ["fc94::1 robot2"],
+        "mtu": 1400,
+        "autostart": False,
+    }
+    # A key without a value is refused with the file and the key named (launch_ros: a bare TypeError).
+    config.write_text("husarnet:\n  ros__parameters:\n    hostname:\n")
+    with pytest.raises(ValueError, match=r"p\.yaml: parameter 'hostname' has no value"):
+        _node_parameters(launch_module, config_file=str(config))
 
 
 def test_real_launch_description_when_launch_ros_is_installed() -> None:

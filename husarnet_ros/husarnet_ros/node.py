@@ -136,8 +136,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         "base_servers",
         [],
         SA,
-        "Base servers for rendezvous and relay: 'host:port' or 'host:tcp_port:udp_port', "
-        "optionally '#<hex public key>' to pin the base's key.",
+        "Base servers for rendezvous and relay: 'host' (TCP 443, UDP 5582), 'host:tcp_port' or "
+        "'host:tcp_port:udp_port', optionally '#<hex public key>' to pin the base's key.",
     ),
     ParamSpec(
         "udp_port", DEFAULT_UDP_PORT, INT, "UDP port for peers and the base (0: any free port).", int_range=(0, 65535)
@@ -235,21 +235,9 @@ def validate_parameter(name: str, value: Any) -> str | None:
     return None
 
 
-def check_base_spec(spec: str) -> None:
-    """The base client's own rules (:func:`parse_base_spec`) plus an explicit port; ValueError with a reason.
-
-    Checking with the parser the engine uses means a value accepted here
-    cannot make ``on_configure`` fail later (e.g. a pin that is not a key).
-    """
-    parse_base_spec(spec)
-    text = spec.strip().partition("#")[0]
-    if ("]:" not in text) if text.startswith("[") else (":" not in text):
-        raise ValueError(f"{spec!r}: give the port, as host:port or host:tcp_port:udp_port")
-
-
 #: String-array parameters whose every item must parse; each checker raises ValueError with a reason.
 _ITEM_CHECKS: dict[str, Callable[[str], Any]] = {
-    "base_servers": check_base_spec,
+    "base_servers": parse_base_spec,  # a bare host means TCP 443 and UDP 5582 (DESIGN.md 4.5)
     "whitelist": parse_entry,
     "peers": parse_peer_spec,
     "websetup.whitelist": parse_address,
@@ -383,6 +371,7 @@ class HusarnetNode(LifecycleNode):
         with self._lock:
             self._config, self._identity, self._whitelist, self._dds_files = config, identity, whitelist, dds_files
         self._create_interfaces()
+        self._show_whitelist_enabled(whitelist.enabled)
         whitelist.add_listener(self._on_core_change)
         self._update_dds()
         self.get_logger().info(
@@ -786,7 +775,20 @@ class HusarnetNode(LifecycleNode):
             return f"whitelist {word}" if wl.set_enabled(req.enabled) else f"whitelist already {word}"
 
         resp.success, resp.message = self._whitelist_call(set_enabled)
+        if resp.success:
+            self._show_whitelist_enabled(req.enabled)
         return resp
+
+    def _show_whitelist_enabled(self, enabled: bool) -> None:
+        """Make the whitelist_enabled parameter say what the whitelist does.
+
+        The persisted state (set by the service) wins over the parameter at configure, and the
+        service changes the state directly: without this ``ros2 param get`` would contradict
+        ``~/status`` and ``/diagnostics``.  Setting the parameter runs the parameter callback,
+        which finds the whitelist already in that state.
+        """
+        if self.get_parameter("whitelist_enabled").value != enabled:
+            self.set_parameters([Parameter("whitelist_enabled", value=enabled)])
 
     def _whitelist_call(self, fn: Callable[[Whitelist], str]) -> tuple[bool, str]:
         wl = self._current_whitelist()

@@ -99,7 +99,7 @@ def test_every_parameter_is_declared_with_a_description(node: HusarnetNode) -> N
         ("whitelist", ["198.18.0.1"]),
         ("whitelist", ["fc94::1 bad_name!"]),
         ("peers", ["fc94::1@nowhere"]),
-        ("base_servers", ["base.example.org"]),
+        ("base_servers", ["base.example.org:0"]),
         ("base_servers", ["base.example.org:443#nothex"]),
         ("base_servers", ["base.example.org:443#" + "ab" * 32]),  # hex, but no husarnet key (no fc94 address)
         ("base_servers", ["b\u00e4se.example.org:443"]),  # not an ASCII host name
@@ -121,7 +121,10 @@ def test_bad_parameter_values_are_rejected_with_a_reason(node: HusarnetNode, nam
 def test_good_parameter_values_are_accepted(node: HusarnetNode) -> None:
     good = [
         Parameter("hostname", value="robot-1"),
-        Parameter("base_servers", value=["base.example.org:443", "[fd00::1]:443:5582#" + PEER.public_key.hex()]),
+        Parameter(
+            "base_servers",
+            value=["base.example.org:443", "[fd00::1]:443:5582#" + PEER.public_key.hex(), "base2.example.org"],
+        ),
         Parameter("whitelist", value=[PEER.address_str + " laptop"]),
         Parameter("peers", value=[f"[{PEER.address_str}]@[fd00::2]:5582"]),
         Parameter("udp_port", value=5583),
@@ -255,12 +258,15 @@ def test_whitelist_services_good_and_bad_input(node: HusarnetNode, spinner: Any,
     r = spinner.call(node, SetWhitelistEnabled, "/husarnet/whitelist/set_enabled", enabled=False)
     assert r.success and "disabled" in r.message
     assert listing()[0] is False
+    assert node.get_parameter("whitelist_enabled").value is False  # the parameter shows the state
     r = spinner.call(node, SetWhitelistEnabled, "/husarnet/whitelist/set_enabled", enabled=False)
     assert r.success and "already" in r.message
-    # Persisted: survives cleanup and a new configure (the parameter default says enabled).
+    # Persisted: survives cleanup and a new configure, which wins over the parameter's value.
     assert node.trigger_cleanup() == SUCCESS
+    node.set_parameters([Parameter("whitelist_enabled", value=True)])
     assert node.trigger_configure() == SUCCESS
     assert listing()[0] is False
+    assert node.get_parameter("whitelist_enabled").value is False
     saved = json.loads((tmp_path / "state" / "whitelist.json").read_text())
     assert saved  # written by the whitelist module, atomically
 

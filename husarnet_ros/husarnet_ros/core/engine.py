@@ -163,7 +163,8 @@ class StatusInfo:
     dds_restart_needed: bool = False
     #: Why the overlay stopped working while the engine runs (the TUN device was deleted under it); "" while fine.
     failure: str = ""
-    #: What keeps the overlay from working that someone outside may fix (the TUN device was set down); "" while fine.
+    #: What someone outside may fix while the overlay runs degraded (the TUN device was set down, the hosts file
+    #: cannot be written); "" while fine.
     warning: str = ""
 
 
@@ -232,8 +233,11 @@ class Engine:
         self._cache_save_error = ""  # the last save failure, warned about once
         #: Set (once) when the data path fails for good while running: see :meth:`_on_tun_failure`.
         self.failure = ""
-        #: Set while the TUN device is down, or lost its address and we could not put it back (_check_interface).
+        #: Set while the TUN device is down or lost its address and we could not put it back (_check_interface),
+        #: or while the hosts file cannot be written (_write_hosts): the causes of ``_warnings``, joined.
         self.warning = ""
+        self._warnings: dict[str, str] = {}  # cause ("tun", "hosts") -> its text; see _set_warning
+        self._warning_lock = threading.Lock()
         self._tun_write_errors = 0  # the TUN's write_errors already counted as tun_write_failed
         self._given_transport = transport
         self._transport: Transport | None = None
@@ -401,16 +405,15 @@ class Engine:
             self._datapath.on_tun_failure = self._on_tun_failure
         # Hosts file block (own names + whitelist hostnames + websetup names).
         if cfg.hosts_file:
-            from .hosts import HostsError, HostsFile, HostsSync
+            from .hosts import HostsFile, HostsSync
 
             try:
-                # The whitelist's names are fed as the first source (so they win over websetup's), by our
-                # own listener, so a stopped engine never rewrites the block.
                 self._hosts = HostsSync(HostsFile(cfg.hosts_file), self.address, cfg.hostname, None)
-                self._hosts.set_source("whitelist", self.whitelist.hostnames())
-            except (HostsError, ValueError, OSError) as exc:
-                self._hosts = None
+            except ValueError as exc:  # our own hostname: a configuration error
                 raise EngineError(f"hosts file {cfg.hosts_file}: {exc}") from None
+            # The whitelist's names are fed as the first source (so they win over websetup's), by our
+            # own listener, so a stopped engine never rewrites the block.
+            self._write_hosts("whitelist", self.whitelist.hostnames())
         # Control loop.
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -507,7 +510,7 @@ class Engine:
             self.config.state_dir,
             self.whitelist,
             websetup_whitelist=self.config.websetup_whitelist,
-            hosts_hook=self._hosts.source_hook("websetup") if self._hosts is not None else None,
+            hosts_hook=self._websetup_hosts if self._hosts is not None else None,
             get_latency=lambda: {p.address: p.rtt_ms for p in self.peers() if p.is_secure},
             version=str(version),
             counters=Counters(),
@@ -1135,10 +1138,7 @@ class Engine:
                 if not self.is_allowed(peer.address):
                     self._forget(peer)
         if self._hosts is not None and self._state == "running":
-            try:
-                self._hosts.set_source("whitelist", self.whitelist.hostnames())
-            except Exception as exc:
-                log.error("hosts file not updated after a whitelist change: %s", exc)
+            self._write_hosts("whitelist", self.whitelist.hostnames())
         self._notify("whitelist")
         self._notify("peers")
 
@@ -1556,13 +1556,59 @@ class Engine:
             if tun.closed or self.failure:  # stopping, or deleted (the reader reports that)
                 return
             warning = f"{tun.name} cannot be checked or repaired: {exc}"
-        if warning != self.warning:
-            if warning:
-                log.warning("%s", warning)
+        if self._set_warning("tun", warning) and not warning:
+            log.info("%s is up with its address %s again", tun.name, address)
+
+    def _set_warning(self, cause: str, text: str) -> bool:
+        """Set (or clear, with "") one cause of ``status().warning``; True when it changed.
+
+        A change is logged once (a new text as a warning) and the listeners hear "status", so a
+        condition that persists is reported once, not at every check.
+        """
+        with self._warning_lock:
+            if self._warnings.get(cause, "") == text:
+                return False
+            if text:
+                self._warnings[cause] = text
             else:
-                log.info("%s is up with its address %s again", tun.name, address)
-            self.warning = warning
-            self._notify("status")
+                del self._warnings[cause]
+            self.warning = "; ".join(self._warnings[c] for c in sorted(self._warnings))
+        if text:
+            log.warning("%s", text)
+        self._post(self._notify, "status")  # no listener hears anything before the loop runs
+        return True
+
+    def _write_hosts(self, source: str, mapping: dict[str, bytes]) -> str:
+        """Give the hosts block one source's names; a file we cannot write is a warning, not a failure.
+
+        Peer hostnames are a convenience: peers stay reachable by address and their names are on the
+        peers topic.  A normal user after setup-tun may not write /etc/hosts, so this must not keep
+        the overlay down.  Every later change of names tries again; a success clears the warning.
+        Returns the warning ("" on success).
+        """
+        from .hosts import HostsError
+
+        hosts = self._hosts
+        try:
+            hosts.set_source(source, mapping)
+        except (HostsError, ValueError, OSError) as exc:
+            path = hosts.hosts_file.path
+            warning = (
+                f"hosts file {path} not updated ({exc}): peers are reachable by address only; run as root, "
+                f"give this user write access to {path}, or set hosts_file to '' to leave it alone"
+            )
+        else:
+            warning = ""
+        self._set_warning("hosts", warning)
+        return warning
+
+    def _websetup_hosts(self, mapping: dict[str, bytes]) -> None:
+        """Websetup's host-add/rm: as :meth:`_write_hosts`, but failing, so the command's reply says so."""
+        from .hosts import HostsError
+
+        warning = self._write_hosts("websetup", mapping)
+        if warning:
+            raise HostsError(warning)
 
     def _peer_timers(self, peer: Peer, now: float) -> None:
         t = self.timers

@@ -16,6 +16,7 @@ inject arbitrary lines into a file every resolver on the machine trusts.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -86,8 +87,40 @@ def _check_address(addr: bytes) -> bytes:
     return bytes(addr)
 
 
+#: Why a rename over the hosts file can fail although the file itself may be writable: it is a mount point
+#: (Docker bind-mounts /etc/hosts: EBUSY), on another file system (EXDEV), or its directory is closed to us
+#: (a normal user given write access to /etc/hosts only: EACCES or EPERM creating the temporary file).
+_NO_RENAME = frozenset({errno.EBUSY, errno.EXDEV, errno.EACCES, errno.EPERM})
+
+
+def _replace(target: Path, data: bytes, mode: int) -> bool:
+    """Give ``target`` the content ``data``: atomically by rename (True) or, where that is impossible, in place.
+
+    The hosts file is the one file we write that we do not own: in a Docker
+    container /etc/hosts is a bind mount, which no rename can replace, and a
+    normal user may have been given write access to the file but not to /etc.
+    There the file is rewritten in place (truncate, write, fsync; False): a
+    resolver racing the write may see our block cut short for an instant, and
+    a power cut in the middle leaves the file short, which names tolerate.
+    Identity and whitelist never come here: they always use :func:`atomic_write`.
+    """
+    try:
+        atomic_write(target, data, mode)
+        return True
+    except OSError as exc:
+        if exc.errno not in _NO_RENAME or not target.exists():
+            raise
+        log.debug("hosts file %s cannot be replaced (%s); rewriting it in place", target, exc.strerror)
+    with open(target, "r+b") as f:  # an error here is the one to report: the file itself is closed to us
+        f.truncate(0)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return False
+
+
 class HostsFile:
-    """Rewrites only our marked block of a hosts file, atomically, keeping the rest byte for byte."""
+    """Rewrites only our marked block of a hosts file, keeping the rest byte for byte (atomically where possible)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -190,14 +223,15 @@ class HostsFile:
             except FileNotFoundError:
                 mode, uid, gid = 0o644, -1, -1
             try:
-                atomic_write(target, new, mode)
+                if not _replace(target, new, mode):
+                    return True  # rewritten in place: mode and owner are the file's own
                 if uid >= 0 and (uid, gid) != (os.geteuid(), os.getegid()):
                     try:
                         os.chown(target, uid, gid)
                     except PermissionError:
                         log.warning("hosts file %s: could not restore its owner %d:%d", target, uid, gid)
             except OSError as exc:
-                raise HostsError(f"cannot write {target}: {exc}") from exc
+                raise HostsError(f"cannot write {target}: {exc.strerror or exc}") from exc
             return True
 
     def update(self, mapping: dict[str, bytes]) -> bool:

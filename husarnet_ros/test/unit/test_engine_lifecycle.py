@@ -241,3 +241,85 @@ def test_tun_failure_undoes_the_socket(tmp_path):
     finally:
         again.close()
     assert set(threading.enumerate()) <= before
+
+
+UNPRIVILEGED_PAIR = r"""
+import encodings.ascii, json, logging, os, sys, threading, time
+from pathlib import Path
+# Everything is imported before dropping privileges: the interpreter may live where nobody cannot read.
+from husarnet_ros.core import hosts
+from husarnet_ros.core.engine import Engine, EngineConfig, EngineError
+from husarnet_ros.core.identity import Identity, format_address
+from husarnet_ros.core.memnet import MemoryNetwork
+
+hosts_file, base, uid = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+ida, idb = Identity.generate(), Identity.generate()
+if uid >= 0:
+    os.setgroups([]); os.setgid(uid); os.setuid(uid)
+logged = []
+handler = logging.Handler(logging.WARNING)
+handler.emit = lambda record: logged.append(record.getMessage())
+logging.getLogger("husarnet_ros").addHandler(handler)
+net = MemoryNetwork()
+def engine(ident, other, ep, **kw):
+    cfg = EngineConfig(state_dir=base / ep[0], use_tun=False, lan_discovery=False,
+                       whitelist=[format_address(other.address)], **kw)
+    return Engine(cfg, identity=ident, transport=net.transport(ep))
+a = engine(ida, idb, ("198.18.0.1", 5582), hostname="robot1", hosts_file=hosts_file,
+           peers=[f"{format_address(idb.address)}@198.18.0.2:5582"])
+b = engine(idb, ida, ("198.18.0.2", 5582))
+a.start(); b.start()
+rtt, deadline = None, time.monotonic() + 20
+while rtt is None and time.monotonic() < deadline:
+    try:
+        rtt = a.ping(idb.address, timeout=1.0)
+    except EngineError:
+        time.sleep(0.05)
+changed = threading.Event()
+a.add_listener(lambda kind: kind == "whitelist" and changed.set())
+a.whitelist.add(Identity.generate().address, "robot3")  # a later change of names tries again
+print(json.dumps({"warning": a.status().warning, "rtt": rtt, "retried": changed.wait(10), "logged": logged}))
+a.stop(); b.stop(); net.close()
+"""
+
+
+def test_unwritable_hosts_file_is_a_warning_and_the_overlay_runs() -> None:
+    """A normal user (after setup-tun) cannot write /etc/hosts: the node still comes up and names the fix.
+
+    Run as nobody when we are root (as a normal user as is), with the hosts file in a directory that user
+    cannot write and the file not writable either: neither a rename nor the in-place rewrite works.
+    """
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as base:  # not tmp_path: others cannot enter pytest's 0700 tree
+        os.chmod(base, 0o755)
+        etc, states = Path(base) / "etc", Path(base) / "states"
+        etc.mkdir()
+        states.mkdir()
+        hosts = etc / "hosts"
+        hosts.write_text("127.0.0.1\tlocalhost\n")
+        uid = 65534 if os.geteuid() == 0 else -1
+        if uid >= 0:
+            os.chown(states, uid, uid)
+        hosts.chmod(0o644 if uid >= 0 else 0o444)
+        etc.chmod(0o755 if uid >= 0 else 0o555)
+        try:
+            r = subprocess.run(
+                [sys.executable, "-c", UNPRIVILEGED_PAIR, str(hosts), str(states), str(uid)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "PYTHONPATH": str(PKG)},
+            )
+            assert r.returncode == 0, r.stderr
+            out = json.loads(r.stdout)
+            assert hosts.read_text() == "127.0.0.1\tlocalhost\n"
+        finally:
+            etc.chmod(0o755)
+    assert out["rtt"] is not None, "the peers did not connect"
+    warning = out["warning"]
+    assert f"hosts file {hosts} not updated" in warning and "Permission denied" in warning
+    assert "run as root" in warning and f"write access to {hosts}" in warning and "hosts_file to ''" in warning
+    assert out["retried"]
+    assert [m for m in out["logged"] if "not updated" in m] == [warning]  # once, although written twice

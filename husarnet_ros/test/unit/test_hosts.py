@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -191,3 +192,41 @@ def test_symlink_loop_is_a_clear_error(tmp_path: Path) -> None:
     b.symlink_to(a)
     with pytest.raises(HostsError):
         HostsFile(a).update({"robot1": A})
+
+
+@pytest.mark.parametrize("code", [errno.EBUSY, errno.EXDEV])
+def test_unrenamable_hosts_file_is_rewritten_in_place(tmp_path: Path, monkeypatch, code: int) -> None:
+    """Docker bind-mounts /etc/hosts: a rename over it fails (EBUSY, or EXDEV), so the file is rewritten in place."""
+    path = tmp_path / "hosts"
+    path.write_bytes(ORIGINAL)
+    os.chmod(path, 0o640)
+    inode = path.stat().st_ino
+    real_replace = os.replace
+
+    def no_rename(src, dst, **kw):
+        if Path(dst) == path:
+            raise OSError(code, os.strerror(code))
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    hf = HostsFile(path)
+    assert hf.update({"robot1": A}) is True
+    assert path.read_bytes() == ORIGINAL + b"# BEGIN husarnet_ros\nfc94::a\trobot1\n# END husarnet_ros\n"
+    assert path.stat().st_ino == inode and stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert hf.clear() is True  # shorter than before: truncated, no stale tail
+    assert path.read_bytes() == ORIGINAL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hosts"]  # the failed rename's temporary is gone
+
+
+def test_other_rename_errors_are_not_papered_over(tmp_path: Path, monkeypatch) -> None:
+    """Only 'cannot be replaced' falls back; a full disk is an error and the file stays as it was."""
+    path = tmp_path / "hosts"
+    path.write_bytes(ORIGINAL)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(HostsError, match=f"cannot write {re.escape(str(path))}: No space left"):
+        HostsFile(path).update({"robot1": A})
+    assert path.read_bytes() == ORIGINAL

@@ -40,6 +40,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_IMODE
 
 from .core.constants import DEFAULT_INTERFACE, DEFAULT_MTU
 from .core.fsutil import atomic_write
@@ -47,6 +48,8 @@ from .core.fsutil import atomic_write
 FASTDDS_FILE = "fastdds.xml"
 CYCLONEDDS_FILE = "cyclonedds.xml"
 ENV_FILE = "dds.env"
+DIR_MODE = 0o755  # with FILE_MODE: readable by every local user, the point of sourcing dds.env
+FILE_MODE = 0o644
 
 FASTDDS_NAMESPACE = "http://www.eprosima.com"
 CYCLONEDDS_NAMESPACE = "https://cdds.io/config"
@@ -247,8 +250,9 @@ def write_dds_config(
     """Write the three files atomically where their content differs; True when any changed.
 
     Everything is built (and validated) before anything is written, so bad
-    input leaves the previous files untouched.  Files are 0644: other users'
-    ROS processes on the robot must be able to read them.
+    input leaves the previous files untouched.  Files are 0644 in a 0755
+    directory: other users' ROS processes on the robot must be able to read
+    them (the state directory above lets them through, see ``ensure_state_dir``).
     """
     files = DdsFiles(Path(directory))
     peer_list = list(peers)
@@ -259,6 +263,7 @@ def write_dds_config(
         ),
         files.env: build_dds_env(files),
     }
+    _ensure_public_dir(files.directory)
     changed = False
     for path, data in contents.items():
         try:
@@ -266,9 +271,22 @@ def write_dds_config(
                 continue
         except FileNotFoundError:
             pass
-        atomic_write(path, data, mode=0o644)
+        atomic_write(path, data, mode=FILE_MODE)
         changed = True
     return changed
+
+
+def _ensure_public_dir(directory: Path) -> None:
+    """Create ``directory`` 0755, or add the read and search bits to one we own that lacks them.
+
+    A umask of 077 (common for root) would otherwise make it 0700 and every
+    other user's ROS process would silently fall back to default DDS.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    st = directory.stat()
+    mode = S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid() and mode & DIR_MODE != DIR_MODE:
+        os.chmod(directory, mode | DIR_MODE)
 
 
 def peers_in_fastdds_xml(data: bytes) -> list[str]:

@@ -89,8 +89,26 @@ def read_private_file(path: str | os.PathLike[str], limit: int = 1 << 16) -> byt
     return data
 
 
+#: Others may enter the state directory but not list it: every secret in it is a 0600 file, and the DDS
+#: profiles in its ``dds/`` subdirectory must be readable by every local user's ROS processes.
+STATE_DIR_MODE = 0o711
+_TRAVERSE = STATE_DIR_MODE & 0o077  # the bits an older 0700 directory lacks
+
+
 def ensure_state_dir(path: str | os.PathLike[str]) -> Path:
-    """Create the state directory private to its owner (0700) if it does not exist."""
+    """Create the state directory (0711), or let others traverse one that an older version made 0700.
+
+    Others must reach the DDS files in ``dds/`` (0755, files 0644) to source ``dds.env``.  Only the
+    group and other search bits are added, and only on a directory we own; every other bit stays as it
+    was.  Nothing else becomes readable by that: the identity, whitelist, websetup and cache files are
+    0600 (the identity is refused otherwise), temporary files are created 0600, and listing stays denied.
+    """
     p = Path(path)
-    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)  # the umask may only take bits away; widened below
+    st = p.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid() and mode & _TRAVERSE != _TRAVERSE:
+        # A read-only state directory still serves an existing identity; it just stays closed to others.
+        with contextlib.suppress(OSError):
+            os.chmod(p, mode | _TRAVERSE)
     return p

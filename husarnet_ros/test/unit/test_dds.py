@@ -186,3 +186,57 @@ def test_cyclonedds_accepts_the_config(tmp_path: Path) -> None:
     bad = dds.build_cyclonedds_xml("::1", [], interface="nosuchif0").decode()
     with pytest.raises(DDSException):
         domain_mod.Domain(domain_id + 1, config=bad)
+
+
+def test_directory_is_readable_by_others_whatever_the_umask(tmp_path: Path) -> None:
+    old_umask = os.umask(0o077)  # common for root: would make a plain mkdir 0700
+    try:
+        dds.write_dds_config(tmp_path / "new" / "dds", OWN, [PEER_A])
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "new" / "dds").stat().st_mode) == 0o755
+    older = tmp_path / "older"  # a directory an older version (or that umask) left 0700
+    older.mkdir(mode=0o700)
+    older.chmod(0o700)
+    dds.write_dds_config(older, OWN, [PEER_A])
+    assert stat.S_IMODE(older.stat().st_mode) == 0o755
+
+
+def test_another_user_reads_the_dds_files_of_a_root_node_but_not_its_key() -> None:
+    """README: a normal user sources <state_dir>/dds/dds.env of a node run as root (what on_configure writes)."""
+    import shutil
+    import tempfile
+
+    from husarnet_ros.core.fsutil import ensure_state_dir
+    from husarnet_ros.core.identity import Identity
+    from husarnet_ros.core.whitelist import Whitelist
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to read as another user")
+    with tempfile.TemporaryDirectory() as base:  # not under pytest's tmp_path: that is 0700 to others
+        os.chmod(base, 0o755)
+        state = Path(base) / "state"
+        old_umask = os.umask(0o077)
+        try:
+            ensure_state_dir(state)
+            Identity.load_or_create(state / "id")
+            Whitelist(state / "whitelist.json").add(bytes.fromhex("fc94" + "00" * 13 + "0a"), "robot2")
+            files = dds.DdsFiles(state / "dds")
+            dds.write_dds_config(files.directory, OWN, [PEER_A])
+        finally:
+            os.umask(old_umask)
+
+        def as_nobody(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script, "sh", *args]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+        r = as_nobody(
+            '. "$1" && cat "$FASTDDS_DEFAULT_PROFILES_FILE" "${CYCLONEDDS_URI#file://}" >/dev/null && echo ok',
+            str(files.env),
+        )
+        assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+        for secret in ("id", "whitelist.json"):
+            r = as_nobody('cat "$1"', str(state / secret))
+            assert r.returncode != 0 and "Permission denied" in r.stderr, (secret, r.stdout)
+        r = as_nobody('ls "$1"', str(state))
+        assert r.returncode != 0 and "Permission denied" in r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -15,6 +16,7 @@ from husarnet_ros.core.fsutil import (
     atomic_write,
     atomic_write_json,
     check_private_file,
+    ensure_state_dir,
     read_private_file,
 )
 
@@ -91,3 +93,48 @@ def test_private_file_is_checked_on_what_is_read(tmp_path) -> None:
     atomic_write(path, b"k" * 32, mode=0o640)
     with pytest.raises(StateFileError, match="chmod 600"):
         read_private_file(path)
+
+
+def test_state_dir_lets_others_through_but_not_list(tmp_path) -> None:
+    """0711 whatever the umask: others reach dds/ by name; an older 0700 directory we own is widened."""
+    old_umask = os.umask(0o077)
+    try:
+        new = ensure_state_dir(tmp_path / "a" / "state")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o711
+    older = tmp_path / "older"
+    older.mkdir(mode=0o700)
+    older.chmod(0o700)
+    ensure_state_dir(older)
+    assert stat.S_IMODE(older.stat().st_mode) == 0o711
+    locked = tmp_path / "locked"  # only the search bits are added, nothing else
+    locked.mkdir()
+    locked.chmod(0o750)
+    ensure_state_dir(locked)
+    assert stat.S_IMODE(locked.stat().st_mode) == 0o751
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a directory as another user")
+def test_state_dir_of_another_owner_keeps_its_mode(tmp_path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    theirs.chmod(0o700)
+    os.chown(theirs, 65534, 65534)
+    ensure_state_dir(theirs)
+    assert stat.S_IMODE(theirs.stat().st_mode) == 0o700
+
+
+def test_atomic_write_never_rewrites_in_place(tmp_path, monkeypatch) -> None:
+    """Identity and whitelist: a rename that fails (EBUSY) is an error, never a torn in-place write."""
+    path = tmp_path / "id"
+    atomic_write(path, b"good")
+
+    def busy(*_a, **_k):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(OSError, match="busy"):
+        atomic_write(path, b"new")
+    assert path.read_bytes() == b"good"
+    assert [p.name for p in tmp_path.iterdir()] == ["id"]

@@ -388,8 +388,11 @@ class HusarnetNode(LifecycleNode):
             engine.start()
         except EngineError as exc:
             msg = str(exc)
-            if "setup-tun" not in msg and ("permission" in msg.lower() or "not allowed" in msg.lower()):
-                msg += f"; run as root or once: {SETUP_TUN_HINT}"
+            state_dir = str(self._config.state_dir)
+            # TUN errors name setup-tun themselves.  Of the other permission errors setup-tun fixes only those
+            # in the state directory (it hands that to the user), not e.g. a UDP port below 1024.
+            if "setup-tun" not in msg and "permission denied" in msg.lower() and state_dir in msg:
+                msg += f"; run as root or once: {SETUP_TUN_HINT} --state-dir {state_dir}"
             self._activate_error = msg
             self.get_logger().error(f"activate failed: {msg}")
             return TransitionCallbackReturn.FAILURE

@@ -6,7 +6,7 @@ story still holds (hole-punched direct path, the node's /husarnet/peers and serv
 the overlay). A second test interrupts it the way Ctrl-C does and checks nothing is left behind.
 
 Skipped with a reason when the ROS environment (rclpy, husarnet_msgs) is not usable, since then the
-demo cannot run the node; ``make test`` sources scripts/ros_env.sh first.
+demo cannot run the node; failed instead in CI (``CI=true``), where ``make test`` builds and sources it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from husarnet_ros.testing.ci import skip_or_fail
 
 pytestmark = pytest.mark.netns
 
@@ -42,7 +44,7 @@ def _ros_skip_reason() -> str | None:
 def ros_ready() -> None:
     reason = _ros_skip_reason()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
 
 
 def _namespaces_of(pid: int) -> list[str]:

@@ -2,7 +2,8 @@
 
 Every test gets its own rclpy Context on a random ROS_DOMAIN_ID with discovery limited to
 this host, so concurrent runs (other engineers, CI) never see each other's nodes.
-Tests skip with a reason when rclpy or the built husarnet_msgs cannot be used.
+Tests skip with a reason when rclpy or the built husarnet_msgs cannot be used, and fail with it in CI
+(``CI=true``), where ``make test`` builds both: a broken build must not turn the tier into skips.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from husarnet_ros.testing.ci import skip_or_fail
 
 BUILD_HINT = "build with scripts/build_ros.sh and `source scripts/ros_env.sh` (make test does both)"
 
@@ -47,8 +50,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.ros)
-            if SKIP_REASON:
-                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip (fail in CI) every test of this tier when the ROS environment is not usable."""
+    if SKIP_REASON:
+        skip_or_fail(SKIP_REASON)
 
 
 @pytest.fixture

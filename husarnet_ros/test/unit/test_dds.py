@@ -14,6 +14,7 @@ import pytest
 
 from husarnet_ros import dds
 from husarnet_ros.core.constants import DEFAULT_MTU
+from husarnet_ros.testing.ci import require
 
 OWN = "fc94:b01d:1803:c477:1ac5:4cbc:e5b4:7f12"
 PEER_A = "fc94:0:0:0:0:0:0:a"
@@ -50,7 +51,7 @@ def test_fastdds_profile_structure() -> None:
 
 
 def test_fastdds_profile_follows_the_shipped_schema() -> None:
-    xmlschema = pytest.importorskip("xmlschema", reason="xmlschema not installed (test-only dependency)")
+    xmlschema = require("xmlschema", "xmlschema (pinned in scripts/requirements-dev.txt) not installed")
     if not FASTDDS_XSD.exists():
         pytest.skip(f"{FASTDDS_XSD} not shipped by the fastdds wheel")
     schema = xmlschema.XMLSchema(str(FASTDDS_XSD))
@@ -170,9 +171,7 @@ def test_stale_processes_are_those_started_before_the_change(tmp_path: Path) -> 
 
 def test_cyclonedds_accepts_the_config(tmp_path: Path) -> None:
     """Cyclone DDS itself parses the generated file (on loopback so no overlay is needed)."""
-    domain_mod = pytest.importorskip(
-        "cyclonedds.domain", reason="the cyclonedds PyPI package is not installed (test-only dependency)"
-    )
+    domain_mod = require("cyclonedds.domain", "cyclonedds (pinned in scripts/requirements-dev.txt) not installed")
     from cyclonedds.core import DDSException
 
     domain_id = 100 + os.getpid() % 100  # the port formula allows domains up to 232

@@ -12,7 +12,9 @@ import struct
 
 import pytest
 
-noise_connection = pytest.importorskip("noise.connection", reason="noiseprotocol (test-only dependency) missing")
+from husarnet_ros.testing.ci import require
+
+noise_connection = require("noise.connection", "noiseprotocol (pinned in scripts/requirements-dev.txt) missing")
 NoiseConnection = noise_connection.NoiseConnection
 NoiseKeypair = noise_connection.Keypair
 

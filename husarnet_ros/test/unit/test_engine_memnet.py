@@ -370,11 +370,12 @@ def test_garbage_datagrams_never_break_the_engine(lab):
     connect(a, b)
     rng = random.Random(99)
     sent_before = b.transport.sent
-    kinds = [b"", b"\x01\x00\x00\x00", b"\x02\x00\x00\x00", b"\x04\x00\x00\x00", b"\x05\x00\x00\x00", b"\x09"]
+    # Every message type (1-6, with zero reserved bytes), no type word at all, and an unknown one.
+    kinds = [b"", *(bytes([t, 0, 0, 0]) for t in range(1, 7)), b"\x09"]
     real = a.peer(b).current.seal(packet(a.address, b.address, b"x"))
     for i in range(600):
         prefix = rng.choice(kinds)
-        body = rng.randbytes(rng.choice([0, 3, 12, 28, 64, 80, 128, 168, 300]))
+        body = rng.randbytes(rng.choice([0, 3, 12, 28, 60, 64, 80, 128, 168, 300]))  # 4 + 60: a cookie reply
         if i % 50 == 0:
             body = bytearray(real)
             body[rng.randrange(len(body))] ^= 1 << rng.randrange(8)  # one flipped bit in a real datagram
@@ -384,8 +385,12 @@ def test_garbage_datagrams_never_break_the_engine(lab):
     lb.net.quiesce()
     time.sleep(0.3)
     c = b.engine.counters.snapshot()
-    junk = sum(c[k] for k in ("malformed", "bad_mac", "unknown_peer", "bad_id", "bad_sig") if k in c)
-    assert junk >= 500, c
+    # Cookie replies nobody asked for count as no_session; super fragments as fragment_* or unknown_peer.
+    reasons = ("malformed", "bad_mac", "unknown_peer", "bad_id", "bad_sig", "no_session", "fragment_dropped")
+    junk = sum(c.get(k, 0) for k in (*reasons, "fragment_malformed"))
+    assert junk >= 500, {k: v for k, v in c.items() if v}
+    assert c["no_session"] >= 1, c  # type 3 reached the cookie-reply handler
+    assert c.get("fragment_dropped", 0) + c.get("fragment_malformed", 0) >= 1, c  # type 6 reached the data path
     assert b.transport.sent - sent_before <= 20  # only its own keepalives/probes to A, nothing for the junk
     assert not [c for c in lb.net.captured if c.dst == MALLORY]  # never a word to the sender of junk
     a.send(b, b"still-alive")

@@ -29,7 +29,10 @@ HELLO = wire.build_hello(ALICE, BOB.address, 123456, 1)
 DATA = wire.build_data_header(5, 9) + os.urandom(40)
 PROBE = wire.build_probe(os.urandom(8))
 IPV6 = b"\x60" + bytes(7) + os.urandom(32) + b"payload"
-VALID = [INIT, RESP, HELLO, DATA]
+COOKIE = wire.build_cookie_reply(7, os.urandom(wire.COOKIE_NONCE_LEN), os.urandom(wire.MAC_LEN + wire.TAG_LEN))
+SUPER = wire.build_super_fragments(5, 9, os.urandom(100), 64)[0]  # a first fragment: index 0 of 2
+REPORT = wire.build_super_report(True, 3, 1, 4, 5)
+VALID = [INIT, RESP, HELLO, DATA, COOKIE, SUPER]
 
 u32 = st.integers(min_value=0, max_value=2**32 - 1)
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
@@ -59,7 +62,7 @@ def any_input(valid: bytes) -> st.SearchStrategy[bytes]:
     return st.one_of(st.binary(max_size=300), flips(valid), reshaped(valid))
 
 
-ALL_INPUTS = st.one_of(*(any_input(v) for v in VALID), any_input(PROBE), any_input(IPV6))
+ALL_INPUTS = st.one_of(*(any_input(v) for v in VALID), any_input(PROBE), any_input(IPV6), any_input(REPORT))
 
 
 # --- wire parsers: Malformed or a value, never anything else -----------------------------------
@@ -67,10 +70,13 @@ PARSERS = [
     wire.message_type,
     wire.parse_handshake_init,
     wire.parse_handshake_resp,
+    wire.parse_cookie_reply,
     wire.data_header,
+    wire.parse_super_fragment,
     wire.parse_hello,
     wire.inner_kind,
     wire.parse_probe,
+    wire.parse_super_report,
     wire.ipv6_src_dst,
 ]
 
@@ -110,6 +116,23 @@ def test_handshake_resp_round_trip(si: int, ri: int, eph: bytes, p: bytes, mac: 
     raw = wire.build_handshake_resp(si, ri, eph, p, mac)
     assert wire.parse_handshake_resp(raw) == wire.HandshakeResp(si, ri, eph, p, mac)
     assert wire.build_handshake_resp(*vars_of(wire.parse_handshake_resp(raw))) == raw
+
+
+@FUZZ
+@given(idx=u32, nonce=st.binary(min_size=24, max_size=24), enc=st.binary(min_size=32, max_size=32))
+def test_cookie_reply_round_trip(idx: int, nonce: bytes, enc: bytes) -> None:
+    raw = wire.build_cookie_reply(idx, nonce, enc)
+    assert wire.parse_cookie_reply(raw) == wire.CookieReply(idx, nonce, enc)
+    assert wire.build_cookie_reply(*wire.parse_cookie_reply(raw)) == raw
+
+
+@FUZZ
+@given(idx=u32, ctr=u64, sealed=st.binary(min_size=16, max_size=3000), size=st.integers(48, 2048))
+def test_super_fragment_round_trip(idx: int, ctr: int, sealed: bytes, size: int) -> None:
+    frags = wire.build_super_fragments(idx, ctr, sealed, size)
+    heads = [wire.parse_super_fragment(f) for f in frags]
+    assert heads == [wire.SuperFragment(idx, ctr, i, len(frags)) for i in range(len(frags))]
+    assert b"".join(f[wire.DATA_SUPER_HEADER_LEN :] for f in frags) == sealed
 
 
 def vars_of(obj) -> list:

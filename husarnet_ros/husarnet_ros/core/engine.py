@@ -1556,14 +1556,16 @@ class Engine:
             if tun.closed or self.failure:  # stopping, or deleted (the reader reports that)
                 return
             warning = f"{tun.name} cannot be checked or repaired: {exc}"
-        if self._set_warning("tun", warning) and not warning:
-            log.info("%s is up with its address %s again", tun.name, address)
+        if self._set_warning("tun", warning):
+            if not warning:
+                log.info("%s is up with its address %s again", tun.name, address)
+            self._notify("status")
 
     def _set_warning(self, cause: str, text: str) -> bool:
         """Set (or clear, with "") one cause of ``status().warning``; True when it changed.
 
-        A change is logged once (a new text as a warning) and the listeners hear "status", so a
-        condition that persists is reported once, not at every check.
+        A new text is logged as a warning, so a condition that persists is logged once, not at every
+        check.  The caller tells the listeners ("status") when this returns True.
         """
         with self._warning_lock:
             if self._warnings.get(cause, "") == text:
@@ -1575,7 +1577,6 @@ class Engine:
             self.warning = "; ".join(self._warnings[c] for c in sorted(self._warnings))
         if text:
             log.warning("%s", text)
-        self._post(self._notify, "status")  # no listener hears anything before the loop runs
         return True
 
     def _write_hosts(self, source: str, mapping: dict[str, bytes]) -> str:
@@ -1599,7 +1600,8 @@ class Engine:
             )
         else:
             warning = ""
-        self._set_warning("hosts", warning)
+        if self._set_warning("hosts", warning) and self._state == "running":  # on the loop; at start, nobody asks
+            self._notify("status")
         return warning
 
     def _websetup_hosts(self, mapping: dict[str, bytes]) -> None:

@@ -323,3 +323,43 @@ def test_unwritable_hosts_file_is_a_warning_and_the_overlay_runs() -> None:
     assert "run as root" in warning and f"write access to {hosts}" in warning and "hosts_file to ''" in warning
     assert out["retried"]
     assert [m for m in out["logged"] if "not updated" in m] == [warning]  # once, although written twice
+
+
+def test_hosts_and_tun_warnings_stand_side_by_side_and_clear_apart(tmp_path):
+    """One status().warning for both causes: the TUN coming back keeps the hosts warning, a good write clears it."""
+    from test_engine_interface import FakeTun, check
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# END husarnet_ros\n")  # a stray marker: refused (fix it by hand), never rewritten
+    eng = Engine(
+        EngineConfig(state_dir=tmp_path / "s", use_tun=False, lan_discovery=False, udp_port=0, hosts_file=str(hosts))
+    )
+    eng.start()
+    try:
+        hosts_warning = eng.status().warning
+        assert hosts_warning.startswith(f"hosts file {hosts} not updated") and "stray" in hosts_warning
+        notified: list[str] = []
+        eng.add_listener(notified.append)
+        eng._tun = FakeTun()
+        eng._tun.up = False
+        check(eng)
+        assert "hnet0 is down" in eng.status().warning and hosts_warning in eng.status().warning
+        eng._tun.up = True
+        check(eng)
+        assert eng.status().warning == hosts_warning
+        eng._tun = None
+        hosts.write_text("")  # fixed by hand: the next change of names writes the block and clears the warning
+        notified.clear()
+        eng.whitelist.add(Identity.generate().address, "robot2")
+        deadline = time.monotonic() + 5
+        while eng.status().warning and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.status().warning == ""
+        assert "robot2" in hosts.read_text()
+        deadline = time.monotonic() + 5
+        while "status" not in notified and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "status" in notified  # the ROS node republishes its status at once
+    finally:
+        eng._tun = None
+        eng.stop()

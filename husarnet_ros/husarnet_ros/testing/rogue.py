@@ -34,6 +34,17 @@ def forged_identity(claimed: Identity, actual: Identity) -> Identity:
     return Identity(actual.seed, claimed.public_key, claimed.address, actual.x25519_private, actual.x25519_public)
 
 
+def impostor_identity(claimed: Identity, actual: Identity) -> Identity:
+    """``claimed``'s whole public identity (Ed25519 key, address, X25519 static) with ``actual``'s secrets.
+
+    What someone who knows a whitelisted node's public key but not its private key can build: an
+    initiation from it carries the genuine static key, but its ``ss`` Diffie-Hellman is computed with the
+    wrong secret, so the payload's AEAD tag (Noise's proof of the static key) does not verify; a Hello from
+    it carries the genuine key and an Ed25519 signature that does not verify.
+    """
+    return Identity(actual.seed, claimed.public_key, claimed.address, actual.x25519_private, claimed.x25519_public)
+
+
 def invalid_identity(rng: random.Random | None = None) -> Identity:
     """A self-consistent key whose SHA-256 does not satisfy the address rule (h[0]==0, h[1]<50)."""
     rng = rng or random.Random()

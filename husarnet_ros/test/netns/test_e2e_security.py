@@ -113,34 +113,63 @@ def test_row2_forged_source_from_own_tun_never_leaves(lan_pair):
 
 
 def test_row3_forged_identity_gets_silence(lan_pair):
-    """Initiations whose key does not match the claim (or does not hash to an address) get no reply."""
+    """Handshakes with a forged identity get no reply, allocate nothing and leave C's session alone.
+
+    Forgeries: a key that does not match the claim, a key that does not hash to an address, a valid key D
+    never whitelisted, and C's real public identity used without C's private key. For the last, the
+    initiation's Noise proof (the AEAD over its payload, keyed by the ``ss`` Diffie-Hellman) fails and is
+    counted as ``bad_mac``, and the Hello's Ed25519 signature fails (``bad_sig``); a copy of each is also sent
+    with C's own underlay address and port spoofed, which must not move C's endpoint either.
+    """
+    from husarnet_ros.core import wire
     from husarnet_ros.core.identity import Identity
-    from husarnet_ros.testing.rogue import RoguePeer, forged_identity, invalid_identity
+    from husarnet_ros.testing.rogue import RoguePeer, forged_identity, impostor_identity, invalid_identity
 
     lab, t, c, d = lan_pair
     sniff = lab.sniff(t.lan, "br0")
     mallory = RoguePeer(lab, t.mallory, Identity.generate())
     c_identity = Identity.load(c.state_dir / "id")
-    d_pub = _pubkey(d)
+    d_id = Identity.load(d.state_dir / "id")
+    entry_before = d.peer(c.address)
+    completed_before = {n: x.counters()["handshakes_completed"] for n, x in (("C", c), ("D", d))}
     before = d.counters()
     peers_before = {p["address"] for p in d.peers()}
 
-    claims_c, _ = mallory.initiation(d_pub, identity=forged_identity(c_identity, mallory.identity))
-    mallory.send(claims_c, (t.PEER_D_IP, PORT))
-    time.sleep(0.3)
-    bad_hash, _ = mallory.initiation(d_pub, identity=invalid_identity(random.Random(7)))
-    mallory.send(bad_hash, (t.PEER_D_IP, PORT))
-    time.sleep(0.3)
-    not_listed, _ = mallory.initiation(d_pub)  # a valid key that D never whitelisted
-    mallory.send(not_listed, (t.PEER_D_IP, PORT))
+    claims_c, _ = mallory.initiation(d_id.public_key, identity=forged_identity(c_identity, mallory.identity))
+    bad_hash, _ = mallory.initiation(d_id.public_key, identity=invalid_identity(random.Random(7)))
+    not_listed, _ = mallory.initiation(d_id.public_key)  # a valid key that D never whitelisted
+    for datagram in (claims_c, bad_hash, not_listed):
+        mallory.send(datagram, (t.PEER_D_IP, PORT))
+        time.sleep(0.1)
+    impostor = impostor_identity(c_identity, mallory.identity)
+    for spoofed in (False, True):
+        init, _ = mallory.initiation(d_id.public_key, identity=impostor)
+        hello = wire.build_hello(impostor, d_id.address, int(time.time() * 1000))
+        for datagram in (init, hello):
+            if spoofed:
+                spoof = traffic.build_ipv4_udp(t.PEER_C_IP, t.PEER_D_IP, PORT, PORT, datagram)
+                traffic.send_raw_ipv4(lab, t.mallory, spoof)
+            else:
+                mallory.send(datagram, (t.PEER_D_IP, PORT))
+            time.sleep(0.1)
 
-    assert mallory.receive(1.5) == []
+    reasons = ("bad_id", "not_whitelisted", "bad_mac", "bad_sig")
+    assert wait_until(lambda: sum(e2e.delta(before, d.counters()).get(k, 0) for k in reasons) >= 7, 5), e2e.delta(
+        before, d.counters()
+    )
+    assert mallory.receive(1.0) == []
     assert _replies_to(sniff, t.MALLORY_LAN_IP) == []
     got = e2e.delta(before, d.counters())
-    assert got.get("bad_id", 0) == 2, got
-    assert got.get("not_whitelisted", 0) == 1, got
+    assert (got.get("bad_id", 0), got.get("not_whitelisted", 0)) == (2, 1), got
+    assert (got.get("bad_mac", 0), got.get("bad_sig", 0)) == (2, 2), got
     assert {p["address"] for p in d.peers()} == peers_before
-    # The real peer is unaffected.
+    # Nothing about the real C changed: same session (no new handshake on either side, age still growing),
+    # same endpoint, still secure; and it still carries traffic.
+    assert {n: x.counters()["handshakes_completed"] for n, x in (("C", c), ("D", d))} == completed_before
+    entry = d.peer(c.address)
+    assert entry["is_secure"] and entry["endpoint"] == entry_before["endpoint"], (entry_before, entry)
+    assert entry["session_age"] >= entry_before["session_age"], (entry_before, entry)
+    assert t.PEER_C_IP in str(entry["endpoint"])
     assert traffic.ping(lab, t.peerC, d.address, count=3).received == 3
 
 
@@ -168,13 +197,15 @@ def test_row5_replayed_data_is_delivered_once_and_never_moves_the_endpoint(lan_p
     datagram = captured()[0]
     before = d.counters()
 
-    # Replay from mallory's own address, once and 100 times, then after a pause, then spoofing C's source.
+    # Replay from mallory's own address, once and 100 times, then after 5 s (the plan's delay: the receive
+    # window must still refuse it once the session has moved on), then spoofing C's source.
     m = lab.socket(t.mallory, socket.AF_INET, socket.SOCK_DGRAM)
     m.sendto(datagram, (t.PEER_D_IP, PORT))
     for _ in range(100):
         m.sendto(datagram, (t.PEER_D_IP, PORT))
         time.sleep(0.002)
-    time.sleep(1.0)
+    assert traffic.ping(lab, t.peerC, d.address, count=1).received == 1  # newer counters on the session
+    time.sleep(5.0)
     m.sendto(datagram, (t.PEER_D_IP, PORT))
     m.close()
     traffic.send_raw_ipv4(lab, t.mallory, traffic.build_ipv4_udp(t.PEER_C_IP, t.PEER_D_IP, PORT, PORT, datagram))

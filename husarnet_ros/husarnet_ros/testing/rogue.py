@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nacl.bindings import crypto_sign_ed25519_pk_to_curve25519, crypto_sign_ed25519_sk_to_curve25519
@@ -87,6 +88,20 @@ class RoguePeer:
         return hs.create_initiation(
             ident, responder_public_key, index, hs.tai64n(time.time() if timestamp is None else timestamp), 0
         )
+
+    def random_key_initiations(self, responder_public_key: bytes, count: int, rng: random.Random) -> Iterator[bytes]:
+        """``count`` initiations to the responder, each claiming a fresh random Ed25519 key (a flood).
+
+        A random 32-byte key hashes to a valid fc94 address with probability ~1/1300 and even then does not
+        match the Noise static, so the responder refuses every one as ``bad_id`` after its Diffie-Hellman
+        (or as ``rate_limited`` before it, once its budget for strangers is spent). They all share our X25519
+        static, which the responder cannot tell from the payload, so no key pair is generated per message.
+        Lazy: a caller that sends each one as it comes is paced by building them (~0.3 ms each).
+        """
+        ident = self.identity
+        for _ in range(count):
+            claimed = Identity(ident.seed, rng.randbytes(32), ident.address, ident.x25519_private, ident.x25519_public)
+            yield self.initiation(responder_public_key, identity=claimed)[0]
 
     def send(self, datagram: bytes, endpoint: tuple[str, int]) -> None:
         self.sock.sendto(datagram, endpoint)

@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -272,21 +273,34 @@ def test_websetup_over_the_overlay_replay_underlay_and_crash():
 _TS = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)", re.M)
 
 
+def _ping_stops_after(lab: Lab, ns, address: str, remove: Callable[[], None]) -> None:
+    """Ping ``address`` from ``ns`` every 50 ms; ``remove()`` after 1.5 s; no reply may arrive 1 s after it.
+
+    Row 11's "loss starts within T" with T = 1 s: the removal must reach the live session (not only new
+    handshakes) within a few ticks.
+    """
+    ping = lab.spawn(ns, ["ping", "-6", "-n", "-D", "-i", "0.05", "-w", "4", address])
+    time.sleep(1.5)
+    remove()
+    removed_at = time.time()
+    ping.wait(timeout=20)
+    replies = [float(ts) for ts, _seq in _TS.findall(ping.output())]
+    assert len([r for r in replies if r < removed_at]) >= 10, ping.output()[-500:]
+    late = [r - removed_at for r in replies if r > removed_at + 1.0]
+    assert late == [], f"replies {late} s after the removal"
+
+
 def test_row11_whitelist_removal_mid_ping_stops_traffic_within_a_second():
     with Lab("wsrm") as lab:
         t = reference_topology(lab)
         ds = e2e.start_mesh(lab, {"C": t.peerC, "D": t.peerD}, static={"C": t.PEER_C_IP, "D": t.PEER_D_IP})
         c, d = ds["C"], ds["D"]
         _up(lab, t, c, d)
-        ping = lab.spawn(t.peerD, ["ping", "-6", "-n", "-D", "-i", "0.05", "-w", "4", c.address])
-        time.sleep(1.5)
-        assert c.control("whitelist_remove", address=d.address)["changed"]
-        removed_at = time.time()
-        ping.wait(timeout=20)
-        replies = [float(ts) for ts, _seq in _TS.findall(ping.output())]
-        assert len([r for r in replies if r < removed_at]) >= 10, ping.output()[-500:]
-        late = [r - removed_at for r in replies if r > removed_at + 1.0]
-        assert late == [], f"replies {late} s after the removal"
+
+        def remove() -> None:
+            assert c.control("whitelist_remove", address=d.address)["changed"]
+
+        _ping_stops_after(lab, t.peerD, c.address, remove)
         entry = c.peer(d.address)
         assert entry is None or not entry["is_secure"] or entry["path"] == "none", entry
         # D still holds its keys; C has dropped them: D's packets die at C as unknown_peer (no session),
@@ -296,5 +310,49 @@ def test_row11_whitelist_removal_mid_ping_stops_traffic_within_a_second():
         got = e2e.delta(before, c.counters())
         assert got.get("not_whitelisted", 0) + got.get("unknown_peer", 0) >= 1, got
         problems = e2e.stop_all_and_check(lab, ds.values())
+        assert not problems, problems
+    e2e.assert_lab_clean(lab)
+
+
+def test_row11_websetup_whitelist_rm_mid_ping_stops_traffic_within_a_second():
+    """The plan's exact recipe: B is removed from A's whitelist *via websetup* while B pings A.
+
+    The command is a fresh ``whitelist-rm B`` authenticated with A's shared secret, sent over the overlay
+    from B (on A's websetup whitelist, so the dashboard removes its own node). It tears the live session
+    down, not only future handshakes. No reply is expected: A may no longer talk to B.
+    """
+    from husarnet_ros.core import websetup
+
+    with Lab("wsrm2") as lab:
+        t = reference_topology(lab)
+        a_state, b_state = lab.tmp / "state-A", lab.tmp / "state-B"
+        a_addr, b_addr = lab.daemon_address(a_state), lab.daemon_address(b_state)
+        hosts = lab.tmp / "hosts-A"
+        hosts.write_text("127.0.0.1 localhost\n")
+        a = _start_a(lab, t, a_state, b_addr, hosts)
+        b = lab.start_daemon(
+            t.peerD,
+            b_state,
+            whitelist=[a_addr],
+            peer=[f"{a_addr}@{e2e.endpoint(t.PEER_C_IP)}"],
+            timers_scale=e2e.TIMERS_SCALE,
+            udp_port=PORT,
+        )
+        _up(lab, t, a, b)
+        dash = Dashboard(lab, t.peerD, b_addr, a_addr, websetup.read_secret(a_state))
+        _counter, rm_b = dash.build("whitelist-rm", (b_addr,))
+        before_ws = _ws_counters(a)
+
+        _ping_stops_after(lab, t.peerD, a_addr, lambda: dash.send(rm_b))
+        got_ws = _ws_counters(a)
+        assert got_ws["accepted"] == before_ws["accepted"] + 1, (before_ws, got_ws)
+        assert not _listed(a, b_addr)
+        entry = a.peer(b_addr)
+        assert entry is None or not entry["is_secure"] or entry["path"] == "none", entry
+        before = a.counters()
+        assert traffic.ping(lab, t.peerD, a_addr, count=3, interval=0.2, wait=1).received == 0
+        got = e2e.delta(before, a.counters())
+        assert got.get("not_whitelisted", 0) + got.get("unknown_peer", 0) >= 1, got
+        problems = e2e.stop_all_and_check(lab, [a, b])
         assert not problems, problems
     e2e.assert_lab_clean(lab)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -341,9 +342,7 @@ class Engine:
             try:
                 self._transport = UdpTransport(cfg.udp_port)
             except OSError as exc:
-                raise EngineError(
-                    f"{exc.strerror or exc}: is another husarnet instance running? choose another --udp-port"
-                ) from None
+                raise EngineError(udp_bind_error(cfg.udp_port, exc)) from None
         if isinstance(self._transport, UdpTransport):  # real endpoints: worth remembering across restarts
             self._endpoint_cache_path = state_dir / endpoint_cache.FILE_NAME
         nets = getattr(self._transport, "local_networks", None)
@@ -1781,3 +1780,16 @@ __all__ = [
     "StatusInfo",
     "parse_peer_spec",
 ]
+
+
+def udp_bind_error(port: int, exc: OSError) -> str:
+    """Why the underlay UDP port could not be opened, and what to do: the cause decides the advice."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"UDP port {port} is in use (another husarnet_ros instance?): stop it, or choose another "
+            "udp_port (daemon: --udp-port; 0 takes any free port)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"UDP port {port} needs privileges (below 1024): run as root or choose a port from 1024 up"
+    text = str(exc.strerror or exc)
+    return text if str(port) in text else f"cannot open UDP port {port}: {text}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from husarnet_ros.core.engine import Engine, EngineConfig, EngineError, parse_peer_spec
+from husarnet_ros.core.engine import Engine, EngineConfig, EngineError, parse_peer_spec, udp_bind_error
 from husarnet_ros.core.identity import Identity, format_address
 from husarnet_ros.core.memnet import MemoryNetwork
 from husarnet_ros.daemon import control, scaled_timers
@@ -53,6 +55,24 @@ def test_world_readable_identity_refused(tmp_path):
     eng = Engine(EngineConfig(state_dir=tmp_path, use_tun=False, lan_discovery=False, udp_port=0))
     with pytest.raises(EngineError, match="identity file"):
         eng.start()
+
+
+def test_udp_port_in_use_says_so_and_what_to_do(tmp_path):
+    holder = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    holder.bind(("::", 0))
+    port = holder.getsockname()[1]
+    try:
+        eng = Engine(EngineConfig(state_dir=tmp_path, use_tun=False, lan_discovery=False, udp_port=port))
+        with pytest.raises(EngineError, match=rf"UDP port {port} is in use .*choose another udp_port"):
+            eng.start()
+    finally:
+        holder.close()
+    # A port below 1024 for a normal user gets other advice than "another instance" (root may bind it).
+    denied = udp_bind_error(443, OSError(errno.EACCES, "Permission denied"))
+    assert "needs privileges" in denied and "another" not in denied
+    assert udp_bind_error(1, OSError(errno.EADDRNOTAVAIL, "Cannot assign")) == "cannot open UDP port 1: Cannot assign"
+    said = "cannot bind UDP port 7: Cannot assign"  # UdpTransport's own text names the port already
+    assert udp_bind_error(7, OSError(errno.EADDRNOTAVAIL, said)) == said
 
 
 def test_bad_peer_spec_fails_start(tmp_path):

@@ -24,8 +24,12 @@ Per-node state is a few small objects (one TCP transport, up to three
 keypairs, two token buckets), so 10,000 nodes fit easily on one core; the
 handshake (four X25519 operations) dominates login cost.
 
-Test-only hook (off by default, loudly logged): ``HUSARNET_BASE_TEST_FLIP_BITS=1``
-flips one bit in every relayed datagram, for the relay-tampering tests.
+Test-only hooks (off by default, loudly logged), for the relay-tampering tests:
+``HUSARNET_BASE_TEST_FLIP_BITS=1`` flips one bit in every relayed datagram;
+``HUSARNET_BASE_TEST_TAMPER`` does what else a malicious base could do to each
+relayed datagram: ``header`` flips a bit of its header (the receiver index),
+``truncate`` cuts it to half its length, and ``stamp=<fc94 address>`` stamps it
+as coming from that node (so a node's frames can claim to be another's).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from ..core.constants import (
 )
 from ..core.counters import Counters
 from ..core.fsutil import StateFileError, atomic_write_json, ensure_state_dir
-from ..core.identity import Identity, format_address, verify_signature
+from ..core.identity import Identity, format_address, parse_address, verify_signature
 from ..core.session import Keypair, SessionDrop, random_index
 from ..core.wire import (
     DATA_MIN_LEN,
@@ -75,6 +79,7 @@ log = logging.getLogger("husarnet_ros.base")
 Endpoint = tuple[str, int]
 
 ENV_FLIP_BITS = "HUSARNET_BASE_TEST_FLIP_BITS"
+ENV_TAMPER = "HUSARNET_BASE_TEST_TAMPER"
 _FRAME = struct.Struct(">H")
 _U32 = struct.Struct("<I")
 
@@ -126,6 +131,7 @@ class BaseConfig:
     sweep_interval: float = 2.0
     timers: Timers = field(default_factory=Timers)
     flip_bits: bool = False  # test hook, see module docstring
+    tamper: str = ""  # test hook, see module docstring: "", "header", "truncate" or "stamp=<fc94 address>"
 
 
 class _Bucket:
@@ -345,6 +351,10 @@ class BaseServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.time()
         self.flip_bits = config.flip_bits
+        self.tamper, _, stamp = config.tamper.partition("=")
+        if self.tamper not in ("", "header", "truncate", "stamp") or bool(stamp) != (self.tamper == "stamp"):
+            raise ValueError(f"{ENV_TAMPER} must be header, truncate or stamp=<fc94 address>, not {config.tamper!r}")
+        self.tamper_stamp = parse_address(stamp) if stamp else b""
         self._hs_bucket = _Bucket(config.handshake_rate, clock())
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -367,6 +377,10 @@ class BaseServer:
             self._tasks.append(loop.create_task(self._stats_writer()))
         if self.flip_bits:
             log.warning("TEST HOOK %s is on: every relayed datagram gets a bit flipped", ENV_FLIP_BITS)
+        if self.tamper:
+            log.warning(
+                "TEST HOOK %s=%s is on: every relayed datagram is tampered with", ENV_TAMPER, self.config.tamper
+            )
         log.info(
             "base %s listening tcp %s:%d udp %s:%d",
             self.identity.address_str,
@@ -739,8 +753,11 @@ class BaseServer:
             tampered = bytearray(datagram)
             tampered[min(len(tampered) - 1, 20)] ^= 0x01
             datagram = bytes(tampered)
+        src = conn.address
+        if self.tamper:
+            datagram, src = self._tamper(datagram, src)
         # The source is the sender's authenticated address, never anything it wrote.
-        sealed = dst.seal(bp.build_relayed(conn.address, datagram))
+        sealed = dst.seal(bp.build_relayed(src, datagram))
         if sealed is None:
             return
         if dst.udp_fresh(now) and len(sealed) <= MAX_DATAGRAM - 48:
@@ -754,6 +771,16 @@ class BaseServer:
             return
         self.counters.inc("relayed_packets")
         self.counters.inc("relayed_bytes", len(datagram))
+
+    def _tamper(self, datagram: bytes, src: bytes) -> tuple[bytes, bytes]:
+        """Test hook (``HUSARNET_BASE_TEST_TAMPER``): one relayed datagram and its source, as a malicious base."""
+        if self.tamper == "stamp":
+            return datagram, self.tamper_stamp
+        if self.tamper == "truncate":
+            return datagram[: len(datagram) // 2], src
+        tampered = bytearray(datagram)  # "header": bytes 4-7 are a Data or handshake message's first index
+        tampered[min(len(tampered) - 1, 4)] ^= 0x01
+        return bytes(tampered), src
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -794,6 +821,7 @@ def config_from_args(args: argparse.Namespace) -> BaseConfig:
         idle_timeout=BaseConfig.idle_timeout * args.timers_scale,
         timers=timers,
         flip_bits=os.environ.get(ENV_FLIP_BITS, "") == "1",
+        tamper=os.environ.get(ENV_TAMPER, ""),
     )
 
 

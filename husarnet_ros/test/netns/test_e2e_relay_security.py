@@ -4,9 +4,15 @@ peerA and peerB sit behind two NATs and direct UDP between the NATs is dropped i
 every A<->B datagram crosses the base's relay. What is checked:
 - confidentiality: a known 32-byte marker sent over the overlay (UDP and TCP) never appears in any byte
   captured on the base host;
-- tampering: a base started with ``HUSARNET_BASE_TEST_FLIP_BITS=1`` flips a bit in every relayed datagram;
-  the receivers count ``bad_mac`` and keep their session (no teardown by forged packets), and traffic
-  resumes on the same pair once an honest base is back;
+- tampering: a base restarted with a test hook flips a bit in the payload (``HUSARNET_BASE_TEST_FLIP_BITS=1``)
+  or in the header of every relayed datagram, or truncates it (``HUSARNET_BASE_TEST_TAMPER=header|truncate``);
+  B counts each as ``bad_mac`` (AEAD) or ``unknown_peer`` (receiver index), delivers nothing, and keeps its
+  session (no teardown by forged packets);
+- injection (row 9) and swapped stamps (row 8): a base that stamps every relayed frame as coming from A
+  (``HUSARNET_BASE_TEST_TAMPER=stamp=<A>``) carries mallory's forgeries to B as A's: junk, Data under B's real
+  receiver index for A with a broken tag, initiations and a Hello with A's key but no A private key. Each
+  dies at B under its own counter; B's own frames, stamped as A on their way to A, are still A<->B traffic
+  (the keys, not the stamp, name the sender), and the A<->B session carries traffic throughout;
 - row 10 via the base: a node that knows the base but is not whitelisted gets neither a path nor any
   traffic through; its relayed attempts are dropped by the receiver as ``not_whitelisted``.
 Verdicts come from the control sockets (counters, path state) and from sniffers, never from logs.
@@ -30,6 +36,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
 MARKER = b"husarnet-ros-relay-marker-0x5eC!"  # 32 bytes
 assert len(MARKER) == 32
 FLIP_ENV = {"HUSARNET_BASE_TEST_FLIP_BITS": "1"}
+TAMPER = "HUSARNET_BASE_TEST_TAMPER"
 # Scaled timers: keepalive 2 s, rekey after 24 s, reject after 36 s; long enough that no regular rekey
 # falls into the tampering phase, short enough to keep the test quick.
 SCALE = 0.2
@@ -73,17 +80,20 @@ def _tcp_send(lab: Lab, server_ns, client_ns, address: str, payload: bytes, port
         srv.close()
 
 
-# Run inside mallory's namespace: log in to the base with mallory's own key, then RELAY junk to B: random
-# bytes, Data with a random receiver index, and handshake initiations that claim A's key. Prints a count.
+# Run inside mallory's namespace: log in to the base with mallory's own key, then RELAY to B, five times: random
+# bytes, Data with a random receiver index, an initiation whose key does not match its static, and an
+# initiation and a Hello with A's real public key but made without A's private key; then each of the
+# forged Data datagrams given as hex arguments. Prints a count.
 _INJECT = r"""
 import asyncio, json, os, sys, time
 from pathlib import Path
 from husarnet_ros.base.simnode import SimNode
 from husarnet_ros.core import handshake as hs, wire
 from husarnet_ros.core.identity import Identity, parse_address
-from husarnet_ros.testing.rogue import forged_identity
+from husarnet_ros.testing.rogue import forged_identity, impostor_identity
 
 spec, state, b_addr, a_state, b_state = sys.argv[1:6]
+forged_data = [bytes.fromhex(h) for h in sys.argv[6:]]
 a_id, b_id = Identity.load(Path(a_state) / "id"), Identity.load(Path(b_state) / "id")
 
 async def main():
@@ -93,15 +103,20 @@ async def main():
     me = node.identity
     dst = parse_address(b_addr)
     sent = 0
+    impostor = impostor_identity(a_id, me)
     for i in range(5):
         junk = [
             os.urandom(60),
             wire.build_data_header(int.from_bytes(os.urandom(4), "little"), i) + os.urandom(48),
             hs.create_initiation(forged_identity(a_id, me), b_id.public_key, 1000 + i, hs.tai64n(time.time()), 0)[0],
+            hs.create_initiation(impostor, b_id.public_key, 2000 + i, hs.tai64n(time.time()), 0)[0],
+            wire.build_hello(impostor, b_id.address, int(time.time() * 1000) + i),
         ]
         for dg in junk:
             sent += bool(node.client.relay(dst, dg))
         await asyncio.sleep(0.05)
+    for dg in forged_data:
+        sent += bool(node.client.relay(dst, dg))
     await asyncio.sleep(0.5)
     await node.close()
     print(json.dumps({"sent": sent}))
@@ -114,6 +129,61 @@ def _ping_ok(lab: Lab, ns, address: str) -> bool:
     return traffic.ping(lab, ns, address, count=1, wait=1).received == 1
 
 
+def _restart_base(lab: Lab, t, prev: e2e.BaseServer, ds, env: dict[str, str] | None) -> e2e.BaseServer:
+    """Stop ``prev`` and start the same base (key and state) with ``env``; wait until both nodes are logged in."""
+    prev.proc.stop()
+    new = e2e.start_base(lab, t, timers_scale=SCALE, state_dir=prev.state_dir, env=env)
+    assert wait_until(lambda: all(x.status()["base"] != "none" for x in ds.values()), 15)
+    return new
+
+
+def _tampering_phase(
+    lab: Lab, t, prev: e2e.BaseServer, ds, env: dict[str, str], reason: str, port: int
+) -> e2e.BaseServer:
+    """Restart the base with a tampering hook; A sends to B until 20 datagrams died at B as ``reason``.
+
+    Whatever the tampering: nothing reaches B's application, and the forged packets do not tear the session
+    down (same keys: no handshake completed, the session keeps ageing). Returns the tampering base.
+    """
+    a, b = ds["A"], ds["B"]
+    hs_before = {n: x.counters()["handshakes_completed"] for n, x in ds.items()}
+    age_before = b.peer(a.address)["session_age"]
+    evil = _restart_base(lab, t, prev, ds, env)
+    before = b.counters()
+    rec = traffic.UdpRecorder.start(lab, t.peerB, "::", port, echo=False)
+    s = lab.socket(t.peerA, socket.AF_INET6, socket.SOCK_DGRAM)
+    sent = 0
+    deadline = time.monotonic() + 10
+    while b.counters()[reason] - before[reason] < 20 and time.monotonic() < deadline:
+        s.sendto(b"tampered %d" % sent, (b.address, port))
+        sent += 1
+        time.sleep(0.05)
+    s.close()
+    time.sleep(0.5)
+    got = e2e.delta(before, b.counters())
+    assert got.get(reason, 0) >= 20, (env, sent, got)
+    assert rec.payloads() == [], f"a tampered datagram reached the application ({env})"
+    entry = b.peer(a.address)
+    assert entry is not None and entry["is_secure"], entry
+    assert entry["session_age"] >= age_before, (env, entry, age_before)
+    assert {n: x.counters()["handshakes_completed"] for n, x in ds.items()} == hs_before, env
+    assert evil.proc.alive and a.proc.alive and b.proc.alive
+    return evil
+
+
+def _direct_data(sniff, t) -> list[bytes]:
+    """A's Data datagrams to B's direct endpoints, seen on the WAN before the block drops them (A's probes).
+
+    Sealed under the A<->B session and never delivered, so each carries B's real receiver index for A and
+    a counter B has not seen: the raw material for a forgery B can only reject by its AEAD tag.
+    """
+    return [
+        p.payload
+        for p in sniff.udp()
+        if p.src == t.NAT_A_IP and p.dst != t.BASE_IP and p.payload[:4] == b"\x04\x00\x00\x00" and len(p.payload) > 32
+    ]
+
+
 def test_rows8_9_relay_sees_no_plaintext_and_tampering_is_dropped_without_teardown():
     with Lab("rsec") as lab:
         t = reference_topology(lab)
@@ -123,6 +193,8 @@ def test_rows8_9_relay_sees_no_plaintext_and_tampering_is_dropped_without_teardo
         assert wait_until(lambda: _ping_ok(lab, t.peerA, b.address), 30, interval=0.2), (a.status(), a.peers())
         a.wait_path(b.address, paths=("relay",), timeout=15)
         b.wait_path(a.address, paths=("relay",), timeout=15)
+
+        wan = lab.sniff(t.wan, "br0")  # A's direct attempts to B, before the block drops them
 
         # --- row 9: confidentiality. Capture everything on the base host while the marker crosses.
         sniff = lab.sniff(t.base, "eth0")
@@ -143,42 +215,27 @@ def test_rows8_9_relay_sees_no_plaintext_and_tampering_is_dropped_without_teardo
         leaked = [f for f in frames if MARKER in f.data or MARKER[:16] in f.data or MARKER[16:] in f.data]
         assert leaked == [], f"{len(leaked)} frames on the base host carry the plaintext marker"
 
-        # --- row 8: a tampering relay. Same key and state, every relayed datagram gets one bit flipped.
-        base.proc.stop()
-        hs_before = {n: x.counters()["handshakes_completed"] for n, x in ds.items()}
-        age_before = b.peer(a.address)["session_age"]
-        evil = e2e.start_base(lab, t, timers_scale=SCALE, state_dir=base.state_dir, env=FLIP_ENV)
-        assert wait_until(lambda: a.status()["base"] != "none" and b.status()["base"] != "none", 15)
-        before = {n: e2e.drops(x) for n, x in ds.items()}
-        rec2 = traffic.UdpRecorder.start(lab, t.peerB, "::", 7002, echo=False)
-        s = lab.socket(t.peerA, socket.AF_INET6, socket.SOCK_DGRAM)
-        for i in range(20):
-            s.sendto(b"tampered %d" % i, (b.address, 7002))
-            time.sleep(0.05)
-        s.close()
-        assert wait_until(lambda: b.counters()["bad_mac"] - before["B"]["bad_mac"] >= 20, 5), e2e.delta(
-            before["B"], e2e.drops(b)
-        )
-        time.sleep(0.5)
-        assert rec2.payloads() == [], "a tampered datagram reached the application"
-        got_b = e2e.delta(before["B"], e2e.drops(b))
-        assert got_b.get("bad_mac", 0) >= 20, got_b
-        # The forged packets did not tear the session down: same keys, no new handshake completed.
-        entry = b.peer(a.address)
-        assert entry is not None and entry["is_secure"], entry
-        assert entry["session_age"] >= age_before, (entry, age_before)
-        assert {n: x.counters()["handshakes_completed"] for n, x in ds.items()} == hs_before
-        assert evil.proc.alive and a.proc.alive and b.proc.alive
+        # --- row 8: a tampering relay (same key and state): one bit flipped in the payload or in the header,
+        # or truncated. The AEAD (or the receiver index) catches each; the session survives every phase.
+        evil = _tampering_phase(lab, t, base, ds, FLIP_ENV, "bad_mac", 7002)
+        evil = _tampering_phase(lab, t, evil, ds, {TAMPER: "header"}, "unknown_peer", 7003)
+        evil = _tampering_phase(lab, t, evil, ds, {TAMPER: "truncate"}, "bad_mac", 7004)
 
-        # --- an honest base again: the same pair carries traffic (it may rekey, the session was never lost).
-        evil.proc.stop()
-        honest = e2e.start_base(lab, t, timers_scale=SCALE, state_dir=base.state_dir)
+        # --- rows 8 and 9: a base that stamps every relayed frame as coming from A. A's own frames are
+        # unchanged; B's frames reach A stamped as A itself, and must still count as B's.
+        stamping = _restart_base(lab, t, evil, ds, {TAMPER: f"stamp={a.address}"})
         assert wait_until(lambda: _ping_ok(lab, t.peerA, b.address), 30, interval=0.2), (a.peers(), b.peers())
         assert traffic.ping(lab, t.peerB, a.address, count=3, interval=0.2).received == 3
-        assert a.path_to(b.address) == "relay"
+        assert a.path_to(b.address) == "relay" and b.path_to(a.address) == "relay"
+        assert [p["address"] for p in a.peers()] == [b.address], a.peers()
 
-        # --- row 8: mallory, logged in to the same base, relays junk to B (some claiming A's key).
+        # Mallory, logged in to the same base with its own key, relays forgeries to B; the base says they
+        # are A's. Among them: A's captured direct probes with one bit of the tag flipped.
+        captured = _direct_data(wan, t)[-5:]
+        assert captured, "A sent no Data to B's direct endpoints (its probes) to forge from"
+        forged = [dg[:-1] + bytes([dg[-1] ^ 0x01]) for dg in captured]
         hs_before = {n: x.counters()["handshakes_completed"] for n, x in ds.items()}
+        age_before = b.peer(a.address)["session_age"]
         before_b = b.counters()
         res = lab.run(
             t.mallory,
@@ -191,24 +248,38 @@ def test_rows8_9_relay_sees_no_plaintext_and_tampering_is_dropped_without_teardo
                 b.address,
                 str(a.state_dir),
                 str(b.state_dir),
+                *(dg.hex() for dg in forged),
             ],
             check=False,
             timeout=60,
         )
         assert res.returncode == 0, res.stderr[-2000:]
         sent = json.loads(res.stdout.strip().splitlines()[-1])["sent"]
-        assert sent == 15
+        assert sent == 25 + len(forged)
         assert wait_until(lambda: b.counters()["base_relayed_rx"] - before_b["base_relayed_rx"] >= sent, 5)
+        expected = {"malformed": 5, "unknown_peer": 5, "bad_id": 5, "bad_sig": 5, "bad_mac": 5 + len(forged)}
+
+        def arrived() -> bool:
+            got = e2e.delta(before_b, b.counters())
+            return all(got.get(k, 0) >= n for k, n in expected.items())
+
+        assert wait_until(arrived, 5), e2e.delta(before_b, b.counters())
         got = e2e.delta(before_b, b.counters())
-        # Random bytes -> malformed, unknown index -> unknown_peer, initiation claiming A's key -> bad_id.
-        assert (got.get("malformed", 0), got.get("unknown_peer", 0), got.get("bad_id", 0)) == (5, 5, 5), got
+        # Random bytes -> malformed, unknown index -> unknown_peer, key not matching its static -> bad_id,
+        # A's key without A's private key -> bad_mac (Noise proof) / bad_sig (Hello), broken tag -> bad_mac.
+        assert {k: got.get(k, 0) for k in expected} == expected, got
+        assert not {"replay", "not_whitelisted", "bad_inner_src"} & got.keys(), got
+        # Nothing was torn down or re-keyed, and nothing else moved into B's peer table.
         assert {n: x.counters()["handshakes_completed"] for n, x in ds.items()} == hs_before
-        assert traffic.ping(lab, t.peerA, b.address, count=3, interval=0.2).received == 3
         entry = b.peer(a.address)
         assert entry["is_secure"] and entry["path"] == "relay", entry
+        assert entry["session_age"] >= age_before, (entry, age_before)
+        assert [p["address"] for p in b.peers()] == [a.address], b.peers()
+        assert traffic.ping(lab, t.peerA, b.address, count=3, interval=0.2).received == 3
+        assert traffic.ping(lab, t.peerB, a.address, count=3, interval=0.2).received == 3
         problems = e2e.stop_all_and_check(lab, ds.values())
         assert not problems, problems
-        assert honest.proc.stop() == 0
+        assert stamping.proc.stop() == 0
         assert sum(lab.rule_packets(r) for r in block) > 0  # direct attempts really hit the block
     e2e.assert_lab_clean(lab)
 

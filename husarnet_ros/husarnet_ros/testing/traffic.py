@@ -290,6 +290,32 @@ class UdpRecorder:
         return list(self.received)
 
 
+def udp_echo(lab: Lab, ns: Netns, dst: str, port: int, payloads: list[bytes], wait: float = 2.0) -> list[bytes | None]:
+    """Send each payload from ``ns`` to an echoing :class:`UdpRecorder` at ``dst``, one at a time.
+
+    Returns, for each payload, the echo (``None`` where the same bytes did not come back from ``dst`` within
+    ``wait``), so loss, corruption and a wrong replying source all show as ``None``. One at a time, never
+    retried: a lost datagram stays lost, as it must for a "no drops" verdict.
+    """
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    out: list[bytes | None] = []
+    with contextlib.closing(lab.socket(ns, fam, socket.SOCK_DGRAM)) as s:
+        for payload in payloads:
+            s.sendto(payload, (dst, port))
+            deadline = time.monotonic() + wait
+            got = None
+            while got is None and (left := deadline - time.monotonic()) > 0:
+                s.settimeout(left)
+                try:
+                    data, src = s.recvfrom(65535)
+                except TimeoutError:
+                    break
+                if src[0].split("%")[0] == dst and data == payload:
+                    got = data
+            out.append(got)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Crafted packets
 

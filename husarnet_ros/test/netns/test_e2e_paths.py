@@ -1,6 +1,7 @@
 """End-to-end path and fault rows of TESTPLAN.md that need no base server.
 
-Rows: 1 (baseline on one link), 20 (NAT rebinding with ``conntrack -F`` and NAT mapping expiry),
+Rows: 1 (baseline on one link), 20 (NAT rebinding with ``conntrack -F``; NAT mapping expiry, with a
+keepalive inside the NAT timeout and without),
 22 (10% loss), and LAN discovery with no base at all. Path state, endpoints and counters come from
 the daemons' control sockets; traffic is real ping6 and TCP with a SHA-256 check over the overlay.
 
@@ -15,6 +16,7 @@ import time
 
 import pytest
 
+from husarnet_ros.core.constants import Timers
 from husarnet_ros.testing import e2e, traffic
 from husarnet_ros.testing.netns import Lab, reference_topology, wait_until
 
@@ -130,6 +132,7 @@ def test_row20_nat_rebinding_session_recovers():
 
 
 def test_row20_nat_mapping_expiry_recovers():
+    """Keepalive (probe rounds, 2.5 s scaled) slower than the NAT's 2 s UDP timeout: the session survives idling."""
     with Lab("row20b") as lab:
         t = reference_topology(lab)
         lab.set_sysctl(t.natA, "net.netfilter.nf_conntrack_udp_timeout", 2)
@@ -145,6 +148,32 @@ def test_row20_nat_mapping_expiry_recovers():
 
         assert wait_until(reachable, 8, interval=0.5)
         assert x.path_to(a.address) == "direct"
+        _finish(lab, ds.values())
+    e2e.assert_lab_clean(lab)
+
+
+def test_row20_keepalive_keeps_an_idle_nat_mapping():
+    """Keepalives more often than the NAT's UDP timeout: an idle mapping never expires, traffic works at once."""
+    nat_timeout = 2
+    scale = 0.05  # probe rounds (the NAT keepalive, 25 s unscaled) every 1.25 s, inside the 2 s timeout
+    timers = Timers().scaled(scale)
+    assert timers.probe_interval < nat_timeout
+    with Lab("row20k") as lab:
+        # Random ports: a mapping that expired and came back would come back on another port.
+        t = reference_topology(lab, symmetric_nat=True)
+        lab.set_sysctl(t.natA, "net.netfilter.nf_conntrack_udp_timeout", nat_timeout)
+        lab.set_sysctl(t.natA, "net.netfilter.nf_conntrack_udp_timeout_stream", nat_timeout)
+        ds = _public_pair(lab, t, timers_scale=scale)
+        a, x = ds["A"], ds["X"]
+        assert wait_until(lambda: traffic.ping(lab, t.peerA, x.address, count=1, wait=1).received == 1, 10, 0.1)
+        entry = x.wait_path(a.address, paths=("direct",), timeout=20)
+        port = _port(entry["endpoint"])
+        time.sleep(3 * nat_timeout)  # idle: no data either way, only keepalives
+        # From the outside in, at once: the very first ping is answered (no retry, no wait for A to speak).
+        first = traffic.ping(lab, t.base, a.address, count=1, wait=1)
+        assert first.received == 1, (first.output, x.peer(a.address))
+        entry = x.peer(a.address)
+        assert entry["path"] == "direct" and _port(entry["endpoint"]) == port, (entry, port)  # same mapping
         _finish(lab, ds.values())
     e2e.assert_lab_clean(lab)
 

@@ -1,15 +1,17 @@
 """The node as a process (``ros2 run husarnet_ros husarnet_node``) and repeated lifecycle churn.
 
-Both need a TUN device, so they are root-only (netns marker) and use a unique interface name.
+All need a TUN device, so they are root-only (netns marker): the process tests use a unique interface
+name, the churn test (TESTPLAN row 27) runs the node process in a lab namespace next to a peer daemon.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,7 @@ from husarnet_ros.testing.ci import require
 rclpy = require("rclpy", "rclpy not importable")
 require("husarnet_msgs.msg", "husarnet_msgs not built (scripts/build_ros.sh)")
 
-from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
-
-from husarnet_ros.node import HusarnetNode  # noqa: E402
-
 PKG = Path(__file__).resolve().parents[2]
-SUCCESS = TransitionCallbackReturn.SUCCESS
 
 
 def link_exists(name: str) -> bool:
@@ -100,51 +96,156 @@ def test_autostart_with_a_corrupt_identity_exits_1_with_the_reason(
     assert not link_exists(unique_ifname)
 
 
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+#: The node process of the churn test, run in its own namespace next to a peer daemon: it builds the
+#: lifecycle node from a parameters file, spins it, and drives the transitions itself through the same
+#: callbacks the change_state service runs (trigger_*), ``cycles`` times configure/activate/deactivate/
+#: cleanup. In every active phase it sends UDP over the overlay to the peer's echo server for 0.3 s, and in
+#: the first and the last one until ``echoes`` answers came back (a reactivated node's first handshake
+#: with the peer takes about 5 s, too long to wait for in all 20 cycles); after every cleanup it prints
+#: one JSON line: its RSS, threads and fds (from /proc), whether the TUN device is still there, and the
+#: seconds each phase took. It ends active, waiting for SIGTERM like ``husarnet_node``.
+NODE_PROCESS = r"""
+import json, os, signal, socket, sys, threading, time
+import rclpy, yaml
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from husarnet_ros.node import HusarnetNode
+
+params_file, cycles, peer, port, echoes = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+params = yaml.safe_load(open(params_file))
+rclpy.init()
+node = HusarnetNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+executor = MultiThreadedExecutor(num_threads=3)
+executor.add_node(node)
+threading.Thread(target=executor.spin, daemon=True).start()
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+def ok(result, what):
+    if result != TransitionCallbackReturn.SUCCESS:
+        sys.exit(f"{what} failed")
+
+def traffic(need):
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.005)
+        got, start = 0, time.monotonic()
+        while time.monotonic() - start < 0.3 or (got < need and time.monotonic() - start < 20):
+            try:
+                s.sendto(b"churn", (peer, port))
+                s.recv(64)
+                got += 1
+            except OSError:  # no answer yet (handshake), or no route yet
+                pass
+        return got
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+for cycle in range(cycles):
+    t0 = time.monotonic()
+    ok(node.trigger_configure(), "configure")
+    ok(node.trigger_activate(), "activate")
+    t1 = time.monotonic()
+    got = traffic(echoes if cycle in (0, cycles - 1) else 0)
+    t2 = time.monotonic()
+    ok(node.trigger_deactivate(), "deactivate")
+    ok(node.trigger_cleanup(), "cleanup")
+    seconds = [round(t1 - t0, 2), round(t2 - t1, 2), round(time.monotonic() - t2, 2)]  # up, traffic, down
+    try:
+        socket.if_nametoindex("hnet0")
+        tun = True
+    except OSError:
+        tun = False
+    print(json.dumps({"cycle": cycle, "echoes": got, "rss_kb": status("VmRSS"), "threads": status("Threads"),
+                      "fds": len(os.listdir("/proc/self/fd")), "tun": tun, "seconds": seconds}), flush=True)
+ok(node.trigger_configure(), "configure")
+ok(node.trigger_activate(), "activate")
+print("DONE", flush=True)
+stop.wait()
+ok(node.trigger_shutdown(), "shutdown from active")
+executor.shutdown(timeout_sec=2.0)
+node.destroy_node()
+rclpy.try_shutdown()
+"""
+CYCLES = 20  # TESTPLAN row 27, CI
+WARMUP = 3  # cycles after which ROS, DDS and the allocator have made their long-lived threads and pools
+ECHOES = 20  # UDP round trips over the overlay in every active phase
+#: RSS growth allowed from the end of the warm-up to the end of the last cycle (of about 99 MB). Measured
+#: on the shared VM: 0.5-0.7 MB over those 17 cycles (allocator and DDS creep, ~35 kB a cycle), so 8 MB
+#: leaves ten times that, and a leak of 0.5 MB a cycle (an engine's buffers, say) still exceeds it.
+RSS_GROWTH_BOUND_KB = 8 * 1024
 
 
 @pytest.mark.netns
-def test_lifecycle_churn_leaves_no_threads_fds_or_devices(
-    ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str
-) -> None:
-    overrides = {
-        "state_dir": str(tmp_path / "state"),
-        "interface_name": unique_ifname,
-        "hosts_file": "",
-        "lan_discovery": False,
-        "udp_port": 0,
-    }
-    node = spinner.add(
-        HusarnetNode(context=ros_context, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
-    )
-    try:
-        # One warm-up round: ROS and DDS create their own long-lived threads and sockets lazily.
-        assert node.trigger_configure() == SUCCESS
-        assert node.trigger_activate() == SUCCESS
-        assert node.trigger_deactivate() == SUCCESS
-        assert node.trigger_cleanup() == SUCCESS
-        threads, fds = threading.active_count(), open_fds()
-        for _ in range(3):
-            assert node.trigger_configure() == SUCCESS
-            assert node.trigger_activate() == SUCCESS
-            assert link_exists(unique_ifname)
-            assert node.trigger_deactivate() == SUCCESS
-            assert not link_exists(unique_ifname)
-            assert node.trigger_activate() == SUCCESS
-            assert node.trigger_deactivate() == SUCCESS
-            assert node.trigger_cleanup() == SUCCESS
-        assert threading.active_count() == threads, [t.name for t in threading.enumerate()]
-        leaked = open_fds() - fds
-        assert not leaked, {
-            fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")
+def test_lifecycle_churn_with_traffic_leaves_no_threads_fds_devices_or_memory() -> None:
+    """TESTPLAN row 27 (CI): 20 configure/activate/deactivate/cleanup cycles of a node process with traffic.
+
+    The node process runs in a namespace, peered with a daemon in another one that pings it all along;
+    in each active phase UDP goes into the tunnel (round trips required in the first and last). After the
+    warm-up cycles the process's
+    thread and fd counts must not change and its RSS must not grow by more than RSS_GROWTH_BOUND_KB;
+    hnet0 must be gone after every cleanup; SIGTERM while active shuts down cleanly (exit 0, no hnet0).
+    """
+    import yaml
+
+    from husarnet_ros.testing.netns import Lab, wait_until
+    from husarnet_ros.testing.traffic import UdpRecorder
+
+    with Lab("churn") as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lab.link(a, b, "198.18.6.1/24", other_addr4="198.18.6.2/24")
+        addr_node = lab.daemon_address(lab.tmp / "state-node")
+        addr_b = lab.daemon_address(lab.tmp / "state-b")
+        peer = lab.start_daemon(
+            b,
+            lab.tmp / "state-b",
+            whitelist=[addr_node],
+            peer=[f"{addr_node}@198.18.6.1:5582"],
+            no_lan_discovery=True,
+            timers_scale=0.1,
+        )
+        echo = UdpRecorder.start(lab, b, bind=addr_b)
+        params_file = lab.tmp / "node.yaml"
+        params_file.write_text(
+            yaml.safe_dump(
+                {
+                    "state_dir": str(lab.tmp / "state-node"),
+                    "interface_name": "hnet0",
+                    "udp_port": 5582,
+                    "lan_discovery": False,
+                    "hosts_file": "",
+                    "whitelist": [addr_b],
+                    "peers": [f"{addr_b}@198.18.6.2:5582"],
+                }
+            )
+        )
+        env = {
+            "ROS_DOMAIN_ID": str(random.randint(100, 200)),
+            "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+            "ROS_LOG_DIR": str(lab.tmp / "roslog"),
         }
-        # Shutdown from active also releases everything.
-        assert node.trigger_configure() == SUCCESS
-        assert node.trigger_activate() == SUCCESS
-        assert node.trigger_shutdown() == SUCCESS
-        assert not link_exists(unique_ifname)
-        assert node.engine is None
-    finally:
-        node._release()
-        node.destroy_node()
+        # Traffic from the peer's side too, all along: in inactive phases it makes the peer retry handshakes.
+        lab.spawn(b, ["ping", "-q", "-i", "0.05", "-W", "1", addr_node])
+        argv = [sys.executable, "-c", NODE_PROCESS, str(params_file), str(CYCLES), addr_b, str(echo.port), str(ECHOES)]
+        node = lab.spawn(a, argv, env=env)
+        finished = wait_until(lambda: "DONE" in node.output(), 120, 0.2, alive=node)
+        assert finished, node.tail(30)
+        rows = [json.loads(line) for line in node.output().splitlines() if line.startswith("{")]
+        print("\n".join(json.dumps(r) for r in rows))
+        assert len(rows) == CYCLES
+        assert rows[0]["echoes"] >= ECHOES and rows[-1]["echoes"] >= ECHOES, rows  # the tunnel works after churn
+        assert not any(r["tun"] for r in rows), rows
+        base, last = rows[WARMUP - 1], rows[-1]
+        # A thread can be a moment late to exit after cleanup (seen once: 22 instead of 21); a leak shows in
+        # every sample, so the lowest of the last three must be back at the warm-up count.
+        assert min(r["threads"] for r in rows[-3:]) <= base["threads"], rows
+        assert min(r["fds"] for r in rows[-3:]) <= base["fds"], rows
+        assert last["rss_kb"] - base["rss_kb"] <= RSS_GROWTH_BOUND_KB, (base, last)
+        assert peer.proc.alive
+        # The node process ended active: SIGTERM from there releases everything too.
+        assert lab.run(a, ["ip", "link", "show", "hnet0"], check=False).returncode == 0
+        assert node.stop(timeout=30) == 0, node.tail(30)
+        assert lab.run(a, ["ip", "link", "show", "hnet0"], check=False).returncode != 0

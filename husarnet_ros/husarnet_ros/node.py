@@ -301,8 +301,10 @@ class HusarnetNode(LifecycleNode):
         self._peers_pub = None
         self._status_pub = None
         self._diag_pub = None
-        self._services: list[Any] = []
-        self._timers: list[Any] = []
+        # Not _services/_timers: rclpy's Node keeps its own lists under those names (Kilted), and the
+        # executor serves only what they hold: replacing them silenced the lifecycle and parameter services.
+        self._api_services: list[Any] = []
+        self._api_timers: list[Any] = []
         self._publish_timer = None
         self._event = None
         self._last_peers: list[Peer] | None = None
@@ -490,7 +492,7 @@ class HusarnetNode(LifecycleNode):
         self._peers_pub = self.create_lifecycle_publisher(PeerArray, "~/peers", LATCHED_QOS)
         self._status_pub = self.create_lifecycle_publisher(Status, "~/status", LATCHED_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._services = [
+        self._api_services = [
             self.create_service(AddToWhitelist, "~/whitelist/add", self._srv_add),
             self.create_service(RemoveFromWhitelist, "~/whitelist/remove", self._srv_remove),
             self.create_service(ListWhitelist, "~/whitelist/list", self._srv_list),
@@ -498,15 +500,15 @@ class HusarnetNode(LifecycleNode):
             self.create_service(PingPeer, "~/ping", self._srv_ping, callback_group=self._ping_group),
         ]
         self._event = self.create_guard_condition(self._on_event)
-        self._timers = [self.create_timer(DIAGNOSTICS_PERIOD, self._on_diagnostics)]
+        self._api_timers = [self.create_timer(DIAGNOSTICS_PERIOD, self._on_diagnostics)]
 
     def _release(self) -> None:
         """Undo configure and activate, in reverse order; safe to call in any state and twice."""
         self._destroy_publish_timer()
         self._stop_engine()
-        for t in self._timers:
+        for t in self._api_timers:
             self.destroy_timer(t)
-        for s in self._services:
+        for s in self._api_services:
             self.destroy_service(s)
         if self._event is not None:
             self.destroy_guard_condition(self._event)

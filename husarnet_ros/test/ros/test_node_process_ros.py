@@ -81,6 +81,49 @@ def test_autostart_brings_the_device_up_and_a_signal_removes_it(
 
 
 @pytest.mark.netns
+def test_lifecycle_and_parameter_services_answer_another_process(
+    ros_context: Any, spinner: Any, tmp_path: Path, unique_ifname: str
+) -> None:
+    """What launch's transitions, ``ros2 lifecycle set`` and ``ros2 param get`` do: services, from outside.
+
+    The node once replaced rclpy's own list of services with its list of whitelist services, so the
+    executor stopped serving the lifecycle and parameter services: the launch file's configure hung.
+    """
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    from rcl_interfaces.srv import GetParameters
+
+    client = spinner.add(rclpy.create_node("operator", context=ros_context))
+    proc = node_process(ros_context, tmp_path / "state", unique_ifname, "-p", "autostart:=false")
+
+    def change(transition: int) -> bool:
+        req = Transition(id=transition)
+        return spinner.call(client, ChangeState, "/husarnet/change_state", wait=30.0, transition=req).success
+
+    def state() -> int:
+        return spinner.call(client, GetState, "/husarnet/get_state", wait=30.0).current_state.id
+
+    try:
+        assert state() == State.PRIMARY_STATE_UNCONFIGURED
+        assert change(Transition.TRANSITION_CONFIGURE)
+        assert state() == State.PRIMARY_STATE_INACTIVE  # the node's own services exist now: rclpy's are kept
+        assert change(Transition.TRANSITION_ACTIVATE)
+        assert state() == State.PRIMARY_STATE_ACTIVE and link_exists(unique_ifname)
+        [mtu] = spinner.call(client, GetParameters, "/husarnet/get_parameters", names=["mtu"]).values
+        assert mtu.integer_value == 1371
+        assert change(Transition.TRANSITION_DEACTIVATE) and change(Transition.TRANSITION_CLEANUP)
+        assert state() == State.PRIMARY_STATE_UNCONFIGURED and not link_exists(unique_ifname)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0]
+    assert proc.returncode == 0, out
+
+
+@pytest.mark.netns
 def test_autostart_with_a_corrupt_identity_exits_1_with_the_reason(
     ros_context: Any, tmp_path: Path, unique_ifname: str
 ) -> None:

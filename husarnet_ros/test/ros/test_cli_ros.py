@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-rclpy = pytest.importorskip("rclpy", reason="rclpy not importable")
-pytest.importorskip("husarnet_msgs.msg", reason="husarnet_msgs not built (scripts/build_ros.sh)")
+from husarnet_ros.testing.ci import require
+
+rclpy = require("rclpy", "rclpy not importable")
+require("husarnet_msgs.msg", "husarnet_msgs not built (scripts/build_ros.sh)")
 
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402

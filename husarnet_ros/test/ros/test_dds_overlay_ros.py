@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("rclpy", reason="rclpy not importable")
-
 from husarnet_ros import dds
+from husarnet_ros.testing.ci import require
 from husarnet_ros.testing.netns import Lab, wait_until
+
+require("rclpy", "rclpy not importable")
 
 TALK = r"""
 import sys, time, rclpy

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("rclpy", reason="rclpy not importable")
-
 from husarnet_ros import dds
+from husarnet_ros.testing.ci import require
+
+require("rclpy", "rclpy not importable")
 
 TALK = r"""
 import sys, time, rclpy

@@ -984,6 +984,7 @@ class Engine:
                 self._clear_sessions(victim)
                 self._peers.pop(victim.address, None)
             peer = Peer(address)
+            peer.paths.stale_after = self.timers.rekey_timeout
             self._peers[address] = peer
         return peer
 
@@ -1611,6 +1612,24 @@ class Engine:
         if warning:
             raise HostsError(warning)
 
+    @staticmethod
+    def _path_unanswered(peer: Peer, now: float) -> float:
+        """Seconds since data we sent on the current path went unanswered on it (0 while answered).
+
+        Measured, like WireGuard's new-handshake timer, from the first send after the last authenticated
+        packet on the path, not from the latest send (a steady stream would never let that age) and not
+        from the last receipt (the first packet after a quiet minute is not a dead path).  Only the
+        current path's receipts count: replies that still arrive another way (the relay's probe
+        replies) must not keep a dead direct path.  The ticker sees a send within one tick.
+        """
+        cur = peer.paths.current
+        if cur is None or peer.last_tx_data <= cur.last_auth_rx:
+            peer.unanswered_since = 0.0
+            return 0.0
+        if not peer.unanswered_since or cur.last_auth_rx >= peer.unanswered_since:
+            peer.unanswered_since = now  # a send after the last receipt, first seen at this tick
+        return now - peer.unanswered_since
+
     def _peer_timers(self, peer: Peer, now: float) -> None:
         t = self.timers
         if not self.is_allowed(peer.address):
@@ -1658,12 +1677,18 @@ class Engine:
         if kp.needs_rekey(now, t) or age >= t.reject_after_time - t.keepalive_timeout - t.rekey_timeout:
             self._start_handshake(peer)
             return
-        # Sent data but heard nothing for keepalive + rekey_timeout: the session is dead, renegotiate.
-        if peer.last_tx_data > peer.last_rx and now - peer.last_tx_data >= t.keepalive_timeout + t.rekey_timeout:
+        # Sent data on the current path but heard nothing on it for keepalive + rekey_timeout: the path is
+        # dead (a peer answers data with at least a keepalive within keepalive_timeout).  Fall back to the
+        # next validated path (another address the peer speaks from, the relay); with none left the
+        # session itself may be dead: renegotiate on every candidate.
+        if self._path_unanswered(peer, now) >= t.keepalive_timeout + t.rekey_timeout:
+            peer.unanswered_since = 0.0
             with peer.lock:
                 peer.paths.invalidate(peer.paths.endpoint)
             peer.last_tx_data = 0.0
-            self._start_handshake(peer)
+            if peer.paths.current is None:
+                self._start_handshake(peer)
+            self._notify("peers")
             return
         # Keepalive: we received data and sent nothing back for keepalive_timeout.
         assert self._datapath is not None

@@ -109,6 +109,7 @@ class Peer:
     last_rx_data: float = 0.0  # non-keepalive authenticated packet
     last_tx: float = 0.0  # anything sent on a session
     last_tx_data: float = 0.0  # non-keepalive packet sent
+    unanswered_since: float = 0.0  # engine._path_unanswered: first tick that saw data unanswered on the path
     last_seen_wall: float = 0.0
     session_started: float = 0.0
     pings: dict = field(default_factory=dict, repr=False)  # nonce -> (sent_at, future)

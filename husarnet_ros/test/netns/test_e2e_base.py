@@ -2,8 +2,9 @@
 
 Rows: 1 (baseline through two NATs: hole punching gives a direct path), 18 (base killed mid-session:
 direct traffic unaffected, reconnects back off exponentially, a new peer waits for the base, recovery after
-restart), 24 (direct UDP blocked mid-session: relay within T; unblocked: back to direct within T2). peerA and peerB know each other only by fc94 address; everything else comes
-from the base. Verdicts from control-socket path state and counters, and from a WAN sniffer.
+restart), 24 (direct UDP blocked mid-session: relay within T; unblocked: back to direct within T2).
+peerA and peerB know each other only by fc94 address; everything else comes from the base. Verdicts
+from control-socket path state and counters, and from a WAN sniffer.
 """
 
 from __future__ import annotations
@@ -182,10 +183,12 @@ def test_row18_base_killed_mid_session():
 def test_row24_direct_blocked_mid_session_relay_then_direct_again():
     """A direct session loses its path while traffic flows: relay within T, direct again within T2 of unblocking."""
     timers = Timers().scaled(e2e.TIMERS_SCALE)
-    # T: a validated path that carries nothing authenticated for path_timeout is given up, and the relay path
-    # (kept validated by the probe rounds) takes over. The faster rule (keepalive + rekey_timeout after the
-    # last send) never fires while the pinger keeps sending. +30% for the ticker and a loaded VM.
-    fallback_t = 1.3 * timers.path_timeout
+    # T: data sent on the direct path and unanswered on it for keepalive + rekey_timeout (WireGuard's rule,
+    # from the first unanswered send) gives the path up, and the relay path (kept validated by the probe
+    # rounds) takes over; +1 s for the ticker and a loaded VM. It once took
+    # path_timeout (5x longer): the rule counted from the latest send, which a steady stream keeps young.
+    fallback_t = timers.keepalive_timeout + timers.rekey_timeout + 1.0
+    assert fallback_t < timers.path_timeout / 2
     # T2: while relayed, direct candidates are probed again at least every probe_interval; a reply switches.
     upgrade_t = 2 * timers.probe_interval
     with Lab("b24") as lab:

@@ -574,8 +574,9 @@ class Datapath:
                 cur = peer.paths.current
                 if cur is None or cur.endpoint != src or now - cur.last_auth_rx > 0.5:
                     kind = self.hooks.path_kind(src)
+                    chosen = is_super or not plaintext or plaintext[0] >> 4 == 6  # not a probe (sent everywhere)
                     with peer.lock:
-                        peer.paths.on_authenticated(src, kind, now)
+                        peer.paths.on_authenticated(src, kind, now, data=chosen)
                 else:
                     cur.last_auth_rx = now
                 active[id(peer)] = peer
@@ -712,7 +713,7 @@ class Datapath:
         path = lane.path
         if now - path.last_auth_rx > 0.5:
             with peer.lock:  # now and then the full path rule, which may prefer another path (path.py)
-                peer.paths.on_authenticated(path.endpoint, path.kind, now)
+                peer.paths.on_authenticated(path.endpoint, path.kind, now, data=is_packet or not plaintext)
         else:
             path.last_auth_rx = now
         peer.last_rx = now

@@ -9,8 +9,12 @@ window arriving from it (roaming, as WireGuard does, but never on a replay).
 Preference is LAN, then direct, then relay (DESIGN.md 4.4); among validated
 paths of the same kind the one that most recently carried authenticated
 traffic wins, so a peer that roamed or was NAT-rebound is followed at once.
-A validated path that carries nothing authenticated for ``path_timeout``
-falls back to being a candidate.
+Across kinds the peer is followed too once the preferred path has been silent
+for ``stale_after`` while the peer's traffic (data or keepalives, not probes,
+which go to every path) arrives on another validated path: a robot that moved
+to another subnet, or a peer that fell back to the relay.  A validated path
+that carries nothing authenticated for ``path_timeout`` falls back to being a
+candidate.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from .constants import REKEY_TIMEOUT
 from .transport import AnyEndpoint, RelayEndpoint, format_endpoint
 
 KIND_LAN = "lan"
@@ -62,6 +67,7 @@ class Path:
     validated: bool = False
     rtt: float | None = None
     last_auth_rx: float = 0.0
+    last_data_rx: float = 0.0  # the peer's own traffic (data, keepalive) arrived here, as on_authenticated was told
     probe_nonce: bytes | None = None
     probe_sent: float = 0.0
 
@@ -72,9 +78,12 @@ class Path:
 class PathSet:
     """The candidate and validated paths of one peer.  Not thread-safe: the peer's lock guards it."""
 
-    def __init__(self) -> None:
+    def __init__(self, stale_after: float = REKEY_TIMEOUT) -> None:
         self.paths: dict[AnyEndpoint, Path] = {}
         self.current: Path | None = None
+        #: Silence of the preferred path after which the peer's traffic on another path wins (the engine
+        #: sets its own, scaled, rekey_timeout).
+        self.stale_after = stale_after
 
     def add_candidate(self, endpoint: AnyEndpoint, kind: str, source: str, now: float) -> Path:
         """Remember a hint (idempotent); a better kind learned later (e.g. a beacon) upgrades it."""
@@ -103,13 +112,21 @@ class PathSet:
         """Every known path, best kind first (handshakes and probes go to all of them)."""
         return sorted(self.paths.values(), key=lambda q: -PREFERENCE[q.kind])
 
-    def on_authenticated(self, endpoint: AnyEndpoint, kind: str, now: float, rtt: float | None = None) -> bool:
-        """An authenticated packet came from ``endpoint`` (after the replay check); True if the path changed."""
+    def on_authenticated(
+        self, endpoint: AnyEndpoint, kind: str, now: float, rtt: float | None = None, *, data: bool = False
+    ) -> bool:
+        """An authenticated packet came from ``endpoint`` (after the replay check); True if the path changed.
+
+        ``data``: it was the peer's own traffic (a data packet or a keepalive), which goes only on the
+        path the peer chose, unlike probes and their replies.
+        """
         p = self.paths.get(endpoint)
         if p is None:
             p = self.add_candidate(endpoint, kind, "roam", now)
         p.validated = True
         p.last_auth_rx = now
+        if data:
+            p.last_data_rx = now
         if rtt is not None:
             p.rtt = rtt if p.rtt is None else 0.75 * p.rtt + 0.25 * rtt
         return self._reselect()
@@ -171,6 +188,11 @@ class PathSet:
             and (best.last_auth_rx - cur.last_auth_rx < 1.0 or cur.kind != best.kind)
         ):
             best = cur
+        # Follow the peer across kinds: its traffic arrives elsewhere and the chosen path has been silent.
+        if best is not None:
+            moved = max((p for p in self.paths.values() if p.validated), key=lambda q: q.last_data_rx)
+            if moved is not best and moved.last_data_rx - best.last_auth_rx > self.stale_after:
+                best = moved
         changed = best is not self.current
         self.current = best
         return changed

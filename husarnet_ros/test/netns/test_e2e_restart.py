@@ -160,9 +160,12 @@ def test_row21_peer_restart_with_lost_keys_and_roaming():
             e = d.peer(p.addr["C"])
             return e is not None and new_ip in e["endpoint"]
 
-        # D's old path is 'lan' (a connected subnet), the new one only 'direct': D keeps preferring the stale
-        # lan path until it has been silent for path_timeout, so T is path_timeout (+30% for a loaded VM).
-        follow_t = 1.3 * Timers().scaled(e2e.TIMERS_SCALE).path_timeout
+        # D's old path is 'lan' (a connected subnet), the new one only 'direct': D follows C's traffic to the
+        # less preferred kind once the lan path has been silent for rekey_timeout (path.py), and at the latest
+        # when its own data goes unanswered there for keepalive + rekey_timeout; +1 s for a loaded VM. It once
+        # kept the stale lan path for path_timeout (5x longer).
+        timers = Timers().scaled(e2e.TIMERS_SCALE)
+        follow_t = timers.keepalive_timeout + timers.rekey_timeout + 1.0
         assert wait_until(lambda: p.ping_ok("C", "D") and followed(), follow_t, 0.2), d.peer(p.addr["C"])
         assert d.control("ping", address=p.addr["C"], timeout=2.0)["rtt_ms"] > 0  # D -> C at the new address
         assert traffic.ping(lab, t.peerD, p.addr["C"], count=5, interval=0.2).received == 5

@@ -86,6 +86,22 @@ def test_roaming_follows_same_kind_after_a_second_but_not_flapping():
     assert ps.endpoint == b  # a went quiet: roam
 
 
+def test_peer_traffic_on_a_less_preferred_path_wins_once_the_preferred_one_is_silent():
+    """A robot that moved to another subnet (lan -> direct) or a peer that fell back to the relay is followed."""
+    lan, direct = ("192.168.1.7", 5582), ("198.18.3.12", 5582)
+    ps = PathSet(stale_after=0.5)
+    ps.add_candidate(lan, KIND_LAN, "beacon", 0.0)
+    ps.on_authenticated(lan, KIND_LAN, 1.0, data=True)
+    ps.on_authenticated(direct, KIND_DIRECT, 1.2, data=True)
+    assert ps.endpoint == lan  # the lan path spoke 0.2 s ago: not stale, the better kind stays
+    ps.on_authenticated(direct, KIND_DIRECT, 1.4, rtt=0.01)  # a probe reply: probes go to every path
+    assert ps.endpoint == lan
+    ps.on_authenticated(direct, KIND_DIRECT, 1.6, data=True)  # lan silent for 0.6 s, the peer's data here
+    assert ps.endpoint == direct
+    ps.on_authenticated(lan, KIND_LAN, 1.7, rtt=0.01)  # the lan path answers a probe again: preferred again
+    assert ps.endpoint == lan
+
+
 def test_expiry_falls_back_and_to_none():
     ps = PathSet()
     a = ("198.18.1.1", 1)

@@ -42,7 +42,13 @@ EXPECTED_EXEC_DEPENDS = {
     "python3-cryptography",
     "python3-yaml",
 }
-EXPECTED_TEST_DEPENDS = {"ament_flake8", "ament_pep257", "python3-pytest", "python3-hypothesis"}
+EXPECTED_TEST_DEPENDS = {
+    "ament_flake8",
+    "ament_pep257",
+    "python3-pytest",
+    "python3-hypothesis",
+    "python3-noiseprotocol-pip",
+}
 
 # Third-party import name -> rosdep key, where they differ. ROS packages import under their own name.
 IMPORT_TO_ROSDEP = {
@@ -191,6 +197,11 @@ def test_locally_defined_rosdep_keys() -> None:
     for key in KEYS_DEFINED_LOCALLY:
         assert rules[key]["debian"] == [key], key
         assert rules[key]["ubuntu"] == [key], key
+    # Test-only packages Debian lacks come from pip (rosdep's pip installer), pinned in requirements-dev.txt.
+    pip_key = "python3-noiseprotocol-pip"
+    assert pip_key in declared
+    for os_name in ("debian", "ubuntu"):
+        assert rules[pip_key][os_name] == {"pip": {"packages": ["noiseprotocol"]}}
 
 
 # --- setup.py / setup.cfg ---------------------------------------------------------------------------

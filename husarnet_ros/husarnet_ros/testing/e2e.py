@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.counters import TRAFFIC_COUNTERS
 from .netns import Daemon, Host, Lab, LabError, Proc, Topology, wait_until
 
 # Protocol timers shrunk for tests (keepalive 1 s, probe 2.5 s, base reconnect 0.1 s ...).
@@ -22,38 +23,26 @@ PORT = 5582
 
 # Counters a daemon keeps that are NOT a packet lost or refused. :func:`drops` reports every other counter,
 # so a drop reason added to the engine later is covered without editing this module. Left out on purpose:
-NOT_DROPS = frozenset(
-    {
-        # Traffic and handshake totals.
-        "rx_packets",
-        "tx_packets",
-        "rx_bytes",
-        "tx_bytes",
-        "handshakes_sent",
-        "handshakes_received",
-        "handshakes_completed",
-        # Cookie replies are under-load signalling: the initiator retries with mac2 and nothing is lost (the
-        # CLI keeps them out of its drops line for the same reason).
-        "cookie_replies_sent",
-        "cookie_replies_received",
-        # The kernel's own link-local chatter on hnet0 (router solicitations, MLD): never overlay traffic,
-        # present on every healthy node.
-        "not_overlay",
-        # Base channel totals (attempts are judged by row 18 on their own).
-        "base_connect_attempts",
-        "base_logins",
-        "base_relayed_rx",
-        "base_relay_tx",
-        # Super-packet totals; a fallback is a change of sending mode, no packet is lost.
-        "super_tx",
-        "super_rx",
-        "super_fallback",
-        # LAN beacon totals.
-        "beacon_tx",
-        "beacon_rx",
-        "beacon_accepted",
-    }
-)
+NOT_DROPS = frozenset(TRAFFIC_COUNTERS) | {
+    # Traffic and handshake totals (TRAFFIC_COUNTERS). Cookie replies among them are under-load signalling:
+    # the initiator retries with mac2 and nothing is lost (the CLI keeps them out of its drops line too).
+    # The kernel's own link-local chatter on hnet0 (router solicitations, MLD): never overlay traffic,
+    # present on every healthy node.
+    "not_overlay",
+    # Base channel totals (attempts are judged by row 18 on their own).
+    "base_connect_attempts",
+    "base_logins",
+    "base_relayed_rx",
+    "base_relay_tx",
+    # Super-packet totals; a fallback is a change of sending mode, no packet is lost.
+    "super_tx",
+    "super_rx",
+    "super_fallback",
+    # LAN beacon totals.
+    "beacon_tx",
+    "beacon_rx",
+    "beacon_accepted",
+}
 
 
 def endpoint(ip: str, port: int = PORT) -> str:

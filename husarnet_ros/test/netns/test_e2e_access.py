@@ -131,26 +131,35 @@ def _up(lab: Lab, t, a, b) -> None:
     a.wait_path(b.address, timeout=15)
 
 
+def _websetup_pair(lab: Lab) -> tuple:
+    """The websetup tests' set-up: A (websetup on, B on both its whitelists, its own hosts file) and B, up.
+
+    Returns ``(topology, a, b, a_state, a_addr, b_addr, hosts)``.
+    """
+    t = reference_topology(lab)
+    a_state, b_state = lab.tmp / "state-A", lab.tmp / "state-B"
+    a_addr, b_addr = lab.daemon_address(a_state), lab.daemon_address(b_state)
+    hosts = lab.tmp / "hosts-A"
+    hosts.write_text("127.0.0.1 localhost\n")
+    a = _start_a(lab, t, a_state, b_addr, hosts)
+    b = lab.start_daemon(
+        t.peerD,
+        b_state,
+        whitelist=[a_addr],
+        peer=[f"{a_addr}@{e2e.endpoint(t.PEER_C_IP)}"],
+        timers_scale=e2e.TIMERS_SCALE,
+        udp_port=PORT,
+    )
+    _up(lab, t, a, b)
+    return t, a, b, a_state, a_addr, b_addr, hosts
+
+
 def test_websetup_over_the_overlay_replay_underlay_and_crash():
     from husarnet_ros.core import websetup
     from husarnet_ros.core.identity import Identity
 
     with Lab("wsa") as lab:
-        t = reference_topology(lab)
-        a_state, b_state = lab.tmp / "state-A", lab.tmp / "state-B"
-        a_addr, b_addr = lab.daemon_address(a_state), lab.daemon_address(b_state)
-        hosts = lab.tmp / "hosts-A"
-        hosts.write_text("127.0.0.1 localhost\n")
-        a = _start_a(lab, t, a_state, b_addr, hosts)
-        b = lab.start_daemon(
-            t.peerD,
-            b_state,
-            whitelist=[a_addr],
-            peer=[f"{a_addr}@{e2e.endpoint(t.PEER_C_IP)}"],
-            timers_scale=e2e.TIMERS_SCALE,
-            udp_port=PORT,
-        )
-        _up(lab, t, a, b)
+        t, a, b, a_state, a_addr, b_addr, hosts = _websetup_pair(lab)
         assert a.status()["websetup"]["listening"]
 
         secret = websetup.read_secret(a_state)
@@ -324,21 +333,7 @@ def test_row11_websetup_whitelist_rm_mid_ping_stops_traffic_within_a_second():
     from husarnet_ros.core import websetup
 
     with Lab("wsrm2") as lab:
-        t = reference_topology(lab)
-        a_state, b_state = lab.tmp / "state-A", lab.tmp / "state-B"
-        a_addr, b_addr = lab.daemon_address(a_state), lab.daemon_address(b_state)
-        hosts = lab.tmp / "hosts-A"
-        hosts.write_text("127.0.0.1 localhost\n")
-        a = _start_a(lab, t, a_state, b_addr, hosts)
-        b = lab.start_daemon(
-            t.peerD,
-            b_state,
-            whitelist=[a_addr],
-            peer=[f"{a_addr}@{e2e.endpoint(t.PEER_C_IP)}"],
-            timers_scale=e2e.TIMERS_SCALE,
-            udp_port=PORT,
-        )
-        _up(lab, t, a, b)
+        t, a, b, a_state, a_addr, b_addr, _hosts = _websetup_pair(lab)
         dash = Dashboard(lab, t.peerD, b_addr, a_addr, websetup.read_secret(a_state))
         _counter, rm_b = dash.build("whitelist-rm", (b_addr,))
         before_ws = _ws_counters(a)

@@ -40,10 +40,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_IMODE
 
 from .core.constants import DEFAULT_INTERFACE, DEFAULT_MTU
-from .core.fsutil import atomic_write
+from .core.fsutil import atomic_write, ensure_dir_open_to
 
 FASTDDS_FILE = "fastdds.xml"
 CYCLONEDDS_FILE = "cyclonedds.xml"
@@ -263,7 +262,7 @@ def write_dds_config(
         ),
         files.env: build_dds_env(files),
     }
-    _ensure_public_dir(files.directory)
+    ensure_dir_open_to(files.directory, DIR_MODE)  # a umask of 077 (common for root) would close it
     changed = False
     for path, data in contents.items():
         try:
@@ -274,19 +273,6 @@ def write_dds_config(
         atomic_write(path, data, mode=FILE_MODE)
         changed = True
     return changed
-
-
-def _ensure_public_dir(directory: Path) -> None:
-    """Create ``directory`` 0755, or add the read and search bits to one we own that lacks them.
-
-    A umask of 077 (common for root) would otherwise make it 0700 and every
-    other user's ROS process would silently fall back to default DDS.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    st = directory.stat()
-    mode = S_IMODE(st.st_mode)
-    if st.st_uid == os.geteuid() and mode & DIR_MODE != DIR_MODE:
-        os.chmod(directory, mode | DIR_MODE)
 
 
 def peers_in_fastdds_xml(data: bytes) -> list[str]:

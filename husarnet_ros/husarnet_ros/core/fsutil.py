@@ -103,12 +103,20 @@ def ensure_state_dir(path: str | os.PathLike[str]) -> Path:
     was.  Nothing else becomes readable by that: the identity, whitelist, websetup and cache files are
     0600 (the identity is refused otherwise), temporary files are created 0600, and listing stays denied.
     """
+    return ensure_dir_open_to(path, _TRAVERSE)
+
+
+def ensure_dir_open_to(path: str | os.PathLike[str], bits: int) -> Path:
+    """Create ``path`` (0700 under any umask, plus ``bits``), or add ``bits`` to one we own that lacks them.
+
+    Only ``bits`` are added, never taken away, and only on a directory we own.  A directory we cannot
+    change (read-only) stays as it is: it still serves what is in it, only closed to others.
+    """
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True, mode=0o700)  # the umask may only take bits away; widened below
     st = p.stat()
     mode = stat.S_IMODE(st.st_mode)
-    if st.st_uid == os.geteuid() and mode & _TRAVERSE != _TRAVERSE:
-        # A read-only state directory still serves an existing identity; it just stays closed to others.
+    if st.st_uid == os.geteuid() and mode & bits != bits:
         with contextlib.suppress(OSError):
-            os.chmod(p, mode | _TRAVERSE)
+            os.chmod(p, mode | bits)
     return p

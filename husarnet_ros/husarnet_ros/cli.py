@@ -24,6 +24,8 @@ from typing import Any
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_NODE = 0, 1, 2, 3
 DEFAULT_NODE = "/husarnet"
 DEFAULT_STATE_DIR = "/var/lib/husarnet_ros"
+#: Seconds without a reply before an idempotent request is sent again (see ``NodeClient.call``).
+RESEND_AFTER = 2.0
 
 
 class CliError(Exception):
@@ -100,16 +102,34 @@ class NodeClient:
             raise self.no_node()
         return self.peers
 
-    def call(self, srv_type: Any, name: str, wait: float | None = None, **fields: Any) -> Any:
+    def call(
+        self, srv_type: Any, name: str, wait: float | None = None, resend: float | None = RESEND_AFTER, **fields: Any
+    ) -> tuple[Any, bool]:
+        """Call ``name``; return the reply and whether it answers a resent request.
+
+        Fast DDS drops a reply when the server has not yet matched a new client's reply
+        reader 100 ms after the request arrived ("client will not receive response"):
+        on a loaded machine a fresh client's first request can go unanswered although
+        the service is ready.  By the time of a resend both sides have matched, so
+        requests whose repetition is harmless are sent again every ``resend`` seconds;
+        ``resend=None`` sends once.
+        """
         wait = self.timeout if wait is None else wait
         client = self.node.create_client(srv_type, f"{self.target}/{name}")
         try:
             if self.spin_until(client.service_is_ready, self.timeout) is None:
                 raise self.no_node()
-            fut = client.call_async(srv_type.Request(**fields))
-            if self.spin_until(fut.done, wait) is None:
-                raise CliError(f"{self.target}/{name} did not answer within {wait:g} s")
-            return fut.result()
+            deadline = time.monotonic() + wait
+            request = srv_type.Request(**fields)
+            futures = [client.call_async(request)]
+            while True:
+                step = deadline - time.monotonic() if resend is None else min(resend, deadline - time.monotonic())
+                done = self.spin_until(lambda: next((f for f in futures if f.done()), None), max(step, 0.0))
+                if done is not None:
+                    return done.result(), done is not futures[0]
+                if time.monotonic() >= deadline:
+                    raise CliError(f"{self.target}/{name} did not answer within {wait:g} s")
+                futures.append(client.call_async(request))
         finally:
             self.node.destroy_client(client)
 
@@ -250,7 +270,7 @@ def cmd_whitelist(args: argparse.Namespace) -> int:
 
     def run(c: NodeClient) -> int:
         if args.action == "ls":
-            r = c.call(ListWhitelist, "whitelist/list")
+            r, _ = c.call(ListWhitelist, "whitelist/list")
             entries = [{"address": a, "hostname": h} for a, h in zip(r.addresses, r.hostnames, strict=True)]
             if args.json:
                 print(json.dumps({"enabled": r.enabled, "entries": entries}, indent=2))
@@ -260,11 +280,15 @@ def cmd_whitelist(args: argparse.Namespace) -> int:
                     print(f"{e['address']}  {e['hostname']}".rstrip())
             return EXIT_OK
         if args.action == "add":
-            r = c.call(AddToWhitelist, "whitelist/add", address=args.address, hostname=args.hostname or "")
+            r, _ = c.call(AddToWhitelist, "whitelist/add", address=args.address, hostname=args.hostname or "")
         elif args.action == "rm":
-            r = c.call(RemoveFromWhitelist, "whitelist/remove", address=args.address)
+            r, resent = c.call(RemoveFromWhitelist, "whitelist/remove", address=args.address)
+            if resent and not r.success and "is not on the whitelist" in r.message:
+                # The first request's reply was lost, so it may be the one that removed the entry:
+                # the state the user asked for holds either way.
+                return _report(True, f"{r.message} (any more: the reply to the first request was lost)")
         else:
-            r = c.call(SetWhitelistEnabled, "whitelist/set_enabled", enabled=args.action == "enable")
+            r, _ = c.call(SetWhitelistEnabled, "whitelist/set_enabled", enabled=args.action == "enable")
         return _report(r.success, r.message)
 
     return _with_node(args, run)
@@ -351,8 +375,14 @@ def cmd_ping(args: argparse.Namespace) -> int:
     def run(c: NodeClient) -> int:
         code = EXIT_OK
         for _ in range(args.count):
-            r = c.call(
-                PingPeer, "ping", wait=args.ping_timeout + c.timeout, address=args.target, timeout=args.ping_timeout
+            # A resend is a second ping, so only once the first one's reply is overdue.
+            r, _ = c.call(
+                PingPeer,
+                "ping",
+                wait=args.ping_timeout + c.timeout,
+                resend=args.ping_timeout + RESEND_AFTER,
+                address=args.target,
+                timeout=args.ping_timeout,
             )
             code = max(code, _report(r.success, r.message))
         return code

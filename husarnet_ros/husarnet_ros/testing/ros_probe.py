@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
     node.create_subscription(PeerArray, f"{ns}/peers", lambda m: latest.__setitem__("peers", m), latched)
     deadline = time.monotonic() + args.timeout
 
-    def spin_until(pred) -> bool:
-        while time.monotonic() < deadline:
+    def spin_until(pred, within: float | None = None) -> bool:
+        until = deadline if within is None else min(deadline, time.monotonic() + within)
+        while time.monotonic() < until:
             if pred():
                 return True
             rclpy.spin_once(node, timeout_sec=0.1)
@@ -85,13 +86,16 @@ def run(args: argparse.Namespace) -> int:
         _emit("error", message=why)
         return 1
 
-    def call(srv_type: Any, name: str, request: Any) -> Any:
+    def call(srv_type: Any, name: str, request: Any, resend: float) -> Any:
+        # Resent like the CLI's calls: Fast DDS may drop the reply to a new client's first request.
         client = node.create_client(srv_type, name)
         if not client.wait_for_service(timeout_sec=max(0.1, deadline - time.monotonic())):
             return None
-        future = client.call_async(request)
-        spin_until(future.done)
-        return future.result() if future.done() else None
+        futures = [client.call_async(request)]
+        while not spin_until(lambda: any(f.done() for f in futures), resend) and time.monotonic() < deadline:
+            futures.append(client.call_async(request))
+        done = [f for f in futures if f.done()]
+        return done[0].result() if done else None
 
     try:
         if args.wait_base:
@@ -129,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
                 return fail(f"{args.peer} never had a secure {sorted(want)} path on {ns}/peers (last: {last})")
             _emit("peers", topic=f"{ns}/peers", peers=[peer_to_dict(p) for p in latest["peers"].peers])
         if args.whitelist:
-            res = call(ListWhitelist, f"{ns}/whitelist/list", ListWhitelist.Request())
+            res = call(ListWhitelist, f"{ns}/whitelist/list", ListWhitelist.Request(), resend=2.0)
             if res is None:
                 return fail(f"{ns}/whitelist/list did not answer")
             _emit(
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 hostnames=list(res.hostnames),
             )
         if args.ping:
-            res = call(PingPeer, f"{ns}/ping", PingPeer.Request(address=args.ping, timeout=2.0))
+            res = call(PingPeer, f"{ns}/ping", PingPeer.Request(address=args.ping, timeout=2.0), resend=4.0)
             if res is None:
                 return fail(f"{ns}/ping did not answer")
             _emit("ping", service=f"{ns}/ping", success=res.success, rtt_ms=res.rtt_ms, message=res.message)

@@ -100,17 +100,31 @@ class Spinner:
         self.executor.add_node(node)
         return node
 
-    def call(self, node: Any, srv_type: Any, name: str, wait: float = 10.0, **fields: Any) -> Any:
-        """Call service ``name`` with a request built from ``fields``; fail the test after ``wait`` s."""
+    def call(
+        self, node: Any, srv_type: Any, name: str, wait: float = 10.0, resend: float | None = None, **fields: Any
+    ) -> Any:
+        """Call service ``name`` with a request built from ``fields``; fail the test after ``wait`` s.
+
+        Across processes Fast DDS may drop the reply to a new client's first request (the
+        server had not matched its reply reader yet), so requests that are harmless to repeat
+        pass ``resend``: the same request goes again on the same client every ``resend`` s.
+        A service that never answers still fails the test.
+        """
         client = node.create_client(srv_type, name)
         try:
             assert client.wait_for_service(timeout_sec=wait), f"service {name} not available"
-            fut = client.call_async(srv_type.Request(**fields))
+            request = srv_type.Request(**fields)
+            futures = [client.call_async(request)]
             deadline = time.monotonic() + wait
-            while not fut.done() and time.monotonic() < deadline:
+            sent = time.monotonic()
+            while not any(f.done() for f in futures) and time.monotonic() < deadline:
+                if resend is not None and time.monotonic() - sent >= resend:
+                    futures.append(client.call_async(request))
+                    sent = time.monotonic()
                 time.sleep(0.01)
-            assert fut.done(), f"service {name} did not answer within {wait} s"
-            return fut.result()
+            done = [f for f in futures if f.done()]
+            assert done, f"service {name} did not answer within {wait} s ({len(futures)} requests sent)"
+            return done[0].result()
         finally:
             node.destroy_client(client)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -276,3 +277,83 @@ def test_status_shows_a_warning_and_keeps_cookie_totals_out_of_the_drops() -> No
     assert text.splitlines()[0] == "WARNING    hnet0 is down (it was set down outside husarnet_ros)"
     drops = text.split("drops")[1].splitlines()[0]
     assert "tun_write_failed=2" in drops and "cookie" not in drops
+
+
+class _LossyService:
+    """A service whose first ``lost`` replies never arrive, as when Fast DDS drops them."""
+
+    def __init__(self, lost: int, answer: object) -> None:
+        self.lost, self.answer, self.requests = lost, answer, 0
+
+    def call_async(self, request: object) -> SimpleNamespace:
+        self.requests += 1
+        done = self.requests > self.lost
+        return SimpleNamespace(done=lambda: done, result=lambda: self.answer)
+
+    def service_is_ready(self) -> bool:
+        return True
+
+
+def _client_for(service: _LossyService, clock: list[float]) -> cli.NodeClient:
+    """A NodeClient without ROS: ``spin_until`` advances a fake clock by 0.1 s per spin."""
+    c = object.__new__(cli.NodeClient)
+    c.target, c.timeout = "/husarnet", 10.0
+    c.node = SimpleNamespace(create_client=lambda *_: service, destroy_client=lambda _c: None)
+
+    def spin_until(pred: Any, timeout: float) -> Any:
+        end = clock[0] + timeout
+        while clock[0] < end:
+            value = pred()
+            if value:
+                return value
+            clock[0] += 0.1
+        return pred() or None
+
+    c.spin_until = spin_until
+    return c
+
+
+_SRV = SimpleNamespace(Request=dict)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    clock = [1000.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    return clock
+
+
+def test_a_lost_reply_is_followed_by_a_resend(fake_clock: list[float]) -> None:
+    answer = SimpleNamespace(success=True, message="added")
+    service = _LossyService(lost=1, answer=answer)
+    reply, resent = _client_for(service, fake_clock).call(_SRV, "whitelist/add")
+    assert reply is answer and resent and service.requests == 2
+
+
+def test_a_call_that_must_not_repeat_is_sent_once_and_times_out(fake_clock: list[float]) -> None:
+    service = _LossyService(lost=1, answer=SimpleNamespace())
+    with pytest.raises(cli.CliError, match="did not answer within 10 s"):
+        _client_for(service, fake_clock).call(_SRV, "ping", resend=None)
+    assert service.requests == 1
+
+
+def test_a_service_that_never_answers_still_fails(fake_clock: list[float]) -> None:
+    service = _LossyService(lost=10**6, answer=SimpleNamespace())
+    with pytest.raises(cli.CliError, match="did not answer"):
+        _client_for(service, fake_clock).call(_SRV, "whitelist/list")
+    assert service.requests == 5  # 10 s at one request per RESEND_AFTER = 2 s
+
+
+def test_rm_whose_first_reply_was_lost_reports_the_entry_gone(
+    fake_clock: list[float], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lost first request may be the one that removed it: the resend's "not on the whitelist" is success."""
+    gone = SimpleNamespace(success=False, message="fc94::1 is not on the whitelist")
+    service = _LossyService(lost=1, answer=gone)
+    monkeypatch.setattr(cli, "_with_node", lambda _args, fn: fn(_client_for(service, fake_clock)))
+    args = SimpleNamespace(action="rm", address="fc94::1")
+    assert cli.cmd_whitelist(args) == cli.EXIT_OK
+    assert "any more: the reply to the first request was lost" in capsys.readouterr().out
+    # Without a lost reply the same answer is a failure: the entry was never there.
+    service.lost, service.requests = 0, 0
+    assert cli.cmd_whitelist(args) == cli.EXIT_FAILED

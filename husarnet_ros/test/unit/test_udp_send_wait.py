@@ -142,13 +142,24 @@ def test_the_receive_thread_offers_lone_datagrams_to_on_lone_first() -> None:
         if b"end" in batches:
             done.set()
 
+    waiting = threading.Event()
+    wait_readable = t._sock._wait_readable
+
+    def note_wait(timeout: float | None) -> bool:
+        waiting.set()
+        return wait_readable(timeout)
+
+    t._sock._wait_readable = note_wait  # type: ignore[method-assign]
     t.start(lambda d, ep: None, on_batch, on_lone)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tx.bind(("127.0.0.1", 0))
     try:
         for msg in (b"L1", b"other", b"boom", b"L2", b"end"):
+            # Each is sent only once the thread waits for it, so each arrives alone: with a fixed pause
+            # a loaded machine could start the thread late enough for two to queue, and two are a batch.
+            assert waiting.wait(5), "the receive thread never waited for a datagram"
+            waiting.clear()
             tx.sendto(msg, ("127.0.0.1", t.local_port))
-            time.sleep(0.05)  # one at a time: each arrives alone
         assert done.wait(5)
         assert b"L1" in offered and b"L2" in offered
         assert batches == [b"other", b"end"]

@@ -271,11 +271,14 @@ def test_link_local_sender_keeps_its_scope_and_gets_a_reply(veth_pair: tuple[str
         # A datagram offered alone to the data path (recv_batch's ``lone``) names its sender in the form
         # sockaddr() gives the reported endpoint: the form a data path lane keeps and compares with.
         offered: list[tuple[bytes, object]] = []
+        waiting = threading.Event()
+        wait_readable = rx._wait_readable
+        rx._wait_readable = lambda timeout: waiting.set() or wait_readable(timeout)  # type: ignore[method-assign]
         waiter = threading.Thread(
-            target=rx.recv_batch, args=(1.5,), kwargs={"lone": lambda d, addr: offered.append((d, addr)) or True}
+            target=rx.recv_batch, args=(5.0,), kwargs={"lone": lambda d, addr: offered.append((d, addr)) or True}
         )
         waiter.start()
-        time.sleep(0.3)  # the receiver is waiting: what arrives now arrives alone
+        assert waiting.wait(5)  # the receiver is waiting: what arrives now arrives alone
         with inside(a):
             tx.send(b"alone", (f"fe80::77:2%{dev_a}", rx.local_port))
         waiter.join(5)

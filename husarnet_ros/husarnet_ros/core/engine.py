@@ -1681,11 +1681,19 @@ class Engine:
         # dead (a peer answers data with at least a keepalive within keepalive_timeout).  Fall back to the
         # next validated path (another address the peer speaks from, the relay); with none left the
         # session itself may be dead: renegotiate on every candidate.
-        if self._path_unanswered(peer, now) >= t.keepalive_timeout + t.rekey_timeout:
+        silent = self._path_unanswered(peer, now)
+        if silent >= t.keepalive_timeout + t.rekey_timeout:
             peer.unanswered_since = 0.0
+            dead = peer.paths.kind
             with peer.lock:
                 peer.paths.invalidate(peer.paths.endpoint)
             peer.last_tx_data = 0.0
+            # Logged: a path change the peer table shows only until the next one, and the reason for an
+            # unscheduled handshake.
+            after = peer.paths.kind if peer.paths.current is not None else "a new handshake"
+            log.info(
+                "%s: no answer on the %s path for %.1f s; now %s", format_address(peer.address), dead, silent, after
+            )
             if peer.paths.current is None:
                 self._start_handshake(peer)
             self._notify("peers")

@@ -21,10 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .service_call import call_resending
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_NODE = 0, 1, 2, 3
 DEFAULT_NODE = "/husarnet"
 DEFAULT_STATE_DIR = "/var/lib/husarnet_ros"
-#: Seconds without a reply before an idempotent request is sent again (see ``NodeClient.call``).
+#: Seconds without a reply before an idempotent request is sent again (see ``service_call``).
 RESEND_AFTER = 2.0
 
 
@@ -105,31 +107,16 @@ class NodeClient:
     def call(
         self, srv_type: Any, name: str, wait: float | None = None, resend: float | None = RESEND_AFTER, **fields: Any
     ) -> tuple[Any, bool]:
-        """Call ``name``; return the reply and whether it answers a resent request.
-
-        Fast DDS drops a reply when the server has not yet matched a new client's reply
-        reader 100 ms after the request arrived ("client will not receive response"):
-        on a loaded machine a fresh client's first request can go unanswered although
-        the service is ready.  By the time of a resend both sides have matched, so
-        requests whose repetition is harmless are sent again every ``resend`` seconds;
-        ``resend=None`` sends once.
-        """
+        """Call ``name``; the reply and whether it answers a resent request (:func:`call_resending`)."""
         wait = self.timeout if wait is None else wait
         client = self.node.create_client(srv_type, f"{self.target}/{name}")
         try:
             if self.spin_until(client.service_is_ready, self.timeout) is None:
                 raise self.no_node()
-            deadline = time.monotonic() + wait
-            request = srv_type.Request(**fields)
-            futures = [client.call_async(request)]
-            while True:
-                step = deadline - time.monotonic() if resend is None else min(resend, deadline - time.monotonic())
-                done = self.spin_until(lambda: next((f for f in futures if f.done()), None), max(step, 0.0))
-                if done is not None:
-                    return done.result(), done is not futures[0]
-                if time.monotonic() >= deadline:
-                    raise CliError(f"{self.target}/{name} did not answer within {wait:g} s")
-                futures.append(client.call_async(request))
+            answer = call_resending(client, srv_type.Request(**fields), self.spin_until, wait, resend)
+            if answer is None:
+                raise CliError(f"{self.target}/{name} did not answer within {wait:g} s")
+            return answer
         finally:
             self.node.destroy_client(client)
 

@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from husarnet_msgs.msg import PeerArray, Status
     from husarnet_msgs.srv import ListWhitelist, PingPeer
 
+    from ..service_call import call_resending
+
     # Same QoS as the node's latched ~/peers and ~/status (what `ros2 topic echo` adapts to).
     latched = QoSProfile(
         depth=1,
@@ -74,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
     node.create_subscription(PeerArray, f"{ns}/peers", lambda m: latest.__setitem__("peers", m), latched)
     deadline = time.monotonic() + args.timeout
 
-    def spin_until(pred, within: float | None = None) -> bool:
+    def spin_until(pred, within: float | None = None) -> Any:
         until = deadline if within is None else min(deadline, time.monotonic() + within)
         while time.monotonic() < until:
-            if pred():
-                return True
+            value = pred()
+            if value:
+                return value
             rclpy.spin_once(node, timeout_sec=0.1)
         return pred()
 
@@ -87,15 +90,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     def call(srv_type: Any, name: str, request: Any, resend: float) -> Any:
-        # Resent like the CLI's calls: Fast DDS may drop the reply to a new client's first request.
         client = node.create_client(srv_type, name)
         if not client.wait_for_service(timeout_sec=max(0.1, deadline - time.monotonic())):
             return None
-        futures = [client.call_async(request)]
-        while not spin_until(lambda: any(f.done() for f in futures), resend) and time.monotonic() < deadline:
-            futures.append(client.call_async(request))
-        done = [f for f in futures if f.done()]
-        return done[0].result() if done else None
+        answer = call_resending(client, request, spin_until, max(0.0, deadline - time.monotonic()), resend)
+        return None if answer is None else answer[0]
 
     try:
         if args.wait_base:

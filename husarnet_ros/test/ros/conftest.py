@@ -105,26 +105,23 @@ class Spinner:
     ) -> Any:
         """Call service ``name`` with a request built from ``fields``; fail the test after ``wait`` s.
 
-        Across processes Fast DDS may drop the reply to a new client's first request (the
-        server had not matched its reply reader yet), so requests that are harmless to repeat
-        pass ``resend``: the same request goes again on the same client every ``resend`` s.
-        A service that never answers still fails the test.
+        Requests that are harmless to repeat pass ``resend`` (see ``husarnet_ros.service_call``):
+        a service that never answers still fails the test.
         """
+        from husarnet_ros.service_call import call_resending
+
+        def spin_until(pred: Any, timeout: float) -> Any:  # the executor spins in its own thread
+            end = time.monotonic() + timeout
+            while not (value := pred()) and time.monotonic() < end:
+                time.sleep(0.01)
+            return value
+
         client = node.create_client(srv_type, name)
         try:
             assert client.wait_for_service(timeout_sec=wait), f"service {name} not available"
-            request = srv_type.Request(**fields)
-            futures = [client.call_async(request)]
-            deadline = time.monotonic() + wait
-            sent = time.monotonic()
-            while not any(f.done() for f in futures) and time.monotonic() < deadline:
-                if resend is not None and time.monotonic() - sent >= resend:
-                    futures.append(client.call_async(request))
-                    sent = time.monotonic()
-                time.sleep(0.01)
-            done = [f for f in futures if f.done()]
-            assert done, f"service {name} did not answer within {wait} s ({len(futures)} requests sent)"
-            return done[0].result()
+            answer = call_resending(client, srv_type.Request(**fields), spin_until, wait, resend)
+            assert answer is not None, f"service {name} did not answer within {wait} s"
+            return answer[0]
         finally:
             node.destroy_client(client)
 

@@ -122,6 +122,22 @@ def drops(d: Daemon) -> dict[str, int]:
     return {k: int(v) for k, v in d.counters().items() if k not in NOT_DROPS}
 
 
+def assert_no_drops(daemons: dict[str, Daemon], since: dict[str, dict[str, int]], *, staged: int = 0) -> None:
+    """No drop on any daemon since ``since`` (its :func:`drops` snapshots), with two exceptions.
+
+    Up to ``staged`` packets counted no_session: sent before the session was up, they were held for the
+    handshake ("could not send yet", docs/SECURITY.md), so a test that sends while setting up passes how
+    many it sent.  And 'replay' at a responder, at most one per received initiation pair: one initiation
+    goes to every candidate endpoint (an IPv4 address and a beacon's link-local, say), and the second
+    copy counts as a replay.
+    """
+    for name, d in daemons.items():
+        got = delta(since[name], drops(d))
+        held, replays = got.pop("no_session", 0), got.pop("replay", 0)
+        assert got == {} and held <= staged, (name, got, held, staged)
+        assert replays <= d.counters()["handshakes_received"] // 2, (name, replays)
+
+
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {
         k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after) if after.get(k, 0) != before.get(k, 0)

@@ -23,6 +23,7 @@ engine passes in, and those calls are rate-limited per peer.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -81,6 +82,7 @@ _VNET = struct.Struct("<BBHHHH")
 _SUPER_BYTE = bytes((MSG_DATA_SUPER,))
 _DATA_WORD = _U32.pack(MSG_DATA)
 _U64 = struct.Struct("<Q")
+_DONTWAIT = socket.MSG_DONTWAIT  # the UDP socket is blocking for its receiver: a lone send must never wait
 #: How often (seconds) the datapath may ask the loop for a handshake for the same peer.
 _HANDSHAKE_NUDGE_INTERVAL = 0.05
 
@@ -150,7 +152,7 @@ class Datapath:
         #: paths call them directly instead of going through the hooks' general batch calls (issue #6).
         #: ``sendto`` is the socket's bare send, taking the address ``sockaddr`` made of an endpoint (kept in
         #: the peer's :class:`Lane`); when it fails (full buffer, path error) the hooks' careful send takes over.
-        self.sendto: Callable[[bytes, Any], object] | None = None
+        self.sendto: Callable[[bytes, int, Any], object] | None = None
         self.sockaddr: Callable[[Endpoint], Any] | None = None
         self.write_direct: Callable[[bytes], None] | None = None
         #: Given (on the TUN thread) the error that stopped the TUN reader while the device was not closed by
@@ -307,7 +309,7 @@ class Datapath:
         sent = False
         if self.sendto is not None:
             try:
-                self.sendto(datagram, lane.addr)
+                self.sendto(datagram, _DONTWAIT, lane.addr)
                 sent = True
             except OSError:  # a full buffer or a path error: the careful send waits for room, or counts a loss
                 pass

@@ -170,10 +170,12 @@ class UdpTransport:
         return self._sock.sockaddr(endpoint)
 
     @property
-    def raw_sendto(self) -> Callable[[bytes, Any], object]:
-        """The socket's bare ``sendto(datagram, sockaddr)``: raises on a full buffer or a path error.
+    def raw_sendto(self) -> Callable[[bytes, int, Any], object]:
+        """The socket's bare ``sendto(datagram, flags, sockaddr)``: raises on a full buffer or a path error.
 
-        For the data path's lone packets, which fall back to :meth:`send_many` when it raises.
+        For the data path's lone packets, which fall back to :meth:`send_many` when it raises.  The
+        socket is blocking (its receive thread waits inside ``recvmsg``), so ``flags`` must hold
+        ``socket.MSG_DONTWAIT``.
         """
         return self._sock.sock.sendto
 

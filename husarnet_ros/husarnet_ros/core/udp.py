@@ -62,6 +62,9 @@ RECV_BUFSIZE = 65536 + 2048  # one GRO buffer (up to 64 kB) with slack
 DATA_SEND_WAIT = 1.0
 CONTROL_SEND_WAIT = 0.05
 _CMSG_SPACE = socket.CMSG_SPACE(4)
+# The socket's file is blocking, so that the receive thread can sleep inside recvmsg (issue #6); every
+# other call on it passes this flag and so never waits.
+_DONTWAIT = socket.MSG_DONTWAIT
 _DATA_TYPES = bytes((MSG_DATA, MSG_DATA_SUPER))
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
@@ -114,6 +117,12 @@ class UdpSocket:
 
     One thread may send while another receives.  ``close`` wakes a receiver blocked in
     ``recv_batch``.
+
+    The receiver waits for a datagram inside ``recvmsg`` itself, not in ``poll`` followed by
+    ``recvmsg``: on light traffic every datagram ends a wait, and the second system call (with the
+    Python around it) was a measurable part of each hop on a CPU gone cold since the last packet
+    (issue #6).  So the socket is blocking and every call that must not wait says so with
+    ``MSG_DONTWAIT``; ``close`` ends a wait with ``shutdown``.
     """
 
     def __init__(
@@ -135,7 +144,7 @@ class UdpSocket:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, opt, bufsize)
             sock.bind((host, port))
-            sock.setblocking(False)
+            sock.setblocking(True)  # see the class docstring: only the receive thread's wait blocks
         except BaseException:
             sock.close()
             raise
@@ -249,9 +258,9 @@ class UdpSocket:
     def _sendto(self, d: bytes, addr: tuple[str, int, int, int], wait: float = DATA_SEND_WAIT) -> None:
         try:
             try:
-                self.sock.sendto(d, addr)  # the usual case first: no closure, no clock read
+                self.sock.sendto(d, _DONTWAIT, addr)  # the usual case first: no closure, no clock read
             except BlockingIOError:
-                self._retry_full(lambda: self.sock.sendto(d, addr), wait)
+                self._retry_full(lambda: self.sock.sendto(d, _DONTWAIT, addr), wait)
         except OSError as e:
             if not (self._closed or e.errno in _TRANSIENT):
                 raise
@@ -261,7 +270,7 @@ class UdpSocket:
         cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
         try:
             # The buffers go as one iovec each: the kernel gathers them, no 64 kB join in Python.
-            self._retry_full(lambda: self.sock.sendmsg(run, cmsg, 0, addr), DATA_SEND_WAIT)
+            self._retry_full(lambda: self.sock.sendmsg(run, cmsg, _DONTWAIT, addr), DATA_SEND_WAIT)
             return
         except OSError as e:
             if self._closed:
@@ -300,7 +309,7 @@ class UdpSocket:
         runs: bool = False,
         lone: Callable[[bytes, tuple], bool] | None = None,  # type: ignore[type-arg]
     ) -> list[tuple[bytes | DatagramRun, Endpoint]]:
-        """Wait up to ``timeout`` for data, then drain up to ``max_calls`` receives without blocking.
+        """Wait up to ``timeout`` (None: for ever) for data, then drain up to ``max_calls`` receives without waiting.
 
         GRO buffers are cut back into the datagrams the sender sent; with ``runs`` a buffer of
         DataSuper fragments comes whole, as a :class:`DatagramRun`.  Returns [] on timeout, after
@@ -309,7 +318,9 @@ class UdpSocket:
         reports it (:meth:`sockaddr`'s form; a link-local sender as ``(host, port, 0, scope_id)``):
         when it takes it, the wait starts again (with the whole ``timeout``).  On light traffic that
         is every datagram, and each layer between the socket and the data path costs latency on a
-        cold CPU (issue #6).
+        cold CPU (issue #6).  Without a timeout the wait is the ``recvmsg`` itself (so under load
+        the first datagram of each call counts as having ended a wait), and after a datagram ``lone``
+        took the thread goes straight back to it: no receive that fails, no exception, before it sleeps.
         """
         if self._closed:
             return []
@@ -319,12 +330,14 @@ class UdpSocket:
         gro = self.gro
         calls = 0
         waited = False
+        wait_in_kernel = timeout is None
+        flags = 0 if wait_in_kernel else _DONTWAIT
         while calls < max_calls:
             try:
                 if gro:
-                    data, anc, _flags, raw = recvmsg(RECV_BUFSIZE, _CMSG_SPACE)
+                    data, anc, _flags, raw = recvmsg(RECV_BUFSIZE, _CMSG_SPACE, flags)
                 else:
-                    data, raw = sock.recvfrom(RECV_BUFSIZE)
+                    data, raw = sock.recvfrom(RECV_BUFSIZE, flags)
                     anc = None
             except BlockingIOError:
                 if out or waited:
@@ -339,6 +352,11 @@ class UdpSocket:
                 if e.errno in _TRANSIENT:  # ICMP error from an earlier send: not about this receive
                     continue
                 raise
+            if not flags:  # this receive could wait: the next ones of this call must not
+                if self._closed:  # close() ended the wait (shutdown)
+                    return out
+                flags = _DONTWAIT
+                waited = True
             calls += 1
             if waited and lone is not None and not anc:
                 try:
@@ -348,6 +366,8 @@ class UdpSocket:
                     taken = True
                 if taken:
                     waited = False
+                    if wait_in_kernel:
+                        flags = 0
                     continue
             ep = self._peer(raw)
             seg = 0
@@ -382,6 +402,10 @@ class UdpSocket:
                 return
             self._closed = True
             self._waiter.wake()
+            # A receiver waiting inside recvmsg wakes on shutdown (an unconnected socket reports ENOTCONN
+            # but is shut down all the same); closing alone would leave it asleep.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RD)
             self.sock.close()
             self._waiter.close()
 

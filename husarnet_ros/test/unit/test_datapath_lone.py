@@ -8,6 +8,7 @@ must give the same verdict: what is delivered or sent, which drop counter moves,
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 from types import SimpleNamespace
@@ -371,9 +372,14 @@ def sockaddr(endpoint: tuple[str, int]) -> tuple[str, int, int, int]:
 
 
 def wire_socket(side: Side) -> list[tuple[bytes, object]]:
-    """The engine's wiring for a UDP socket: the bare sendto and the address form it takes."""
+    """The engine's wiring for a UDP socket: the bare sendto (never waiting) and the address form it takes."""
     bare: list[tuple[bytes, object]] = []
-    side.dp.sendto = lambda d, addr: bare.append((d, addr))
+
+    def sendto(d: bytes, flags: int, addr: object) -> None:
+        assert flags & socket.MSG_DONTWAIT, "the socket is blocking for its receiver: a lone send must not wait"
+        bare.append((d, addr))
+
+    side.dp.sendto = sendto
     side.dp.sockaddr = sockaddr
     return bare
 
@@ -401,7 +407,7 @@ def test_lone_packets_use_the_bare_socket_and_tun_calls_when_wired(side: Side) -
 def test_a_bare_send_that_fails_is_retried_the_careful_way(side: Side) -> None:
     """A full socket buffer or a path error: the hooks' send (UdpTransport.send_many) waits or counts a loss."""
 
-    def full(d: bytes, addr: object) -> None:
+    def full(d: bytes, flags: int, addr: object) -> None:
         raise BlockingIOError
 
     side.dp.sendto = full

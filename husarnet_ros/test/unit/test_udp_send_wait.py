@@ -143,13 +143,22 @@ def test_the_receive_thread_offers_lone_datagrams_to_on_lone_first() -> None:
             done.set()
 
     waiting = threading.Event()
-    wait_readable = t._sock._wait_readable
 
-    def note_wait(timeout: float | None) -> bool:
-        waiting.set()
-        return wait_readable(timeout)
+    class NoteWait:
+        """The socket, but a receive that may wait (no MSG_DONTWAIT: the thread sleeps in it) is noted first."""
 
-    t._sock._wait_readable = note_wait  # type: ignore[method-assign]
+        def __init__(self, real: socket.socket) -> None:
+            self.real = real
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+        def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> tuple:  # type: ignore[type-arg]
+            if not flags & socket.MSG_DONTWAIT:
+                waiting.set()
+            return self.real.recvmsg(bufsize, ancbufsize, flags)
+
+    t._sock.sock = NoteWait(t._sock.sock)  # type: ignore[assignment]
     t.start(lambda d, ep: None, on_batch, on_lone)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tx.bind(("127.0.0.1", 0))

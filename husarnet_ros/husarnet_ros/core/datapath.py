@@ -970,6 +970,9 @@ class Datapath:
         self.mtu = tun.mtu
         self.fragment_size = fragment_payload(tun.mtu)
         lock = self._tun_send_lock
+        skip = VNET_HDR_LEN if tun.vnet_hdr else 0
+        send_lone = self._send_lone
+        read_one = tun.read_one
         woke = False
         while True:
             try:
@@ -977,13 +980,20 @@ class Datapath:
                 # (_send_answer), and the lock keeps what leaves in the order the TUN gave it.  A read
                 # that ends a wait is taken alone: after idle it almost always is, and a drain attempt
                 # (a failing read) would sit on its path on a cold CPU; under load reads do not wait,
-                # so batches still form.
+                # so batches still form.  The lone send is called from here directly: on a cold CPU
+                # each call layer on the way to the socket costs latency (issue #6).
                 with lock:
                     if woke:
-                        buf = tun.read_one()
+                        buf = read_one()
                         got = buf is not None
                         if got:
-                            self._send_read(buf)
+                            try:
+                                sent = send_lone(buf, skip)
+                            except Exception:
+                                log.exception("sending a TUN read failed")
+                                sent = True
+                            if not sent:
+                                self._send_read_slow(buf)
                     else:
                         reads = tun.read_ready(64)
                         got = bool(reads)
@@ -1009,13 +1019,10 @@ class Datapath:
         except Exception:
             log.exception("reporting the TUN failure failed")
 
-    def _send_read(self, buf: bytes) -> None:
-        """One TUN read on its own (it ended a wait, or answers a packet just written): the lone path first."""
+    def _send_read_slow(self, buf: bytes) -> None:
+        """One TUN read on its own that :meth:`_send_lone` declined: the batch loop's rules for it."""
         try:
-            vnet = self._tun.vnet_hdr
-            if self._send_lone(buf, VNET_HDR_LEN if vnet else 0):
-                return
-            if vnet:
+            if self._tun.vnet_hdr:
                 self._send_read_batch([buf])
             else:
                 self._send_batch([buf], {}, [])
@@ -1045,11 +1052,15 @@ class Datapath:
         if not lock.acquire(blocking=False):
             return
         try:
-            buf = self._tun.read_one()
-            if buf is not None:
-                self._send_read(buf)
-        except Exception:  # TunError once closed: the TUN thread ends on its own
-            return
+            tun = self._tun
+            try:
+                buf = tun.read_one()
+            except Exception:  # TunError once closed: the TUN thread ends on its own
+                return
+            if buf is not None and not self._send_lone(buf, VNET_HDR_LEN if tun.vnet_hdr else 0):
+                self._send_read_slow(buf)
+        except Exception:
+            log.exception("sending a TUN answer failed")
         finally:
             lock.release()
 

@@ -318,9 +318,10 @@ class UdpSocket:
         reports it (:meth:`sockaddr`'s form; a link-local sender as ``(host, port, 0, scope_id)``):
         when it takes it, the wait starts again (with the whole ``timeout``).  On light traffic that
         is every datagram, and each layer between the socket and the data path costs latency on a
-        cold CPU (issue #6).  Without a timeout the wait is the ``recvmsg`` itself (so under load
-        the first datagram of each call counts as having ended a wait), and after a datagram ``lone``
-        took the thread goes straight back to it: no receive that fails, no exception, before it sleeps.
+        cold CPU (issue #6).  Without a timeout the wait is the ``recvmsg`` itself, and after a datagram
+        ``lone`` took the thread goes straight back to it: no receive that fails, no exception, before
+        it sleeps.  Each call still starts with a receive that does not wait, so under load (data
+        already queued) datagrams are gathered into batches as before.
         """
         if self._closed:
             return []
@@ -331,7 +332,7 @@ class UdpSocket:
         calls = 0
         waited = False
         wait_in_kernel = timeout is None
-        flags = 0 if wait_in_kernel else _DONTWAIT
+        flags = _DONTWAIT
         while calls < max_calls:
             try:
                 if gro:
@@ -342,6 +343,9 @@ class UdpSocket:
             except BlockingIOError:
                 if out or waited:
                     return out
+                if wait_in_kernel:
+                    flags = 0
+                    continue
                 if not self._wait_readable(timeout):
                     return out
                 waited = True

@@ -117,6 +117,49 @@ def test_a_datagram_that_ended_a_wait_comes_alone_and_a_backlog_comes_as_one_bat
         rx.close()
 
 
+def test_without_a_timeout_the_wait_is_the_receive_itself_and_a_backlog_still_batches() -> None:
+    """The receive thread's mode (timeout None): it sleeps inside the receive, with the same batching rule."""
+    import socket
+
+    rx = udp.UdpSocket(0, "::ffff:127.0.0.1", gso=False, gro=False)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dest = ("127.0.0.1", rx.local_port)
+    waits: list[int] = []
+
+    class ArriveDuringWait:
+        """The socket, but a receive that may wait first lets three datagrams arrive (and is counted)."""
+
+        def __init__(self, real: socket.socket) -> None:
+            self.real = real
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+        def recvfrom(self, bufsize: int, flags: int = 0) -> tuple:  # type: ignore[type-arg]
+            if not flags & socket.MSG_DONTWAIT:
+                waits.append(flags)
+                for i in range(3):
+                    tx.sendto(b"w%d" % i, dest)
+                time.sleep(0.05)
+            return self.real.recvfrom(bufsize, flags)
+
+    try:
+        for i in range(3):  # queued before the call: one batch, and no receive waited for them
+            tx.sendto(b"q%d" % i, dest)
+        time.sleep(0.05)
+        rx.sock = ArriveDuringWait(rx.sock)  # type: ignore[assignment]
+        assert [d for d, _ in rx.recv_batch(None)] == [b"q0", b"q1", b"q2"]
+        assert waits == []
+        # The socket is empty now: the call sleeps in the receive; what ended the wait comes alone.
+        assert [d for d, _ in rx.recv_batch(None)] == [b"w0"]
+        assert len(waits) == 1
+        assert [d for d, _ in rx.recv_batch(None)] == [b"w1", b"w2"]  # queued: gathered without waiting
+        assert len(waits) == 1
+    finally:
+        tx.close()
+        rx.close()
+
+
 def test_the_receive_thread_offers_lone_datagrams_to_on_lone_first() -> None:
     """UdpTransport: what ``on_lone`` accepts never reaches the batch handler; what it declines does."""
     import socket

@@ -12,9 +12,15 @@ tight loop (``--cold``): on these shared virtual machines everything a thread to
 gap runs from cold caches, so the latency of light traffic is set by how much code each hop runs,
 not by the per-packet cost a throughput test sees.
 
+``--compare`` traces wireguard-go and this overlay the same way, each on its own pair, and splits
+each round trip at the points both tunnels share, whatever their threads: when the echo request is
+read from A's TUN, sent by A, received by B, written to B's TUN; the same for the reply; then when
+the kernel wakes ``ping`` and when ``ping`` gets a CPU.  That last gap is the time the CPU ``ping`` was
+woken on stayed busy with another thread, e.g. a tunnel thread still working after its send.
+
 Tracing slows every system call, so the absolute numbers are larger than ``make bench``'s; compare
 hops and runs with each other.  Needs root and ``perf``.  Usage: ``bench/latency_trace.py [--pings N]
-[--cold]``.
+[--cold] [--compare]``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as c
+import latency_ab
 
 _EVENTS = "sched:sched_switch,sched:sched_wakeup,raw_syscalls:sys_enter,raw_syscalls:sys_exit"
 _LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[\d+\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
@@ -167,6 +174,109 @@ def trace(pings: int) -> int:
     return 0
 
 
+# Where both tunnels' round trips can be cut: (side, event, system calls) in the order a round trip
+# passes them; a read or receive counts when it returned data, a write or send when it started.
+STAGES = (
+    ("A", "exit", (_READ,), "A reads the request from its TUN"),
+    ("A", "enter", (_SENDTO, 46), "A sends it"),
+    ("B", "exit", (_RECVMSG,), "B receives it"),
+    ("B", "enter", (_WRITE,), "B writes it to its TUN"),
+    ("B", "exit", (_READ,), "B reads the reply from its TUN"),
+    ("B", "enter", (_SENDTO, 46), "B sends it"),
+    ("A", "exit", (_RECVMSG,), "A receives it"),
+    ("A", "enter", (_WRITE,), "A writes it to its TUN"),
+)
+_EVENTS_CMP = "sched:sched_switch,sched:sched_wakeup," + _EVENTS.split(",", 2)[2]
+_LINE_CPU = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[\d+\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
+
+
+def stage_times(script_output: str, side_pids: dict[str, int]) -> list[list[float]]:
+    """Per complete round trip: ping's send, the STAGES, ping woken, ping on a CPU, ping's receive (us)."""
+    side_of = {pid: side for side, pid in side_pids.items()}
+    trips: list[list[float]] = []
+    cur: list[float] | None = None
+    for line in script_output.splitlines():
+        m = _LINE_CPU.match(line)
+        if m is None:
+            continue
+        comm, pid, _tid, t_s, event, rest = m.groups()
+        t = float(t_s) * 1e6
+        nr = _nr(rest)
+        if comm == "ping" and event.endswith("sys_enter") and nr == _SENDTO:
+            cur = [t]
+            continue
+        if cur is None:
+            continue
+        n = len(cur) - 1  # stages passed so far
+        if n < len(STAGES):
+            side, kind, calls = STAGES[n][:3]
+            ok = side_of.get(int(pid)) == side and event.endswith("sys_" + kind) and nr in calls
+            if ok and kind == "exit":
+                ret = re.search(r"= (-?\d+)", rest)
+                ok = ret is not None and int(ret.group(1)) > 0
+            if ok:
+                cur.append(t)
+        elif n < len(STAGES) + 2:  # the kernel wakes ping, then ping gets a CPU
+            woken = n == len(STAGES)
+            if (
+                event.endswith("sched_wakeup" if woken else "sched_switch")
+                and ("comm=ping" if woken else "next_comm=ping") in rest
+            ):
+                cur.append(t)
+        elif n == len(STAGES) + 2 and comm == "ping" and event.endswith("sys_exit") and nr == _RECVMSG:
+            trips.append([*cur, t])
+            cur = None
+    return trips
+
+
+def compare(pings: int) -> int:
+    """Trace wireguard-go and the overlay the same way and print each round trip's stages side by side."""
+    why = c.have_wireguard_go()
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    names = [f"{i}. {stage[3]}" for i, stage in enumerate(STAGES, 1)]
+    names += ["the kernel wakes ping", "ping gets a CPU", "ping has the reply"]
+    medians: dict[str, list[float]] = {}
+    with c.Lab(tag="latcmp") as lab:
+        for i, config in enumerate(("wg", "ours")):
+            run = latency_ab.Running(lab, c.make_pair(lab, tag=f"cmp{i}"), config)
+            try:
+                side_pids = {"A": run.daemons[0].proc.pid, "B": run.daemons[1].proc.pid} if run.daemons else {}
+                if not side_pids:  # wireguard-go: one process per side, A's started first
+                    side_pids = {"A": run.procs[0].pid, "B": run.procs[1].pid}
+                    side_pids = {k: max(c.descendants(v)) for k, v in side_pids.items()}
+                with tempfile.TemporaryDirectory() as tmp:
+                    data = os.path.join(tmp, "perf.data")
+                    perf = subprocess.Popen(
+                        ["perf", "record", "-q", "-a", "-o", data, "-e", _EVENTS_CMP],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    time.sleep(1.0)
+                    avg, _p99 = run.ping(pings)
+                    perf.send_signal(2)
+                    perf.wait(timeout=60)
+                    script = subprocess.run(
+                        ["perf", "script", "-i", data, "-F", "comm,pid,tid,cpu,time,event,trace"],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    ).stdout
+            finally:
+                run.stop()
+            trips = stage_times(script, side_pids)
+            print(f"{config}: ping under tracing avg {avg:.3f} ms; {len(trips)} of {pings} round trips complete")
+            if not trips:
+                return 1
+            medians[config] = [statistics.median(t[k + 1] - t[k] for t in trips) for k in range(len(names))]
+            medians[config].append(statistics.median(t[-1] - t[0] for t in trips))
+    print(f"\n{'median us, from the previous stage to':42s} {'wireguard-go':>12s} {'husarnet_ros':>12s}")
+    for k, name in enumerate([*names, "round trip"]):
+        print(f"  {name:40s} {medians['wg'][k]:12.1f} {medians['ours'][k]:12.1f}")
+    return 0
+
+
 def cold() -> None:
     """One AES-GCM seal of 104 bytes, hot versus after an idle gap of the calling thread."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -188,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pings", type=int, default=100)
     p.add_argument("--cold", action="store_true", help="also measure cold versus hot AEAD calls")
+    p.add_argument("--compare", action="store_true", help="trace wireguard-go and the overlay stage by stage")
     args = p.parse_args(argv)
     if args.cold:
         cold()
@@ -197,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("perf") is None:
         print("latency_trace needs perf (Debian: apt install linux-perf)", file=sys.stderr)
         return 2
-    return trace(args.pings)
+    return compare(args.pings) if args.compare else trace(args.pings)
 
 
 if __name__ == "__main__":

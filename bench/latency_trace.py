@@ -26,6 +26,7 @@ hops and runs with each other.  Needs root and ``perf``.  Usage: ``bench/latency
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shutil
@@ -34,12 +35,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as c
 import latency_ab
+
+T = TypeVar("T")
 
 _EVENTS = "sched:sched_switch,sched:sched_wakeup,raw_syscalls:sys_enter,raw_syscalls:sys_exit"
 _LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[\d+\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
@@ -73,6 +78,12 @@ def _nr(rest: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _returned_data(rest: str) -> bool:
+    """True for a system call exit that returned a positive count (not a failed, empty receive)."""
+    m = re.search(r"= (-?\d+)", rest)
+    return m is not None and int(m.group(1)) > 0
+
+
 def roles(events: list[tuple[float, str, str, str, str]], pids: list[int]) -> dict[str, str]:
     """Which thread of each daemon reads the TUN (most reads) and which receives UDP (most recvmsg)."""
     counts: dict[tuple[str, str], dict[int, int]] = {}
@@ -97,14 +108,15 @@ def split_round_trips(events: list[tuple[float, str, str, str, str]], role: dict
     write (``Datapath._send_answer``); when B's TUN thread was quicker, from that one: either counts.
     """
     by_tid = {tid: name for name, tid in role.items()}
-    # (thread, exit of poll | enter of the send/write that ends its work) for each stage, in order.
+    # (thread, the wake: exit of the TUN thread's poll or of a UDP receive that returned data | enter of
+    # the send/write that ends its work) for each stage, in order.  The UDP thread sleeps inside recvmsg.
     wanted = [
         ("Atun", "exit", _POLL),
         ("Atun", "enter", _SENDTO),
-        ("Budp", "exit", _POLL),
+        ("Budp", "exit", _RECVMSG),
         ("Budp", "enter", _WRITE),
         ("B", "enter", _SENDTO),
-        ("Audp", "exit", _POLL),
+        ("Audp", "exit", _RECVMSG),
         ("Audp", "enter", _WRITE),
     ]
     trips: list[list[float]] = []
@@ -122,14 +134,39 @@ def split_round_trips(events: list[tuple[float, str, str, str, str]], role: dict
         if cur is None or len(cur) > 7:
             continue
         name, kind, want = wanted[len(cur) - 1]
-        if by_tid.get(tid, "").startswith(name) and event.endswith("sys_" + kind) and nr == want:
+        mine = by_tid.get(tid, "").startswith(name) and event.endswith("sys_" + kind) and nr == want
+        if mine and (want != _RECVMSG or _returned_data(rest)):
             cur.append(t)
     return trips
 
 
+def recorded(events: str, work: Callable[[], T]) -> tuple[T, str]:
+    """``work()``'s result and ``perf script``'s text of ``events`` recorded on all CPUs while it ran."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "perf.data")
+        perf = subprocess.Popen(
+            ["perf", "record", "-q", "-a", "-o", data, "-e", events],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # perf is recording by then
+        try:
+            result = work()
+        finally:
+            perf.send_signal(2)
+            perf.wait(timeout=60)
+        script = subprocess.run(
+            ["perf", "script", "-i", data, "-F", "comm,pid,tid,cpu,time,event,trace"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return result, script
+
+
 def trace(pings: int) -> int:
     lab_ctx = c.Lab(tag="lattrace")
-    with lab_ctx as lab, tempfile.TemporaryDirectory() as tmp:
+    with lab_ctx as lab:
         pair = c.make_pair(lab)
         sa, sb = lab.tmp / "ov-a", lab.tmp / "ov-b"
         addr_a, addr_b = lab.daemon_address(sa), lab.daemon_address(sb)
@@ -143,22 +180,7 @@ def trace(pings: int) -> int:
                 print("the overlay did not pass a ping in 20 s", file=sys.stderr)
                 return 1
             pids = [d.proc.pid for d in daemons]
-            data = os.path.join(tmp, "perf.data")
-            perf = subprocess.Popen(
-                ["perf", "record", "-q", "-a", "-o", data, "-e", _EVENTS],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1.0)
-            avg, p99, _loss = c.ping(lab, pair.a, addr_b, pings)
-            perf.send_signal(2)
-            perf.wait(timeout=60)
-            script = subprocess.run(
-                ["perf", "script", "-i", data, "-F", "comm,pid,tid,cpu,time,event,trace"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
+            (avg, p99, _loss), script = recorded(_EVENTS, lambda: c.ping(lab, pair.a, addr_b, pings))
         finally:
             for d in daemons:
                 d.stop()
@@ -212,8 +234,7 @@ def stage_times(script_output: str, side_pids: dict[str, int]) -> list[list[floa
             side, kind, calls = STAGES[n][:3]
             ok = side_of.get(int(pid)) == side and event.endswith("sys_" + kind) and nr in calls
             if ok and kind == "exit":
-                ret = re.search(r"= (-?\d+)", rest)
-                ok = ret is not None and int(ret.group(1)) > 0
+                ok = _returned_data(rest)
             if ok:
                 cur.append(t)
         elif n < len(STAGES) + 2:  # the kernel wakes ping, then ping gets a CPU
@@ -246,23 +267,7 @@ def compare(pings: int) -> int:
                 if not side_pids:  # wireguard-go: one process per side, A's started first
                     side_pids = {"A": run.procs[0].pid, "B": run.procs[1].pid}
                     side_pids = {k: max(c.descendants(v)) for k, v in side_pids.items()}
-                with tempfile.TemporaryDirectory() as tmp:
-                    data = os.path.join(tmp, "perf.data")
-                    perf = subprocess.Popen(
-                        ["perf", "record", "-q", "-a", "-o", data, "-e", _EVENTS_CMP],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                    time.sleep(1.0)
-                    avg, _p99 = run.ping(pings)
-                    perf.send_signal(2)
-                    perf.wait(timeout=60)
-                    script = subprocess.run(
-                        ["perf", "script", "-i", data, "-F", "comm,pid,tid,cpu,time,event,trace"],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                    ).stdout
+                (avg, _p99), script = recorded(_EVENTS_CMP, functools.partial(run.ping, pings))
             finally:
                 run.stop()
             trips = stage_times(script, side_pids)

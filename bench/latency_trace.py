@@ -49,7 +49,7 @@ T = TypeVar("T")
 _EVENTS = "sched:sched_switch,sched:sched_wakeup,raw_syscalls:sys_enter,raw_syscalls:sys_exit"
 _LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[\d+\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
 # x86-64 system call numbers the daemons' data threads use.
-_READ, _WRITE, _POLL, _SENDTO, _RECVMSG = 0, 1, 7, 44, 47
+_READ, _WRITE, _POLL, _SENDTO, _SENDMSG, _RECVMSG = 0, 1, 7, 44, 46, 47
 HOPS = (
     "kernel -> A tun wake",
     "A tun work (read .. send)",
@@ -200,31 +200,25 @@ def trace(pings: int) -> int:
 # passes them; a read or receive counts when it returned data, a write or send when it started.
 STAGES = (
     ("A", "exit", (_READ,), "A reads the request from its TUN"),
-    ("A", "enter", (_SENDTO, 46), "A sends it"),
+    ("A", "enter", (_SENDTO, _SENDMSG), "A sends it"),
     ("B", "exit", (_RECVMSG,), "B receives it"),
     ("B", "enter", (_WRITE,), "B writes it to its TUN"),
     ("B", "exit", (_READ,), "B reads the reply from its TUN"),
-    ("B", "enter", (_SENDTO, 46), "B sends it"),
+    ("B", "enter", (_SENDTO, _SENDMSG), "B sends it"),
     ("A", "exit", (_RECVMSG,), "A receives it"),
     ("A", "enter", (_WRITE,), "A writes it to its TUN"),
 )
-_EVENTS_CMP = "sched:sched_switch,sched:sched_wakeup," + _EVENTS.split(",", 2)[2]
-_LINE_CPU = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[\d+\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
 
 
-def stage_times(script_output: str, side_pids: dict[str, int]) -> list[list[float]]:
+def stage_times(events: list[tuple[float, str, str, str, str]], side_pids: dict[str, int]) -> list[list[float]]:
     """Per complete round trip: ping's send, the STAGES, ping woken, ping on a CPU, ping's receive (us)."""
     side_of = {pid: side for side, pid in side_pids.items()}
     trips: list[list[float]] = []
     cur: list[float] | None = None
-    for line in script_output.splitlines():
-        m = _LINE_CPU.match(line)
-        if m is None:
-            continue
-        comm, pid, _tid, t_s, event, rest = m.groups()
-        t = float(t_s) * 1e6
+    for t, pid, _tid, event, rest in events:
         nr = _nr(rest)
-        if comm == "ping" and event.endswith("sys_enter") and nr == _SENDTO:
+        is_ping = rest.startswith("ping ")  # parse() marks ping's own events so
+        if is_ping and event.endswith("sys_enter") and nr == _SENDTO:
             cur = [t]
             continue
         if cur is None:
@@ -244,7 +238,7 @@ def stage_times(script_output: str, side_pids: dict[str, int]) -> list[list[floa
                 and ("comm=ping" if woken else "next_comm=ping") in rest
             ):
                 cur.append(t)
-        elif n == len(STAGES) + 2 and comm == "ping" and event.endswith("sys_exit") and nr == _RECVMSG:
+        elif n == len(STAGES) + 2 and is_ping and event.endswith("sys_exit") and nr == _RECVMSG:
             trips.append([*cur, t])
             cur = None
     return trips
@@ -263,14 +257,13 @@ def compare(pings: int) -> int:
         for i, config in enumerate(("wg", "ours")):
             run = latency_ab.Running(lab, c.make_pair(lab, tag=f"cmp{i}"), config)
             try:
-                side_pids = {"A": run.daemons[0].proc.pid, "B": run.daemons[1].proc.pid} if run.daemons else {}
-                if not side_pids:  # wireguard-go: one process per side, A's started first
-                    side_pids = {"A": run.procs[0].pid, "B": run.procs[1].pid}
-                    side_pids = {k: max(c.descendants(v)) for k, v in side_pids.items()}
-                (avg, _p99), script = recorded(_EVENTS_CMP, functools.partial(run.ping, pings))
+                # One process per side, A's started first (through ``ip netns exec``, which may fork).
+                procs = [d.proc for d in run.daemons] or run.procs
+                side_pids = {side: max(c.descendants(p.pid)) for side, p in zip("AB", procs, strict=True)}
+                (avg, _p99), script = recorded(_EVENTS, functools.partial(run.ping, pings))
             finally:
                 run.stop()
-            trips = stage_times(script, side_pids)
+            trips = stage_times(parse(script), side_pids)
             print(f"{config}: ping under tracing avg {avg:.3f} ms; {len(trips)} of {pings} round trips complete")
             if not trips:
                 return 1

@@ -138,6 +138,7 @@ class Datapath:
         self.clock = clock
         self.wallclock = wallclock
         self._tun: Any = None
+        self._tun_skip = 0
         self._tun_thread: threading.Thread | None = None
         self._nudged: dict[bytes, float] = {}
         #: Super-packet mode (:mod:`superpacket`): on iff this node can take super-packets (TUN offload)
@@ -962,6 +963,7 @@ class Datapath:
     def start_tun(self, tun: Any) -> None:
         """Start the thread that reads the TUN in batches and sends what it reads."""
         self._tun = tun
+        self._tun_skip = VNET_HDR_LEN if tun.vnet_hdr else 0  # what _send_lone skips of each read
         self._tun_thread = threading.Thread(target=self._tun_loop, name=f"tun-rx:{tun.name}", daemon=True)
         self._tun_thread.start()
 
@@ -970,7 +972,7 @@ class Datapath:
         self.mtu = tun.mtu
         self.fragment_size = fragment_payload(tun.mtu)
         lock = self._tun_send_lock
-        skip = VNET_HDR_LEN if tun.vnet_hdr else 0
+        skip = self._tun_skip
         send_lone = self._send_lone
         read_one = tun.read_one
         woke = False
@@ -1052,12 +1054,11 @@ class Datapath:
         if not lock.acquire(blocking=False):
             return
         try:
-            tun = self._tun
             try:
-                buf = tun.read_one()
+                buf = self._tun.read_one()
             except Exception:  # TunError once closed: the TUN thread ends on its own
                 return
-            if buf is not None and not self._send_lone(buf, VNET_HDR_LEN if tun.vnet_hdr else 0):
+            if buf is not None and not self._send_lone(buf, self._tun_skip):
                 self._send_read_slow(buf)
         except Exception:
             log.exception("sending a TUN answer failed")

@@ -298,3 +298,39 @@ def test_a_tun_set_down_and_up_again_is_reported_and_gets_its_address_back(tmp_p
     finally:
         for d in daemons:
             d.stop()
+
+
+def test_path_warmer_runs_while_traffic_flows_stops_when_idle_and_can_be_switched_off(tmp_path, namespaces):
+    """Issue #6: the shadow packets of the path warmer run beside real traffic, never instead of it."""
+    sa, sb = tmp_path / "a", tmp_path / "b"
+    addr_a, addr_b = print_address(sa), print_address(sb)
+    daemons: list[Daemon] = []
+    try:
+        daemons.append(Daemon(NS_A, sa, ["--peer", f"{addr_b}@{IP_B}:5582", "--whitelist", addr_b]))
+        daemons.append(Daemon(NS_B, sb, ["--whitelist", addr_a, "--warm-interval", "0"]))
+        a, b = daemons
+        assert wait_until(
+            lambda: in_ns(NS_A, "ping", "-6", "-c", "1", "-W", "2", addr_b, check=False).returncode == 0, 30, 0.5
+        ), control(a.ctl, "counters")
+        ping = in_ns(NS_A, "ping", "-6", "-c", "40", "-i", "0.05", "-W", "2", addr_b, check=False)
+        assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout
+        during = control(a.ctl, "status")["status"]["warm_rounds"]
+        assert during > 0  # A warmed while the pings flowed ...
+        assert control(b.ctl, "status")["status"]["warm_rounds"] == 0  # ... B, switched off, never did
+        # Idle for longer than the warmer's one second: it stops working.
+        time.sleep(1.5)
+        settled = control(a.ctl, "status")["status"]["warm_rounds"]
+        time.sleep(1.0)
+        assert control(a.ctl, "status")["status"]["warm_rounds"] == settled
+        # Nothing the shadow did reached the real path: no receive rule refused anything, and the traffic
+        # counters hold the real packets (the shadow's thousands of rounds would show).
+        refused = ("malformed", "bad_mac", "replay", "too_old", "expired", "unknown_peer", "bad_inner_src")
+        for d in daemons:
+            counters = control(d.ctl, "counters")["counters"]
+            assert {k: counters[k] for k in refused if counters[k]} == {}, counters
+            assert 41 <= counters["rx_packets"] < 200 and 41 <= counters["tx_packets"] < 200, counters
+        for d in daemons:
+            assert d.stop() == 0
+    finally:
+        for d in daemons:
+            d.stop()

@@ -98,6 +98,8 @@ def test_every_parameter_is_declared_with_a_description(node: HusarnetNode) -> N
         ("udp_port", 70000),
         ("mtu", 576),
         ("publish_period", 0.0),
+        ("warm_interval_ms", 0.2),  # within the descriptor's 0..100, under the 0.5 ms floor
+        ("warm_interval_ms", 500.0),
         ("whitelist", ["198.18.0.1"]),
         ("whitelist", ["fc94::1 bad_name!"]),
         ("peers", ["fc94::1@nowhere"]),
@@ -131,8 +133,11 @@ def test_good_parameter_values_are_accepted(node: HusarnetNode) -> None:
         Parameter("peers", value=[f"[{PEER.address_str}]@[fd00::2]:5582"]),
         Parameter("udp_port", value=5583),
         Parameter("publish_period", value=0.5),
+        Parameter("warm_interval_ms", value=0.0),  # off
+        Parameter("warm_interval_ms", value=5.0),
     ]
     assert all(r.successful for r in node.set_parameters(good))
+    assert node.get_parameter("warm_interval_ms").value == 5.0
     assert node.get_parameter("hostname").value == "robot-1"
 
 

@@ -1,0 +1,215 @@
+"""The path warmer (issue #6): a shadow packet through the real lone paths, and only while light traffic flows."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from husarnet_ros.core.constants import Timers
+from husarnet_ros.core.counters import Counters
+from husarnet_ros.core.datapath import Datapath
+from husarnet_ros.core.engine import Engine, EngineConfig, EngineError
+from husarnet_ros.core.session import CIPHER_AES, CIPHER_CHACHA
+from husarnet_ros.core.warmer import PathWarmer, ShadowPair, check_interval
+from husarnet_ros.daemon import build_parser, config_from_args
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def shadow(clock: Clock | None = None, **kw: object) -> ShadowPair:
+    kw.setdefault("vnet_hdr", True)
+    kw.setdefault("mtu", 1371)
+    return ShadowPair(clock=clock or time.monotonic, wallclock=time.time, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("vnet_hdr", [True, False])
+@pytest.mark.parametrize("cipher", [CIPHER_AES, CIPHER_CHACHA])
+@pytest.mark.parametrize("super_packets", [True, False])
+def test_a_round_goes_through_the_real_lone_paths(vnet_hdr: bool, cipher: str, super_packets: bool) -> None:
+    sh = shadow(vnet_hdr=vnet_hdr, cipher=cipher, super_packets=super_packets)
+    # The shadow nodes are real data paths: the round calls the very methods a light packet takes.
+    assert type(sh.a) is Datapath and type(sh.b) is Datapath
+    for n in (1, 2, 3):
+        assert sh.round()
+        assert sh.delivered == n
+        assert sh.a.counters["tx_packets"] == n and sh.b.counters["rx_packets"] == n
+    # Sealed and opened: what crossed was a Data datagram, not the plaintext.
+    packet = sh._read[sh._skip :]
+    assert len(sh.sent) == 1 and sh.sent[0][:4] == b"\x04\x00\x00\x00" and packet[40:] not in sh.sent[0]
+    assert len(sh.sent[0]) == 16 + len(packet) + 16  # header, ciphertext, tag
+    drops = {k: v for k, v in sh.b.counters.snapshot().items() if v and k not in ("rx_packets", "rx_bytes")}
+    assert drops == {}
+
+
+def test_a_round_that_the_receive_rules_refuse_is_reported() -> None:
+    sh = shadow()
+    assert sh.round()
+    sh.b.peers[next(iter(sh.b.peers))].current._replay.commit(10**6)  # B's window moved far ahead
+    assert not sh.round()  # the next counter is now too old for B: refused, and said so
+    assert sh.b.counters["too_old"] == 1
+
+
+def test_shadow_keys_are_fresh_random_and_rekey_replaces_them() -> None:
+    one, two = shadow(), shadow()
+    (kp1,) = (p.current for p in one.a.peers.values())
+    assert one.round() and two.round()
+    assert one.sent[0] != two.sent[0]  # same plaintext, same counter: different keys
+    one.rekey()
+    (kp3,) = (p.current for p in one.a.peers.values())
+    assert kp3 is not kp1 and one.round()
+
+
+def test_bad_cipher_refused() -> None:
+    with pytest.raises(ValueError, match="cipher"):
+        shadow(cipher="rot13")
+
+
+class Traffic:
+    def __init__(self) -> None:
+        self.packets = 0
+
+    def __call__(self) -> int:
+        return self.packets
+
+
+def warmer(clock: Clock, traffic: Traffic, sh: ShadowPair | None = None, **kw: object) -> PathWarmer:
+    return PathWarmer(sh or shadow(clock), traffic, clock, interval=0.002, idle_after=1.0, idle_check=0.1, **kw)
+
+
+def test_tick_warms_only_while_light_traffic_flows() -> None:
+    clock, traffic = Clock(), Traffic()
+    w = warmer(clock, traffic, busy_packets=16)
+    # Idle from the start: no work, the long sleep.
+    assert w.tick() == 0.1 and w.rounds == 0
+    # A packet moved: warm, and again every interval while traffic is recent.
+    traffic.packets += 1
+    clock.now += 0.1
+    assert w.tick() == 0.002 and w.rounds == 1
+    clock.now += 0.5
+    assert w.tick() == 0.002 and w.rounds == 2
+    # Busy: the real path is hot by itself; no round, but keep the short tick.
+    traffic.packets += 500
+    clock.now += 0.002
+    assert w.tick() == 0.002 and w.rounds == 2
+    # Light again.
+    traffic.packets += 3
+    clock.now += 0.002
+    assert w.tick() == 0.002 and w.rounds == 3
+    # Nothing for longer than idle_after: back to idle.
+    clock.now += 1.5
+    assert w.tick() == 0.1 and w.rounds == 3
+
+
+def test_real_counters_sockets_and_peers_are_untouched() -> None:
+    clock, traffic = Clock(), Traffic()
+    real = Counters()
+    before = real.snapshot()
+    sh = shadow(clock)
+    w = warmer(clock, traffic, sh)
+    traffic.packets = 1
+    for _ in range(20):
+        clock.now += 0.002
+        w.tick()
+    assert w.rounds == 20
+    assert real.snapshot() == before
+    assert sh.a.sendto is not None and sh.a.sendto.__name__ == "<lambda>"  # the hand-over, not a socket
+    assert sh.b.write_direct == sh._delivered
+
+
+def test_expired_shadow_keys_are_replaced_and_warming_goes_on() -> None:
+    clock, traffic = Clock(), Traffic()
+    sh = shadow(clock, timers=Timers())
+    w = warmer(clock, traffic, sh)
+    traffic.packets = 1
+    w.tick()
+    (old,) = (p.current for p in sh.a.peers.values())
+    clock.now += Timers().reject_after_time + 1  # the keys are past their time limit: seal refuses
+    traffic.packets += 1
+    assert w.tick() == 0.002
+    (new,) = (p.current for p in sh.a.peers.values())
+    assert new is not old and w.rounds == 2 and w.running is False  # never started: tick only
+
+
+def test_a_shadow_path_that_never_goes_through_stops_the_warmer_with_a_warning(caplog) -> None:
+    clock, traffic = Clock(), Traffic()
+    sh = shadow(clock)
+    sh.round = lambda: False  # type: ignore[method-assign]
+    w = warmer(clock, traffic, sh)
+    w.start()
+    try:
+        traffic.packets = 1
+        deadline = time.monotonic() + 10
+        while w.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not w.running
+        assert "no longer goes through" in caplog.text
+        assert w.rounds == 0
+    finally:
+        w.stop()
+
+
+def test_thread_runs_rounds_and_stop_ends_it() -> None:
+    traffic = Traffic()
+    w = PathWarmer(shadow(), traffic, time.monotonic, interval=0.002)
+    w.start()
+    try:
+        assert w.running and "path-warmer" in {t.name for t in threading.enumerate()}
+        deadline = time.monotonic() + 10
+        while w.rounds < 5 and time.monotonic() < deadline:
+            traffic.packets += 1
+            time.sleep(0.01)
+        assert w.rounds >= 5
+    finally:
+        w.stop()
+    assert not w.running and "path-warmer" not in {t.name for t in threading.enumerate()}
+    w.stop()  # twice is fine
+
+
+@pytest.mark.parametrize("interval", [0.0005, 0.002, 0.1])
+def test_interval_range_accepts(interval: float) -> None:
+    check_interval(interval)
+    check_interval(0)  # off
+
+
+@pytest.mark.parametrize("interval", [-1, 0.0001, 0.5, 10])
+def test_interval_range_refuses_with_the_range(interval: float) -> None:
+    with pytest.raises(ValueError, match=r"0 \(off\) or 0.5 to 100 ms"):
+        check_interval(interval)
+
+
+def test_a_warmer_is_never_built_switched_off() -> None:
+    with pytest.raises(ValueError):
+        PathWarmer(shadow(), Traffic(), time.monotonic, interval=0)
+
+
+def test_engine_refuses_a_bad_interval_before_creating_anything(tmp_path) -> None:
+    state = tmp_path / "state"
+    eng = Engine(EngineConfig(state_dir=state, use_tun=False, lan_discovery=False, udp_port=0, warm_interval=5.0))
+    with pytest.raises(EngineError, match="warm interval"):
+        eng.start()
+    assert not state.exists()
+
+
+def test_engine_without_a_tun_has_no_warmer(tmp_path) -> None:
+    eng = Engine(EngineConfig(state_dir=tmp_path, use_tun=False, lan_discovery=False, udp_port=0))
+    eng.start()
+    try:
+        assert eng.warm_rounds == 0
+        assert "path-warmer" not in {t.name for t in threading.enumerate()}
+    finally:
+        eng.stop()
+
+
+def test_daemon_flag_is_milliseconds_and_zero_is_off(tmp_path) -> None:
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["--state-dir", str(tmp_path)])).warm_interval == pytest.approx(0.002)
+    assert config_from_args(parse(["--state-dir", str(tmp_path), "--warm-interval", "5"])).warm_interval == 0.005
+    assert config_from_args(parse(["--state-dir", str(tmp_path), "--warm-interval", "0"])).warm_interval == 0

@@ -10,7 +10,8 @@ median over rounds and in how many rounds it beat the first configuration.
 Configurations:
   wg                        wireguard-go (Debian's), as in ``make bench``
   ours                      this checkout's daemon
-  ours:VAR=VAL[,VAR=VAL]    the same with environment variables, e.g. ``ours:HUSARNET_ROS_SUPER=0``
+  ours:VAR=VAL[,VAR=VAL]    the same with environment variables, e.g. ``ours:HUSARNET_ROS_SUPER=0``, or
+                            daemon flags, e.g. ``ours:--warm-interval=0`` (the path warmer off)
   tree:PATH                 the daemon of another checkout (its repository root), e.g. a ``git worktree``
                             of an older commit
 
@@ -42,12 +43,8 @@ def daemon_env(config: str) -> dict[str, str] | None:
     """The environment a configuration's daemons get on top of the usual one (None: unchanged)."""
     kind, _, arg = config.partition(":")
     if kind == "ours":
-        if not arg:
-            return None
-        pairs = [item.partition("=") for item in arg.split(",")]
-        if any(not name or not sep for name, sep, _ in pairs):
-            raise SystemExit(f"{config!r}: expected ours:VAR=VAL[,VAR=VAL]")
-        return {name: value for name, _, value in pairs}
+        env = {name: value for name, value in _ours_items(config) if not name.startswith("--")}
+        return env or None
     if kind == "tree":
         package = Path(arg).resolve() / "husarnet_ros"
         if not (package / "husarnet_ros" / "daemon.py").is_file():
@@ -55,6 +52,24 @@ def daemon_env(config: str) -> dict[str, str] | None:
         pp = os.environ.get("PYTHONPATH", "")
         return {"PYTHONPATH": str(package) + (os.pathsep + pp if pp else "")}
     raise SystemExit(f"unknown configuration {config!r} (wg, ours, ours:VAR=VAL, tree:PATH)")
+
+
+def _ours_items(config: str) -> list[tuple[str, str]]:
+    """The ``NAME=VALUE`` items of an ``ours:...`` configuration (environment variables and ``--flags``)."""
+    arg = config.partition(":")[2]
+    if not arg:
+        return []
+    pairs = [item.partition("=") for item in arg.split(",")]
+    if any(not name or not sep for name, sep, _ in pairs):
+        raise SystemExit(f"{config!r}: expected ours:NAME=VAL[,NAME=VAL] (NAME a variable or a --flag)")
+    return [(name, value) for name, _, value in pairs]
+
+
+def daemon_options(config: str) -> dict[str, str]:
+    """A configuration's daemon flags as :meth:`Lab.start_daemon` options (``--warm-interval`` -> warm_interval)."""
+    if not config.startswith("ours"):
+        return {}
+    return {name[2:].replace("-", "_"): value for name, value in _ours_items(config) if name.startswith("--")}
 
 
 class Running:
@@ -73,6 +88,7 @@ class Running:
             sa, sb = lab.tmp / f"ov-{pair.a.name}", lab.tmp / f"ov-{pair.b.name}"
             addr_a, addr_b = lab.daemon_address(sa), lab.daemon_address(sb)
             common = {"udp_port": 5582, "no_lan_discovery": True, "interface": "hnet0", "env": env}
+            common.update(daemon_options(config))
             self.daemons = [
                 lab.start_daemon(pair.a, sa, peer=[f"{addr_b}@{c.B4}:5582"], whitelist=[addr_b], **common),
                 lab.start_daemon(pair.b, sb, peer=[f"{addr_a}@{c.A4}:5582"], whitelist=[addr_a], **common),
@@ -100,18 +116,20 @@ def side_by_side(
     count: int,
     report: Callable[[str], None] = print,
     interval: float = 0.01,
+    tag: str = "ab",
 ) -> dict[str, dict[str, Any]]:
     """Start every configuration on its own pair, ping them in turn ``rounds`` times, stop them.
 
     Per configuration: the median over rounds of the average and of the p99 (ms), the per-round
     averages, and in how many rounds it beat the first configuration.  ``report`` gets one line per round.
+    ``tag`` names the pairs' namespaces: another call in the same lab needs another tag.
     """
     avgs: dict[str, list[float]] = {k: [] for k in configs}
     p99s: dict[str, list[float]] = {k: [] for k in configs}
     running: list[Running] = []
     try:
         for i, config in enumerate(configs):
-            running.append(Running(lab, c.make_pair(lab, tag=f"ab{i}"), config))
+            running.append(Running(lab, c.make_pair(lab, tag=f"{tag}{i}"), config))
         time.sleep(0.5)
         for r in range(rounds):
             for run in running:

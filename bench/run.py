@@ -9,7 +9,8 @@ segment sealed on its own, HUSARNET_ROS_SUPER=0).  For each column:
 * ping average and p99 (10 ms interval);
 * ping again, side by side: wireguard-go and husarnet_ros running at once on pairs of their own, pinged
   in turns for ``--latency-rounds`` rounds (bench/latency_ab.py): one column after the other, minutes
-  apart, differ by 10-30 % on a shared machine, side by side they do not;
+  apart, differ by 10-30 % on a shared machine, side by side they do not; then the same again with
+  husarnet_ros's path warmer off (core/warmer.py), to show its share;
 * CPU seconds per GB moved by the tunnel processes (both ends, utime+stime from /proc/<pid>/stat,
   over the 1-stream TCP run);
 * set-up time (process start to first answered ping) for the tunnels;
@@ -320,29 +321,47 @@ def side_by_side_latency(lab: c.Lab, args: argparse.Namespace, results: dict[str
     count = 50 if args.quick else 100
     c.log(f"ping side by side: wireguard-go and husarnet_ros, {rounds} rounds of {count} pings each")
     res = latency_ab.side_by_side(lab, ["wg", "ours"], rounds, count, lambda line: c.log("  " + line))
-    return {"rounds": rounds, "pings_per_round": count, "wireguard-go": res["wg"], "husarnet_ros": res["ours"]}
+    # The path warmer's share, in a run of its own: beside a daemon that warms, one that does not would
+    # find the shared library code (libpython, libcrypto) warm too, and look better than it is.
+    off = "ours:--warm-interval=0"
+    c.log(f"ping side by side again, the path warmer off: {rounds} rounds of {count} pings each")
+    res_off = latency_ab.side_by_side(lab, ["wg", off], rounds, count, lambda line: c.log("  " + line), tag="ao")
+    return {
+        "rounds": rounds,
+        "pings_per_round": count,
+        "wireguard-go": res["wg"],
+        "husarnet_ros": res["ours"],
+        "warmer_off": {"wireguard-go": res_off["wg"], "husarnet_ros": res_off[off]},
+    }
 
 
 def latency_table(latency: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
     """The side-by-side ping medians, the latency each adds to the raw veth's, and the ratio of the two."""
     raw = results.get("raw veth", {}).get("ping_avg_ms")
-    wg = latency["wireguard-go"]
     lines = [
         f"ping side by side ({latency['rounds']} rounds x {latency['pings_per_round']} pings, both running, "
         "taking turns; medians over rounds)",
-        f"{'':16s}{'avg (ms)':>10s}{'p99 (ms)':>10s}{'added (ms)':>12s}{'added / wg':>12s}",
+        f"{'':26s}{'avg (ms)':>10s}{'p99 (ms)':>10s}{'added (ms)':>12s}{'added / wg':>12s}",
     ]
-    for name in ("wireguard-go", "husarnet_ros"):
-        r = latency[name]
-        if isinstance(raw, (int, float)):
-            added = r["avg_ms"] - raw
-            ratio = added / (wg["avg_ms"] - raw) if wg["avg_ms"] > raw else float("nan")
-            tail = f"{added:12.3f}{'x' + format(ratio, '.2f'):>12s}"
-        else:
-            tail = f"{'-':>12s}{'-':>12s}"
-        lines.append(f"{name:16s}{r['avg_ms']:10.3f}{r['p99_ms']:10.3f}{tail}")
-    ours = latency["husarnet_ros"]
-    lines.append(f"husarnet_ros lower than wireguard-go in {ours['rounds_below_first']} of {latency['rounds']} rounds")
+    runs = [("", latency)]
+    if "warmer_off" in latency:
+        runs.append((", warmer off", latency["warmer_off"]))
+    for label, run in runs:
+        wg = run["wireguard-go"]
+        for name in ("wireguard-go", "husarnet_ros"):
+            r = run[name]
+            if isinstance(raw, (int, float)):
+                added = r["avg_ms"] - raw
+                ratio = added / (wg["avg_ms"] - raw) if wg["avg_ms"] > raw else float("nan")
+                tail = f"{added:12.3f}{'x' + format(ratio, '.2f'):>12s}"
+            else:
+                tail = f"{'-':>12s}{'-':>12s}"
+            shown = name + (label if name == "husarnet_ros" else "")
+            lines.append(f"{shown:26s}{r['avg_ms']:10.3f}{r['p99_ms']:10.3f}{tail}")
+        lines.append(
+            f"husarnet_ros{label} lower than wireguard-go in {run['husarnet_ros']['rounds_below_first']} of "
+            f"{latency['rounds']} rounds"
+        )
     return "\n".join(lines)
 
 

@@ -60,7 +60,7 @@ from .transport import (
 )
 from .udp import DatagramRun
 from .warmer import DEFAULT_INTERVAL as DEFAULT_WARM_INTERVAL
-from .warmer import PathWarmer, ShadowPair, check_interval
+from .warmer import PathWarmer, ShadowPair, check_interval, traffic_units
 from .whitelist import Whitelist, WhitelistError
 from .wire import (
     HANDSHAKE_INIT_LEN,
@@ -453,10 +453,8 @@ class Engine:
             clock=dp.clock,
             wallclock=dp.wallclock,
         )
-        c = self.counters
-        self._warmer = PathWarmer(
-            shadow, lambda: c.get("rx_packets") + c.get("tx_packets"), dp.clock, interval=interval
-        )
+        counters = self.counters
+        self._warmer = PathWarmer(shadow, lambda: traffic_units(counters), dp.clock, interval=interval)
         self._warmer.start()
         log.info("path warmer on: every %g ms while light traffic flows", interval * 1000)
 

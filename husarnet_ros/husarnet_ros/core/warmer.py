@@ -17,9 +17,8 @@ Nothing of it touches the real peers, keys, counters, sockets or TUN, and nothin
 process.
 
 It costs CPU only while the node carries light traffic: it sleeps (checking every
-``idle_check`` seconds) once no packet has moved for ``idle_after`` seconds, and skips its work
-while the real path is busy (more than ``busy_packets`` packets since the last tick keep it hot
-anyway).
+``idle_check`` seconds) once no packet has moved for ``idle_after`` seconds, and while the real
+path is busy (above ``busy_rate``), which keeps it hot by itself.
 """
 
 from __future__ import annotations
@@ -58,6 +57,16 @@ def check_interval(interval: float) -> None:
         raise ValueError(
             f"warm interval {interval} s: 0 (off) or {MIN_INTERVAL * 1000:g} to {MAX_INTERVAL * 1000:g} ms"
         )
+
+
+def traffic_units(counters: Counters) -> int:
+    """What the real data path moved so far, for :class:`PathWarmer`: its packets, and one more per kilobyte.
+
+    So a 64 kB super-packet weighs about what the packets it carries do, and a bulk transfer reads
+    as busy even though it moves few (super-)packets.
+    """
+    get = counters.get
+    return get("rx_packets") + get("tx_packets") + (get("rx_bytes") + get("tx_bytes")) // 1024
 
 
 def _packet(src: bytes, dst: bytes) -> bytes:
@@ -193,9 +202,11 @@ class ShadowPair:
 class PathWarmer:
     """The thread that runs :meth:`ShadowPair.round` every ``interval`` seconds while light traffic flows.
 
-    ``traffic`` returns a number that grows with every packet the real data path moves (the
-    engine passes the sum of its packet counters).  :meth:`tick` is one step of the thread's loop,
-    callable directly (tests drive it with their own clock).
+    ``traffic`` returns a number that grows with the traffic the real data path moves (the engine
+    passes :func:`traffic_units` of its counters).  Above ``busy_rate`` of those a second the real
+    path is hot by itself, and the warmer only looks again every ``idle_check`` seconds: it must
+    not take CPU time (or the GIL) from a bulk transfer.  :meth:`tick` is one step of the thread's
+    loop, callable directly (tests drive it with their own clock).
     """
 
     def __init__(
@@ -207,7 +218,7 @@ class PathWarmer:
         interval: float = DEFAULT_INTERVAL,
         idle_after: float = 1.0,
         idle_check: float = 0.1,
-        busy_packets: int = 16,
+        busy_rate: float = 8000.0,
     ) -> None:
         check_interval(interval)
         if not 0 < interval <= idle_check:
@@ -219,8 +230,9 @@ class PathWarmer:
         self._clock = clock
         self._idle_after = idle_after
         self._idle_check = idle_check
-        self._busy = busy_packets
+        self._busy_rate = busy_rate
         self._seen = traffic()
+        self._last_tick = clock()
         self._last_traffic = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -230,21 +242,24 @@ class PathWarmer:
         now = self._clock()
         seen = self._traffic()
         moved = seen - self._seen
-        self._seen = seen
+        elapsed = max(now - self._last_tick, self.interval)  # a tick never covers less
+        self._seen, self._last_tick = seen, now
         if moved:
             self._last_traffic = now
         if now - self._last_traffic > self._idle_after:
             return self._idle_check  # idle: no work, few wake-ups
-        if moved <= self._busy:  # light traffic: each packet meets cold caches without us
+        if moved > self._busy_rate * elapsed:
+            return self._idle_check  # busy: the real path is hot by itself
+        # Light traffic: without us each of its packets would meet cold caches.
+        if not self.shadow.round():
+            self.shadow.rekey()  # its keys expired: fresh ones, and the round again
             if not self.shadow.round():
-                self.shadow.rekey()  # its keys expired: fresh ones, and the round again
-                if not self.shadow.round():
-                    # Fresh keys and still refused: the lone paths changed under the shadow.  A bug, which
-                    # costs only latency: say so once and stop, rather than rekey every tick.
-                    log.warning("the path warmer's shadow packet no longer goes through; warming stopped")
-                    self._stop.set()
-                    return self._idle_check
-            self.rounds += 1
+                # Fresh keys and still refused: the lone paths changed under the shadow.  A bug, which
+                # costs only latency: say so once and stop, rather than rekey every tick.
+                log.warning("the path warmer's shadow packet no longer goes through; warming stopped")
+                self._stop.set()
+                return self._idle_check
+        self.rounds += 1
         return self.interval
 
     def start(self) -> None:

@@ -12,7 +12,7 @@ from husarnet_ros.core.counters import Counters
 from husarnet_ros.core.datapath import Datapath
 from husarnet_ros.core.engine import Engine, EngineConfig, EngineError
 from husarnet_ros.core.session import CIPHER_AES, CIPHER_CHACHA
-from husarnet_ros.core.warmer import PathWarmer, ShadowPair, check_interval
+from husarnet_ros.core.warmer import PathWarmer, ShadowPair, check_interval, traffic_units
 from husarnet_ros.daemon import build_parser, config_from_args
 
 
@@ -86,7 +86,7 @@ def warmer(clock: Clock, traffic: Traffic, sh: ShadowPair | None = None, **kw: o
 
 def test_tick_warms_only_while_light_traffic_flows() -> None:
     clock, traffic = Clock(), Traffic()
-    w = warmer(clock, traffic, busy_packets=16)
+    w = warmer(clock, traffic, busy_rate=8000)
     # Idle from the start: no work, the long sleep.
     assert w.tick() == 0.1 and w.rounds == 0
     # A packet moved: warm, and again every interval while traffic is recent.
@@ -95,17 +95,38 @@ def test_tick_warms_only_while_light_traffic_flows() -> None:
     assert w.tick() == 0.002 and w.rounds == 1
     clock.now += 0.5
     assert w.tick() == 0.002 and w.rounds == 2
-    # Busy: the real path is hot by itself; no round, but keep the short tick.
-    traffic.packets += 500
+    # Busy (above 8000 a second): the real path is hot by itself; no round, and a long sleep.
+    traffic.packets += 17
     clock.now += 0.002
-    assert w.tick() == 0.002 and w.rounds == 2
-    # Light again.
-    traffic.packets += 3
-    clock.now += 0.002
+    assert w.tick() == 0.1 and w.rounds == 2
+    # The same amount over the long sleep is a low rate again: light traffic, warm.
+    traffic.packets += 17
+    clock.now += 0.1
     assert w.tick() == 0.002 and w.rounds == 3
+    # Just under the rate: still light.
+    traffic.packets += 15
+    clock.now += 0.002
+    assert w.tick() == 0.002 and w.rounds == 4
     # Nothing for longer than idle_after: back to idle.
     clock.now += 1.5
-    assert w.tick() == 0.1 and w.rounds == 3
+    assert w.tick() == 0.1 and w.rounds == 4
+
+
+def test_traffic_units_weigh_a_super_packet_like_the_packets_it_carries() -> None:
+    c = Counters()
+    assert traffic_units(c) == 0
+    c.inc_traffic("rx_packets", "rx_bytes", 104)  # a ping
+    assert traffic_units(c) == 1
+    c.inc_traffic("tx_packets", "tx_bytes", 65000)  # one super-packet: ~45 full-size packets
+    assert traffic_units(c) == 2 + (104 + 65000) // 1024
+    # One of those per 2 ms tick is far above the default busy rate (8000 a second: 16 per tick).
+    clock, traffic = Clock(), Traffic()
+    w = warmer(clock, traffic)
+    traffic.packets = 1
+    w.tick()
+    traffic.packets += traffic_units(c)
+    clock.now += 0.002
+    assert w.tick() == 0.1 and w.rounds == 1
 
 
 def test_real_counters_sockets_and_peers_are_untouched() -> None:

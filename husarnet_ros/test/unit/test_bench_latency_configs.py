@@ -1,0 +1,52 @@
+"""The benchmark's latency configurations and table: flags and variables reach the right place (issue #6)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
+
+import latency_ab
+import run as bench_run
+
+
+def test_ours_items_split_into_environment_and_daemon_flags() -> None:
+    config = "ours:--warm-interval=0,HUSARNET_ROS_SUPER=0"
+    assert latency_ab.daemon_env(config) == {"HUSARNET_ROS_SUPER": "0"}
+    assert latency_ab.daemon_options(config) == {"warm_interval": "0"}
+    assert latency_ab.daemon_env("ours") is None and latency_ab.daemon_options("ours") == {}
+    assert latency_ab.daemon_options("wg") == {}
+
+
+@pytest.mark.parametrize("config", ["ours:--warm-interval", "ours:=1", "ours:A=1,"])
+def test_malformed_ours_items_are_refused(config: str) -> None:
+    with pytest.raises(SystemExit, match="NAME=VAL"):
+        latency_ab.daemon_env(config)
+
+
+def _run(wg: float, ours: float, below: int) -> dict:
+    return {
+        "wireguard-go": {"avg_ms": wg, "p99_ms": wg * 1.5, "rounds_below_first": 0},
+        "husarnet_ros": {"avg_ms": ours, "p99_ms": ours * 1.5, "rounds_below_first": below},
+    }
+
+
+def test_latency_table_shows_each_run_against_its_own_wireguard_go() -> None:
+    latency = {"rounds": 10, "pings_per_round": 100, **_run(0.550, 0.450, 9), "warmer_off": _run(0.450, 0.610, 0)}
+    text = bench_run.latency_table(latency, {"raw veth": {"ping_avg_ms": 0.050}})
+    lines = text.splitlines()
+    on = next(line for line in lines if line.startswith("husarnet_ros ") and "ms" not in line and "x" in line)
+    off = next(line for line in lines if line.startswith("husarnet_ros, warmer off "))
+    assert on.split()[-1] == "x0.80"  # (0.450 - 0.050) / (0.550 - 0.050)
+    assert off.split()[-1] == "x1.40"  # (0.610 - 0.050) / (0.450 - 0.050): its own run's wireguard-go
+    assert "husarnet_ros lower than wireguard-go in 9 of 10 rounds" in text
+    assert "husarnet_ros, warmer off lower than wireguard-go in 0 of 10 rounds" in text
+
+
+def test_latency_table_of_an_older_result_without_the_warmer_run() -> None:
+    latency = {"rounds": 4, "pings_per_round": 50, **_run(0.5, 0.6, 1)}
+    text = bench_run.latency_table(latency, {})
+    assert "warmer off" not in text and "husarnet_ros lower than wireguard-go in 1 of 4 rounds" in text

@@ -28,11 +28,11 @@ import secrets
 import struct
 import threading
 from collections.abc import Callable
-from types import SimpleNamespace
 
 from .constants import Timers
 from .counters import Counters
 from .datapath import Datapath
+from .handshake import KeyMaterial
 from .offload import PLAIN_VNET_HDR, VNET_HDR_LEN
 from .peer import IndexTable, Peer
 from .session import CIPHER_AES, CIPHER_CHACHA, Keypair
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 0.002
 #: The interval's range (0 is off): at most 2000 wake-ups a second; at least 10, or it warms nothing.
 MIN_INTERVAL, MAX_INTERVAL = 0.0005, 0.1
-#: The shadow nodes' addresses: in fc94::/16 like real ones, never any node's (no key hashes to them).
+#: The shadow nodes' addresses: in fc94::/16 like real ones; they exist only inside the shadow's own objects.
 _SHADOW_A = bytes.fromhex("fc94ffffffffffffffffffffffff0001")
 _SHADOW_B = bytes.fromhex("fc94ffffffffffffffffffffffff0002")
 _SHADOW_EP = ("198.18.255.254", 9)  # only ever a dictionary key: the shadow send hands datagrams over
@@ -112,8 +112,8 @@ class ShadowPair:
     """Two shadow data paths, A and B, with one session between them; :meth:`round` sends one packet A -> B.
 
     Built with the real data path's settings that change which code runs (TUN reads with a
-    virtio-net header or without, the MTU, the cipher, super-packet mode), so a round runs the same branches a light
-    packet does.  Rebuilt with fresh keys by :meth:`rekey`, e.g. when its keys expire.
+    virtio-net header or without, the MTU, the cipher, super-packet mode), so a round runs the same
+    branches a light packet does.  Rebuilt with fresh keys by :meth:`rekey`, e.g. when its keys expire.
     """
 
     def __init__(
@@ -175,17 +175,17 @@ class ShadowPair:
             (self.b, k_ba, k_ab, 2, 1, False),
         ):
             (peer,) = dp.peers.values()
-            km = SimpleNamespace(
+            km = KeyMaterial(
+                send_key=send,
+                recv_key=recv,
                 cipher=self.cipher,
                 local_index=local,
                 remote_index=remote,
                 is_initiator=initiator,
                 peer_public_key=bytes(32),
                 peer_address=peer.address,
-                send_key=send,
-                recv_key=recv,
             )
-            kp = Keypair(km, now, peer, timers=self._timers, clock=self._clock)  # type: ignore[arg-type]
+            kp = Keypair(km, now, peer, timers=self._timers, clock=self._clock)
             dp.index.set(local, kp)
             peer.current = kp
             peer.lane = None

@@ -181,7 +181,8 @@ rclpy.init()
 node = HusarnetNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
 executor = MultiThreadedExecutor(num_threads=workers)
 executor.add_node(node)
-threading.Thread(target=executor.spin, daemon=True).start()
+spinner = threading.Thread(target=executor.spin, daemon=True)
+spinner.start()
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
@@ -201,6 +202,17 @@ def traffic(need):
             except OSError:  # no answer yet (handshake), or no route yet
                 pass
         return got
+
+def settled_threads():
+    # The OS thread count once threads that were joined have also exited: a joined Python thread still
+    # finishes its exit in the kernel, and on a loaded machine the joiner, woken on the same CPU, runs
+    # first, so one sample can count a thread that is gone a moment later (with the path warmer's thread
+    # that happened in half the cycles under a CPU hog).  A leaked thread stays in every sample.
+    counts = []
+    for _ in range(5):
+        counts.append(status("Threads"))
+        time.sleep(0.02)
+    return min(counts)
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -224,7 +236,7 @@ for cycle in range(cycles):
         tun = False
     names = [t.name for t in threading.enumerate()]
     pool = sum(n.startswith("ThreadPoolExecutor") for n in names)
-    print(json.dumps({"cycle": cycle, "echoes": got, "rss_kb": status("VmRSS"), "threads": status("Threads"),
+    print(json.dumps({"cycle": cycle, "echoes": got, "rss_kb": status("VmRSS"), "threads": settled_threads(),
                       "pool": pool, "python": sorted(n for n in names if not n.startswith("ThreadPoolExecutor")),
                       "fds": len(os.listdir("/proc/self/fd")), "tun": tun, "seconds": seconds}), flush=True)
 ok(node.trigger_configure(), "configure")
@@ -233,6 +245,7 @@ print("DONE", flush=True)
 stop.wait()
 ok(node.trigger_shutdown(), "shutdown from active")
 executor.shutdown(timeout_sec=2.0)
+spinner.join(timeout=10)  # spin returns once it sees the shutdown: no rcl call may run while rclpy shuts down
 node.destroy_node()
 rclpy.try_shutdown()
 """

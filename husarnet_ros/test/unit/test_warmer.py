@@ -84,32 +84,25 @@ def warmer(clock: Clock, traffic: Traffic, sh: ShadowPair | None = None, **kw: o
     return PathWarmer(sh or shadow(clock), traffic, clock, interval=0.002, idle_after=1.0, idle_check=0.1, **kw)
 
 
+#: (packets moved since the last tick, seconds since it, the sleep tick returns, rounds run so far): a story.
+TICKS = [
+    (0, 0.0, 0.1, 0),  # idle from the start: no work, the long sleep
+    (1, 0.1, 0.002, 1),  # a packet moved: warm, and tick again soon
+    (0, 0.5, 0.002, 2),  # traffic is recent (within idle_after): warm again
+    (17, 0.002, 0.1, 2),  # busy (above 8000 a second): hot by itself, no round, the long sleep
+    (17, 0.1, 0.002, 3),  # the same amount over the long sleep is a low rate again: light, warm
+    (15, 0.002, 0.002, 4),  # just under the rate: still light
+    (0, 1.5, 0.1, 4),  # nothing for longer than idle_after: idle again
+]
+
+
 def test_tick_warms_only_while_light_traffic_flows() -> None:
     clock, traffic = Clock(), Traffic()
     w = warmer(clock, traffic, busy_rate=8000)
-    # Idle from the start: no work, the long sleep.
-    assert w.tick() == 0.1 and w.rounds == 0
-    # A packet moved: warm, and again every interval while traffic is recent.
-    traffic.packets += 1
-    clock.now += 0.1
-    assert w.tick() == 0.002 and w.rounds == 1
-    clock.now += 0.5
-    assert w.tick() == 0.002 and w.rounds == 2
-    # Busy (above 8000 a second): the real path is hot by itself; no round, and a long sleep.
-    traffic.packets += 17
-    clock.now += 0.002
-    assert w.tick() == 0.1 and w.rounds == 2
-    # The same amount over the long sleep is a low rate again: light traffic, warm.
-    traffic.packets += 17
-    clock.now += 0.1
-    assert w.tick() == 0.002 and w.rounds == 3
-    # Just under the rate: still light.
-    traffic.packets += 15
-    clock.now += 0.002
-    assert w.tick() == 0.002 and w.rounds == 4
-    # Nothing for longer than idle_after: back to idle.
-    clock.now += 1.5
-    assert w.tick() == 0.1 and w.rounds == 4
+    for step, (moved, elapsed, sleep, rounds) in enumerate(TICKS):
+        traffic.packets += moved
+        clock.now += elapsed
+        assert (w.tick(), w.rounds) == (sleep, rounds), f"step {step}: {TICKS[step]}"
 
 
 def test_traffic_units_weigh_a_super_packet_like_the_packets_it_carries() -> None:

@@ -444,10 +444,11 @@ class Engine:
 
     def _start_warmer(self, dp: Datapath, tun: Any, interval: float) -> None:
         """Run the path warmer beside the TUN thread, set up as the real lone paths run (warmer.py)."""
+        features = hs.local_features()
         shadow = ShadowPair(
             vnet_hdr=tun.vnet_hdr,
             mtu=tun.mtu,
-            cipher=hs.choose_cipher(hs.local_features(), hs.local_features()),  # what two nodes like this pick
+            cipher=hs.choose_cipher(features, features),  # what two nodes like this one pick
             super_packets=dp.super_packets,
             timers=self.timers,
             clock=dp.clock,

@@ -12,7 +12,6 @@ import contextlib
 import glob
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 
 from husarnet_ros.testing.ci import skip_or_fail
+from husarnet_ros.testing.ports import free_udp_ports
 
 BUILD_HINT = "build with scripts/build_ros.sh and `source scripts/ros_env.sh` (make test does both)"
 
@@ -161,12 +161,6 @@ def waiter() -> Callable[..., Any]:
     return wait_for
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-        s.bind(("::", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def node_pair(ros_context: Any, spinner: Spinner, tmp_path: Path, unique_ifname: str) -> Iterator[Callable[..., Any]]:
     """``node_pair(**a_params) -> (a, b, a_id, b_id)``: two unconfigured nodes in this process.
@@ -184,7 +178,7 @@ def node_pair(ros_context: Any, spinner: Spinner, tmp_path: Path, unique_ifname:
 
     def make(**a_params: Any) -> tuple[Any, Any, Any, Any]:
         ids = {"a": Identity.generate(), "b": Identity.generate()}
-        ports = {name: _free_udp_port() for name in ids}
+        ports = dict(zip(ids, free_udp_ports(len(ids)), strict=True))
         for name, ident in ids.items():
             (tmp_path / name).mkdir(mode=0o700)
             ident.save(tmp_path / name / "id")

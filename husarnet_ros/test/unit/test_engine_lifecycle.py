@@ -246,10 +246,9 @@ def test_tun_failure_undoes_the_socket(tmp_path):
     """A late failure (the TUN) releases what came before it (the UDP port) and says what went wrong."""
     import socket
 
-    probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    probe.bind(("::", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    from husarnet_ros.testing.ports import free_udp_ports
+
+    (port,) = free_udp_ports(1)  # outside the ephemeral range: no port-0 bind can take it meanwhile
     before = set(threading.enumerate())
     bad_name = "x" * 40  # longer than IFNAMSIZ: refused whether or not we are root
     eng = Engine(EngineConfig(state_dir=tmp_path, interface_name=bad_name, udp_port=port, lan_discovery=False))

@@ -445,7 +445,7 @@ def cmd_setup_tun(args: argparse.Namespace) -> int:
     from .core.fsutil import StateFileError, ensure_state_dir
     from .core.identity import Identity
     from .core.superpacket import tso_limit
-    from .core.tun import TunError, remove_tun, setup_persistent_tun
+    from .core.tun import TUN_MODE_HINT, TunError, remove_tun, setup_persistent_tun, tun_node_access
 
     try:
         if args.remove:
@@ -471,6 +471,11 @@ def cmd_setup_tun(args: argparse.Namespace) -> int:
         raise CliError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
     print(f"{args.interface} is ready for user {args.user}: {ident.address_str}/16, state in {state_dir}")
     print(f"run the node as {args.user} with: -p state_dir:={state_dir} -p interface_name:={args.interface}")
+    problem = tun_node_access(pw.pw_uid, set(os.getgrouplist(args.user, pw.pw_gid)))
+    if problem is not None:
+        print(
+            f"warning: {args.user} cannot attach to {args.interface} yet: {problem}; {TUN_MODE_HINT}", file=sys.stderr
+        )
     return EXIT_OK
 
 

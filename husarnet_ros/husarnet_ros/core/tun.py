@@ -31,6 +31,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Collection
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -69,6 +70,11 @@ IFNAMSIZ = 16
 CAP_NET_ADMIN = 12
 
 SETUP_HINT = "run as root, or once: sudo husarnet-ros setup-tun --user $USER"
+#: Distributions ship /dev/net/tun as 0666; some hardened images and containers ship it 0600.
+TUN_MODE_HINT = (
+    f"make {TUN_PATH} read-write for everyone as most distributions ship it (sudo chmod 0666 {TUN_PATH}; "
+    'across reboots, a udev rule: KERNEL=="tun", MODE="0666")'
+)
 
 # Offload sets tried in order; older kernels reject USO (added in Linux 6.2) with EINVAL.
 _OFFLOAD_CHOICES = (
@@ -115,7 +121,13 @@ def _open_tun_fd(name: str, flags: int) -> int:
     except FileNotFoundError:
         raise TunError(f"{TUN_PATH} does not exist: load the tun module (sudo modprobe tun)") from None
     except PermissionError:
-        raise TunError(f"cannot open {TUN_PATH}: permission denied; {SETUP_HINT}") from None
+        problem = tun_node_access(os.geteuid(), {os.getegid(), *os.getgroups()})
+        if problem is None:  # the mode allows it: an LSM or a device cgroup said no
+            raise TunError(f"cannot open {TUN_PATH}: permission denied; {SETUP_HINT}") from None
+        raise TunError(
+            f"cannot open {TUN_PATH}: permission denied ({problem}); run as root, or {TUN_MODE_HINT} "
+            "and once: sudo husarnet-ros setup-tun --user $USER"
+        ) from None
     except OSError as e:
         raise TunError(f"cannot open {TUN_PATH}: {e.strerror}; try: sudo modprobe tun") from None
     try:
@@ -139,6 +151,30 @@ def _open_tun_fd(name: str, flags: int) -> int:
             ) from None
         raise TunError(f"TUNSETIFF {name!r} failed: {e.strerror}") from None
     return fd
+
+
+def tun_node_access(uid: int, gids: Collection[int], path: str = TUN_PATH) -> str | None:
+    """Why ``uid`` (with groups ``gids``) may not open ``path`` read-write by its mode; None if it may.
+
+    A persistent device from setup-tun is only half of what a normal user needs: the node still opens
+    the clone device to attach, so a 0600 node makes setup-tun useless, and the user should hear that
+    from setup-tun rather than from a node that fails later.  ACLs are not consulted.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if uid == 0:
+        return None
+    if st.st_uid == uid:
+        bits = 0o600
+    elif st.st_gid in gids:
+        bits = 0o060
+    else:
+        bits = 0o006
+    if st.st_mode & bits == bits:
+        return None
+    return f"{path} is mode {st.st_mode & 0o777:04o}, owner uid {st.st_uid}, group gid {st.st_gid}"
 
 
 def _set_offload(fd: int) -> int:

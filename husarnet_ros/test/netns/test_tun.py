@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 
@@ -16,6 +18,7 @@ ADDR = bytes.fromhex("fc94" + "00" * 13 + "01")  # fc94::1
 PEER = "fc94::2"
 PYTHON = sys.executable
 PKG_ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+TUN_DEVICE_NUMBER = (10, 200)  # misc major, the tun clone device's minor (Documentation/admin-guide/devices.txt)
 
 
 @pytest.fixture
@@ -38,15 +41,27 @@ def _links() -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 
-def _run_in_ns(ns: str, code: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in ``ns``; it imports as root, then drops to nobody (the interpreter lives in /root)."""
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, PYTHON, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.path.abspath(PKG_ROOT)},
-    )
+def _run_in_ns(ns: str, code: str, *, tun_mode: int = 0o666) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in ``ns``; it imports as root, then drops to nobody (the interpreter lives in /root).
+
+    The child sees a /dev/net/tun of mode ``tun_mode``: distributions ship 0666 (what the unprivileged
+    path relies on), some machines 0600, and the tests must not depend on which one runs them.  The node
+    is a fresh character device bind-mounted in the mount namespace ``ip netns exec`` gives the child,
+    so the host's own /dev/net/tun is never touched.
+    """
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        node = os.path.join(d, "tun")
+        os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(*TUN_DEVICE_NUMBER))
+        os.chmod(node, tun_mode)
+        bind_then_exec = 'mount --bind "$0" /dev/net/tun && exec "$@"'
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, "sh", "-c", bind_then_exec, node, PYTHON, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": os.path.abspath(PKG_ROOT)},
+        )
 
 
 def _ping(ns: str, count: int = 3) -> subprocess.Popen[bytes]:
@@ -230,7 +245,54 @@ def test_unprivileged_without_setup_says_what_to_run(netns: str) -> None:
         """,
     )
     assert "TUNERROR" in r.stdout, r.stderr
+    assert "not allowed to create or attach TUN device 'hnt0'" in r.stdout
     assert "sudo husarnet-ros setup-tun --user $USER" in r.stdout
+
+
+def test_unprivileged_with_a_0600_clone_device_says_to_open_it_up(netns: str) -> None:
+    """A 0600 /dev/net/tun stops a normal user before any device is involved; the message names the mode."""
+    r = _run_in_ns(
+        netns,
+        """
+        import os
+        from husarnet_ros.core.tun import TunDevice, TunError
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+        try:
+            TunDevice.open("hnt0", bytes.fromhex("fc94" + "00"*13 + "01"), 1420)
+        except TunError as e:
+            print("TUNERROR", e)
+        """,
+        tun_mode=0o600,
+    )
+    assert "TUNERROR cannot open /dev/net/tun: permission denied (/dev/net/tun is mode 0600" in r.stdout, r.stderr
+    assert "sudo chmod 0666 /dev/net/tun" in r.stdout and "setup-tun --user $USER" in r.stdout
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o666])
+def test_setup_tun_warns_when_the_user_could_not_open_the_clone_device(netns: str, mode: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        r = _run_in_ns(
+            netns,
+            f"""
+            import sys
+            from husarnet_ros import cli
+            args = ["setup-tun", "--user", "nobody", "--state-dir", {d + "/state"!r}, "--interface", "hnt3"]
+            sys.exit(cli.main(args))
+            """,
+            tun_mode=mode,
+        )
+    from husarnet_ros.core import tun
+
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "hnt3 is ready for user nobody" in r.stdout
+        warned = "warning: nobody cannot attach to hnt3 yet: /dev/net/tun is mode 0600" in r.stderr
+        assert warned == (mode == 0o600), r.stderr
+        if warned:
+            assert "sudo chmod 0666 /dev/net/tun" in r.stderr
+        assert "hnt3" in _links()  # the device lives in the namespace, not in the child's mount namespace
+    finally:
+        tun.remove_tun("hnt3")
 
 
 def test_persistent_device_attach_as_owner(netns: str) -> None:

@@ -231,19 +231,19 @@ def test_read_wakes_on_close_from_other_thread(netns: str) -> None:
     assert errors and "closed" in str(errors[0])
 
 
+OPEN_AS_NOBODY = """
+import os
+from husarnet_ros.core.tun import TunDevice, TunError
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+try:
+    TunDevice.open("hnt0", bytes.fromhex("fc94" + "00"*13 + "01"), 1420)
+except TunError as e:
+    print("TUNERROR", e)
+"""
+
+
 def test_unprivileged_without_setup_says_what_to_run(netns: str) -> None:
-    r = _run_in_ns(
-        netns,
-        """
-        import os
-        from husarnet_ros.core.tun import TunDevice, TunError
-        os.setgroups([]); os.setgid(65534); os.setuid(65534)
-        try:
-            TunDevice.open("hnt0", bytes.fromhex("fc94" + "00"*13 + "01"), 1420)
-        except TunError as e:
-            print("TUNERROR", e)
-        """,
-    )
+    r = _run_in_ns(netns, OPEN_AS_NOBODY)
     assert "TUNERROR" in r.stdout, r.stderr
     assert "not allowed to create or attach TUN device 'hnt0'" in r.stdout
     assert "sudo husarnet-ros setup-tun --user $USER" in r.stdout
@@ -251,19 +251,7 @@ def test_unprivileged_without_setup_says_what_to_run(netns: str) -> None:
 
 def test_unprivileged_with_a_0600_clone_device_says_to_open_it_up(netns: str) -> None:
     """A 0600 /dev/net/tun stops a normal user before any device is involved; the message names the mode."""
-    r = _run_in_ns(
-        netns,
-        """
-        import os
-        from husarnet_ros.core.tun import TunDevice, TunError
-        os.setgroups([]); os.setgid(65534); os.setuid(65534)
-        try:
-            TunDevice.open("hnt0", bytes.fromhex("fc94" + "00"*13 + "01"), 1420)
-        except TunError as e:
-            print("TUNERROR", e)
-        """,
-        tun_mode=0o600,
-    )
+    r = _run_in_ns(netns, OPEN_AS_NOBODY, tun_mode=0o600)
     assert "TUNERROR cannot open /dev/net/tun: permission denied (/dev/net/tun is mode 0600" in r.stdout, r.stderr
     assert "sudo chmod 0666 /dev/net/tun" in r.stdout and "setup-tun --user $USER" in r.stdout
 

@@ -18,9 +18,12 @@ read from A's TUN, sent by A, received by B, written to B's TUN; the same for th
 the kernel wakes ``ping`` and when ``ping`` gets a CPU.  That last gap is the time the CPU ``ping`` was
 woken on stayed busy with another thread, e.g. a tunnel thread still working after its send.
 
+``--wakeups CONFIG`` lists, for one configuration, how long each woken thread (a daemon thread, ping)
+waited for a CPU, by who woke it and whether it was placed on the waker's CPU.
+
 Tracing slows every system call, so the absolute numbers are larger than ``make bench``'s; compare
 hops and runs with each other.  Needs root and ``perf``.  Usage: ``bench/latency_trace.py [--pings N]
-[--cold] [--compare]``.
+[--cold] [--compare] [--wakeups CONFIG]``.
 """
 
 from __future__ import annotations
@@ -275,6 +278,76 @@ def compare(pings: int) -> int:
     return 0
 
 
+_CPU_LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
+_WAKEUP = re.compile(r"comm=(\S+) pid=(\d+) .*target_cpu=(\d+)")
+_NEXT_PID = re.compile(r"next_pid=(\d+)")
+
+
+def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str, str, bool], list[float]]:
+    """Wake-to-run times (us) by (waker, wakee, placed on the waker's CPU) from ``perf script`` with CPUs.
+
+    A daemon thread is named by its side and thread id ("A:4651"), ping as "ping", a wakeup from an
+    interrupt or the idle task as "irq", anything else as "other"; only wakees of the daemons and ping
+    count.  On a 2-vCPU virtual machine the kernel wakes almost everything on the waker's CPU, so the
+    wakee runs only once the waker sleeps (or its slice ends): the time each thread keeps the CPU after
+    it handed a packet over is then part of the round trip, and this table shows it per hand-over.
+    """
+    side_of = {pid: side for side, pid in side_pids.items()}
+    pid_of: dict[int, int] = {}
+    events = []
+    for line in script_output.splitlines():
+        m = _CPU_LINE.match(line)
+        if m:
+            _comm, pid, tid, cpu, t, event, rest = m.groups()
+            pid_of[int(tid)] = int(pid)
+            events.append((float(t) * 1e6, int(pid), int(cpu), event, rest))
+
+    def name(pid: int, tid: int | None = None) -> str:
+        side = side_of.get(pid)
+        if side is None:
+            return "irq" if pid == 0 else "other"
+        return side if tid is None else f"{side}:{tid}"
+
+    pending: dict[int, tuple[float, str, str, bool]] = {}
+    out: dict[tuple[str, str, bool], list[float]] = {}
+    for t, pid, cpu, event, rest in events:
+        if event.endswith("sched_wakeup"):
+            m = _WAKEUP.search(rest)
+            if m is None:
+                continue
+            comm, wtid, target = m.group(1), int(m.group(2)), int(m.group(3))
+            wakee = "ping" if comm == "ping" else name(pid_of.get(wtid, -1), wtid)
+            if wakee not in ("irq", "other"):
+                pending[wtid] = (t, name(pid), wakee, target == cpu)
+        elif event.endswith("sched_switch"):
+            m = _NEXT_PID.search(rest)
+            woken = pending.pop(int(m.group(1)), None) if m else None
+            if woken is not None:
+                t0, waker, wakee, same = woken
+                out.setdefault((waker, wakee, same), []).append(t - t0)
+    return out
+
+
+def wakeups(pings: int, config: str) -> int:
+    """Trace one configuration's pair during pings and print :func:`wakeup_gaps` as a table."""
+    with c.Lab(tag="latwake") as lab:
+        run = latency_ab.Running(lab, c.make_pair(lab, tag="wk0"), config)
+        try:
+            procs = [d.proc for d in run.daemons] or run.procs
+            side_pids = {side: max(c.descendants(p.pid)) for side, p in zip("AB", procs, strict=True)}
+            (avg, _p99), script = recorded(_EVENTS, functools.partial(run.ping, pings))
+        finally:
+            run.stop()
+    gaps = wakeup_gaps(script, side_pids)
+    print(f"{config}: ping under tracing avg {avg:.3f} ms; wake -> run, us (median)")
+    print(f"  {'waker':6s} {'wakee':12s} {'CPU':7s} {'count':>6s} {'median':>8s}")
+    for (waker, wakee, same), times in sorted(gaps.items()):
+        if len(times) >= pings // 10:
+            where = "waker's" if same else "other"
+            print(f"  {waker:6s} {wakee:12s} {where:7s} {len(times):6d} {statistics.median(times):8.1f}")
+    return 0 if gaps else 1
+
+
 def cold() -> None:
     """One AES-GCM seal of 104 bytes, hot versus after an idle gap of the calling thread."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -297,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pings", type=int, default=100)
     p.add_argument("--cold", action="store_true", help="also measure cold versus hot AEAD calls")
     p.add_argument("--compare", action="store_true", help="trace wireguard-go and the overlay stage by stage")
+    p.add_argument(
+        "--wakeups",
+        metavar="CONFIG",
+        help="wake-to-run time of every hand-over between threads, for one configuration (wg, ours, ours:...)",
+    )
     args = p.parse_args(argv)
     if args.cold:
         cold()
@@ -306,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("perf") is None:
         print("latency_trace needs perf (Debian: apt install linux-perf)", file=sys.stderr)
         return 2
+    if args.wakeups:
+        return wakeups(args.pings, args.wakeups)
     return compare(args.pings) if args.compare else trace(args.pings)
 
 

@@ -247,6 +247,19 @@ def stage_times(events: list[tuple[float, str, str, str, str]], side_pids: dict[
     return trips
 
 
+def traced_pings(lab: c.Lab, config: str, tag: str, pings: int) -> tuple[float, dict[str, int], str]:
+    """Ping average (ms), each side's daemon pid and ``perf script`` text of ``pings`` pings over ``config``."""
+    run = latency_ab.Running(lab, c.make_pair(lab, tag=tag), config)
+    try:
+        # One process per side, A's started first (through ``ip netns exec``, which may fork).
+        procs = [d.proc for d in run.daemons] or run.procs
+        side_pids = {side: max(c.descendants(p.pid)) for side, p in zip("AB", procs, strict=True)}
+        (avg, _p99), script = recorded(_EVENTS, functools.partial(run.ping, pings))
+    finally:
+        run.stop()
+    return avg, side_pids, script
+
+
 def compare(pings: int) -> int:
     """Trace wireguard-go and the overlay the same way and print each round trip's stages side by side."""
     why = c.have_wireguard_go()
@@ -258,14 +271,7 @@ def compare(pings: int) -> int:
     medians: dict[str, list[float]] = {}
     with c.Lab(tag="latcmp") as lab:
         for i, config in enumerate(("wg", "ours")):
-            run = latency_ab.Running(lab, c.make_pair(lab, tag=f"cmp{i}"), config)
-            try:
-                # One process per side, A's started first (through ``ip netns exec``, which may fork).
-                procs = [d.proc for d in run.daemons] or run.procs
-                side_pids = {side: max(c.descendants(p.pid)) for side, p in zip("AB", procs, strict=True)}
-                (avg, _p99), script = recorded(_EVENTS, functools.partial(run.ping, pings))
-            finally:
-                run.stop()
+            avg, side_pids, script = traced_pings(lab, config, f"cmp{i}", pings)
             trips = stage_times(parse(script), side_pids)
             print(f"{config}: ping under tracing avg {avg:.3f} ms; {len(trips)} of {pings} round trips complete")
             if not trips:
@@ -331,13 +337,7 @@ def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str
 def wakeups(pings: int, config: str) -> int:
     """Trace one configuration's pair during pings and print :func:`wakeup_gaps` as a table."""
     with c.Lab(tag="latwake") as lab:
-        run = latency_ab.Running(lab, c.make_pair(lab, tag="wk0"), config)
-        try:
-            procs = [d.proc for d in run.daemons] or run.procs
-            side_pids = {side: max(c.descendants(p.pid)) for side, p in zip("AB", procs, strict=True)}
-            (avg, _p99), script = recorded(_EVENTS, functools.partial(run.ping, pings))
-        finally:
-            run.stop()
+        avg, side_pids, script = traced_pings(lab, config, "wk0", pings)
     gaps = wakeup_gaps(script, side_pids)
     print(f"{config}: ping under tracing avg {avg:.3f} ms; wake -> run, us (median)")
     print(f"  {'waker':6s} {'wakee':12s} {'CPU':7s} {'count':>6s} {'median':>8s}")

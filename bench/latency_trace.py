@@ -50,7 +50,8 @@ import latency_ab
 T = TypeVar("T")
 
 _EVENTS = "sched:sched_switch,sched:sched_wakeup,raw_syscalls:sys_enter,raw_syscalls:sys_exit"
-_LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[\d+\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
+# A ``perf script -F comm,pid,tid,cpu,time,event,trace`` line: comm, pid, tid, CPU, time, event, the rest.
+_LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
 # x86-64 system call numbers the daemons' data threads use.
 _READ, _WRITE, _POLL, _SENDTO, _SENDMSG, _RECVMSG = 0, 1, 7, 44, 46, 47
 HOPS = (
@@ -71,7 +72,7 @@ def parse(script_output: str) -> list[tuple[float, str, str, str, str]]:
     for line in script_output.splitlines():
         m = _LINE.match(line)
         if m:
-            comm, pid, tid, t, event, rest = m.groups()
+            comm, pid, tid, _cpu, t, event, rest = m.groups()
             out.append((float(t) * 1e6, pid, tid, event, rest if comm != "ping" else "ping " + rest))
     return out
 
@@ -284,7 +285,6 @@ def compare(pings: int) -> int:
     return 0
 
 
-_CPU_LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
 _WAKEUP = re.compile(r"comm=(\S+) pid=(\d+) .*target_cpu=(\d+)")
 _NEXT_PID = re.compile(r"next_pid=(\d+)")
 
@@ -302,7 +302,7 @@ def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str
     pid_of: dict[int, int] = {}
     events = []
     for line in script_output.splitlines():
-        m = _CPU_LINE.match(line)
+        m = _LINE.match(line)
         if m:
             _comm, pid, tid, cpu, t, event, rest = m.groups()
             pid_of[int(tid)] = int(pid)

@@ -69,7 +69,8 @@ IFA_F_NODAD = 0x02
 IFNAMSIZ = 16
 CAP_NET_ADMIN = 12
 
-SETUP_HINT = "run as root, or once: sudo husarnet-ros setup-tun --user $USER"
+SETUP_COMMAND = "sudo husarnet-ros setup-tun --user $USER"
+SETUP_HINT = f"run as root, or once: {SETUP_COMMAND}"
 #: Distributions ship /dev/net/tun as 0666; some hardened images and containers ship it 0600.
 TUN_MODE_HINT = (
     f"make {TUN_PATH} read-write for everyone as most distributions ship it (sudo chmod 0666 {TUN_PATH}; "
@@ -126,7 +127,7 @@ def _open_tun_fd(name: str, flags: int) -> int:
             raise TunError(f"cannot open {TUN_PATH}: permission denied; {SETUP_HINT}") from None
         raise TunError(
             f"cannot open {TUN_PATH}: permission denied ({problem}); run as root, or {TUN_MODE_HINT} "
-            "and once: sudo husarnet-ros setup-tun --user $USER"
+            f"and once: {SETUP_COMMAND}"
         ) from None
     except OSError as e:
         raise TunError(f"cannot open {TUN_PATH}: {e.strerror}; try: sudo modprobe tun") from None
@@ -236,7 +237,7 @@ def _inspect(name: str) -> tuple[int, int, bool, set[tuple[str, int]], set[tuple
 def _verify_attached(name: str, address: bytes | None, mtu: int, prefixlen: int) -> tuple[int, int]:
     """Unprivileged attach: the one-time setup must have left the address and route in place."""
     idx, actual_mtu, up, addrs, routes = _inspect(name)
-    fix = f"run once: sudo husarnet-ros setup-tun --user $USER --interface {name}"
+    fix = f"run once: {SETUP_COMMAND} --interface {name}"
     if address is not None:
         text = _address_text(address)
         if (text, prefixlen) not in addrs:

@@ -19,14 +19,17 @@ Checksums use the identity "one's-complement sum of 16-bit words == the
 number's value mod 0xffff" (2**16 == 1 mod 0xffff), so CPython's C bignum
 code does the per-byte work: ``int.from_bytes(data, "big") % 0xffff``.
 
-Everything here is pure (no I/O) and every parser raises :class:`OffloadError`
-(a ``ValueError``) on malformed input.
+Everything here is pure (no I/O; the one side effect: the first TSO read to
+split starts importing numpy, see :func:`load_numpy`) and every parser raises
+:class:`OffloadError` (a ``ValueError``) on malformed input.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 VNET_HDR_LEN = 10
 
@@ -70,10 +73,34 @@ _U32 = struct.Struct(">I")
 _TCP_FIXED = struct.Struct(">IIBBHHH")  # seq, ack, data offset, flags, window, checksum, urgent
 _SEG_HDR = struct.Struct(">4sH34s4sIIBBHHH")  # IPv6 header (payload length apart) + fixed TCP header
 
-try:  # optional: vectorised checksums for the send path (numpy comes with the ROS wheels)
-    import numpy as _np
-except ImportError:  # pragma: no cover - exercised where numpy is absent
-    _np = None
+# numpy (it comes with the ROS wheels) sums the checksum chunks of a TSO read vectorised (_chunk_sums).
+# It is not imported with this module: the import takes 0.1-0.15 s here, a fifth of a node's start-up
+# (issue #3 counts set-up time from the process start), and only bulk transfers need it.  The first TSO
+# read that would use it starts the import on a thread of its own; until that is done the bignum path sums.
+_np: Any = None
+_numpy_lock = threading.Lock()
+_numpy_started = False
+
+
+def load_numpy() -> bool:
+    """Import numpy for the vectorised checksums now; False when it is not installed (the bignum path stays)."""
+    global _np
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - exercised where numpy is absent
+        return False
+    _np = numpy
+    return True
+
+
+def _start_numpy_import() -> None:
+    """:func:`load_numpy` once, on a thread: the data path that asked must not wait 0.1 s for it."""
+    global _numpy_started
+    with _numpy_lock:
+        if _numpy_started:
+            return
+        _numpy_started = True
+    threading.Thread(target=load_numpy, name="numpy-import", daemon=True).start()
 
 
 class OffloadError(ValueError):
@@ -198,21 +225,24 @@ def _l4_proto(pkt: bytes | bytearray | memoryview, l4: int) -> int:
 def _chunk_sums(payload: memoryview, seg: int) -> list[int]:
     """One's-complement sums (unfolded) of every ``seg``-sized chunk of ``payload``; the last may be short.
 
-    numpy (installed with the ROS wheels) sums all full chunks in one vectorised call, about 8x
-    faster than per-chunk bignum arithmetic; without numpy, the bignum path.  An odd chunk size (the
+    numpy, once loaded, sums all full chunks in one vectorised call, about 8x faster than per-chunk
+    bignum arithmetic; until then (or without numpy) the bignum path.  An odd chunk size (the
     usual one: MSS 1299 at MTU 1371 with TCP timestamps) is summed as its even-offset bytes (high
     halves of the 16-bit words, the last one zero-padded) and its odd-offset bytes (low halves).
     """
     total = len(payload)
     full = total // seg
     sums: list[int]
-    if _np is not None and full > 1 and not seg & 1:
-        words = _np.frombuffer(payload, dtype=">u2", count=full * seg // 2).reshape(full, seg // 2)
-        sums = words.sum(axis=1, dtype=_np.uint32).tolist()
-    elif _np is not None and full > 1:
-        rows = _np.frombuffer(payload, dtype=_np.uint8, count=full * seg).reshape(full, seg)
-        high = rows[:, 0::2].sum(axis=1, dtype=_np.uint32)
-        low = rows[:, 1::2].sum(axis=1, dtype=_np.uint32)
+    np = _np
+    if np is None and full > 1 and not _numpy_started:
+        _start_numpy_import()
+    if np is not None and full > 1 and not seg & 1:
+        words = np.frombuffer(payload, dtype=">u2", count=full * seg // 2).reshape(full, seg // 2)
+        sums = words.sum(axis=1, dtype=np.uint32).tolist()
+    elif np is not None and full > 1:
+        rows = np.frombuffer(payload, dtype=np.uint8, count=full * seg).reshape(full, seg)
+        high = rows[:, 0::2].sum(axis=1, dtype=np.uint32)
+        low = rows[:, 1::2].sum(axis=1, dtype=np.uint32)
         sums = (high * 256 + low).tolist()
     else:
         sums = [ones_sum(payload[i * seg : (i + 1) * seg]) for i in range(full)]

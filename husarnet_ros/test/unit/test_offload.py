@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import random
 import struct
+import subprocess
+import sys
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -181,11 +184,32 @@ def test_split_tso_superpacket() -> None:
 
 @pytest.mark.parametrize("gso", [1348, 1347, 1299, 1000])
 def test_split_same_without_numpy(monkeypatch: pytest.MonkeyPatch, gso: int) -> None:
+    assert o.load_numpy() and o._np is not None
     buf = tso_read(os.urandom(30001), gso)
     fast = o.split_for_send(buf, True, MTU)
     monkeypatch.setattr(o, "_np", None)
+    monkeypatch.setattr(o, "_numpy_started", True)  # no import thread brings it back mid-test
     assert o.split_for_send(buf, True, MTU) == fast
     assert all(ref_l4_valid(p) for p in fast)
+
+
+def test_numpy_is_imported_by_the_first_split_not_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Start-up: loading the engine (which loads this module) must not import numpy (0.1 s of a node's start).
+    code = "import sys; import husarnet_ros.core.engine; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"
+    # The first split that sums several chunks starts the import on its own thread and does not wait for it.
+    monkeypatch.setattr(o, "_np", None)
+    monkeypatch.setattr(o, "_numpy_started", False)
+    payload = os.urandom(20000)
+    pkts = o.split_for_send(tso_read(payload, 1348), True, MTU)
+    assert b"".join(p[72:] for p in pkts) == payload and all(ref_l4_valid(p) for p in pkts)
+    assert o._numpy_started
+    deadline = time.monotonic() + 30
+    while o._np is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert o._np is not None
+    assert o.split_for_send(tso_read(payload, 1348), True, MTU) == pkts
 
 
 def test_split_respects_smaller_mtu_limit() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,48 @@ def test_the_check_finds_a_stale_reference(monkeypatch) -> None:
         "common.no_such_helper",
         "husarnet_ros.testing.e2e.daemon_available (line 3)",
     ]
+
+
+# Objects of the package's classes that a script holds in a variable: their methods must exist too.  The
+# fastpath prototype once read the TUN with a ``read_many`` that TunDevice no longer had, and the whole
+# prototype column was "skipped: no ping" without an error.
+INSTANCES = {"fastpath_proto.py": {"dev": "husarnet_ros.core.tun.TunDevice", "sock": "husarnet_ros.core.udp.UdpSocket"}}
+
+
+def _attributes(cls: type) -> set[str]:
+    """What an instance of ``cls`` has: class attributes, annotated fields, and every ``self.x = ...``."""
+    names = set(dir(cls))
+    for klass in cls.__mro__:
+        names |= set(getattr(klass, "__annotations__", {}))
+    for node in ast.walk(ast.parse(inspect.getsource(cls))):
+        is_self = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+        if is_self and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+    return names
+
+
+def _missing_methods(source: str, filename: str, instances: dict[str, str]) -> list[str]:
+    classes = {}
+    for var, path in instances.items():
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        classes[var] = (cls.__name__, _attributes(cls))
+    missing = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in classes:
+            name, attrs = classes[node.value.id]
+            if node.attr not in attrs:
+                missing.append(f"{name}.{node.attr} (line {node.lineno})")
+    return missing
+
+
+@pytest.mark.parametrize("name", sorted(INSTANCES))
+def test_methods_a_bench_script_calls_on_package_objects_exist(name: str) -> None:
+    script = BENCH / name
+    missing = _missing_methods(script.read_text(), str(script), INSTANCES[name])
+    assert not missing, f"{name} calls methods that do not exist: {missing}"
+
+
+def test_the_method_check_finds_a_stale_call() -> None:
+    source = "dev.read_ready(4)\ndev.read_many(4, timeout=0.5)\nsock.recv_batch()\nsock.gro\n"
+    assert _missing_methods(source, "stale.py", INSTANCES["fastpath_proto.py"]) == ["TunDevice.read_many (line 2)"]

@@ -20,14 +20,13 @@ number's value mod 0xffff" (2**16 == 1 mod 0xffff), so CPython's C bignum
 code does the per-byte work: ``int.from_bytes(data, "big") % 0xffff``.
 
 Everything here is pure (no I/O; the one side effect: the first TSO read to
-split starts importing numpy, see :func:`load_numpy`) and every parser raises
+split imports numpy, see :func:`load_numpy`) and every parser raises
 :class:`OffloadError` (a ``ValueError``) on malformed input.
 """
 
 from __future__ import annotations
 
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,31 +75,23 @@ _SEG_HDR = struct.Struct(">4sH34s4sIIBBHHH")  # IPv6 header (payload length apar
 # numpy (it comes with the ROS wheels) sums the checksum chunks of a TSO read vectorised (_chunk_sums).
 # It is not imported with this module: the import takes 0.1-0.15 s here, a fifth of a node's start-up
 # (issue #3 counts set-up time from the process start), and only bulk transfers need it.  The first TSO
-# read that would use it starts the import on a thread of its own; until that is done the bignum path sums.
+# read with several segments imports it, in the thread that splits the read: a one-off pause of the first
+# bulk transfer.  Not on a thread of its own: while an import runs, sys.modules holds the module half
+# made, and code elsewhere in the process that looks there first (hypothesis does) fails on it.
 _np: Any = None
-_numpy_lock = threading.Lock()
-_numpy_started = False
+_numpy_tried = False
 
 
 def load_numpy() -> bool:
     """Import numpy for the vectorised checksums now; False when it is not installed (the bignum path stays)."""
-    global _np
+    global _np, _numpy_tried
+    _numpy_tried = True
     try:
         import numpy
     except ImportError:  # pragma: no cover - exercised where numpy is absent
         return False
     _np = numpy
     return True
-
-
-def _start_numpy_import() -> None:
-    """:func:`load_numpy` once, on a thread: the data path that asked must not wait 0.1 s for it."""
-    global _numpy_started
-    with _numpy_lock:
-        if _numpy_started:
-            return
-        _numpy_started = True
-    threading.Thread(target=load_numpy, name="numpy-import", daemon=True).start()
 
 
 class OffloadError(ValueError):
@@ -233,9 +224,9 @@ def _chunk_sums(payload: memoryview, seg: int) -> list[int]:
     total = len(payload)
     full = total // seg
     sums: list[int]
+    if full > 1 and not _numpy_tried:
+        load_numpy()
     np = _np
-    if np is None and full > 1 and not _numpy_started:
-        _start_numpy_import()
     if np is not None and full > 1 and not seg & 1:
         words = np.frombuffer(payload, dtype=">u2", count=full * seg // 2).reshape(full, seg // 2)
         sums = words.sum(axis=1, dtype=np.uint32).tolist()

@@ -7,7 +7,6 @@ import random
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -188,7 +187,7 @@ def test_split_same_without_numpy(monkeypatch: pytest.MonkeyPatch, gso: int) -> 
     buf = tso_read(os.urandom(30001), gso)
     fast = o.split_for_send(buf, True, MTU)
     monkeypatch.setattr(o, "_np", None)
-    monkeypatch.setattr(o, "_numpy_started", True)  # no import thread brings it back mid-test
+    monkeypatch.setattr(o, "_numpy_tried", True)  # the split must not import it again
     assert o.split_for_send(buf, True, MTU) == fast
     assert all(ref_l4_valid(p) for p in fast)
 
@@ -198,18 +197,15 @@ def test_numpy_is_imported_by_the_first_split_not_at_start_up(monkeypatch: pytes
     code = "import sys; import husarnet_ros.core.engine; print('numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
-    # The first split that sums several chunks starts the import on its own thread and does not wait for it.
+    # A split of a single segment does not need it; the first that sums several chunks imports it, then and there.
     monkeypatch.setattr(o, "_np", None)
-    monkeypatch.setattr(o, "_numpy_started", False)
+    monkeypatch.setattr(o, "_numpy_tried", False)
+    [one] = o.split_for_send(tso_read(os.urandom(1000), 1348), True, MTU)
+    assert ref_l4_valid(one) and o._np is None and not o._numpy_tried
     payload = os.urandom(20000)
     pkts = o.split_for_send(tso_read(payload, 1348), True, MTU)
+    assert o._numpy_tried and o._np is not None
     assert b"".join(p[72:] for p in pkts) == payload and all(ref_l4_valid(p) for p in pkts)
-    assert o._numpy_started
-    deadline = time.monotonic() + 30
-    while o._np is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert o._np is not None
-    assert o.split_for_send(tso_read(payload, 1348), True, MTU) == pkts
 
 
 def test_split_respects_smaller_mtu_limit() -> None:

@@ -366,6 +366,35 @@ def test_a_batch_settles_each_session_and_endpoint_once_and_still_checks_each_pa
     assert side.counters.get("not_whitelisted") == 2 and len(side.delivered) == 4
 
 
+def test_a_batch_looks_up_a_run_of_one_receiver_index_once_and_judges_every_datagram(side: Side, monkeypatch) -> None:
+    """The keypair is looked up once per run of datagrams to the same receiver index; each still stands alone."""
+    old_kp, old_remote = side.kp, side.remote
+    side.kp, side.remote = side.new_keys(3, 4)  # a rekey: datagrams on the old and the new keypair interleave
+    side.peer.previous, side.peer.current = old_kp, side.kp
+    lookups: list[int] = []
+    get = side.index.get
+    monkeypatch.setattr(side.index, "get", lambda i: lookups.append(i) or get(i))
+    p1, p2, p3 = (ip6(PEER, ME, bytes([i]) * 8) for i in (1, 2, 3))
+    not_data = bytes([MSG_DATA + 1]) + side.remote.seal(p3)[1:]  # another type word, the same receiver index
+    replayed = side.remote.seal(p2)
+    tampered = bytearray(side.remote.seal(p1))
+    tampered[-1] ^= 1
+    batch = [
+        (side.remote.seal(p1), EP),
+        (replayed, EP),
+        (replayed, EP),  # a replay inside the run
+        (not_data, EP),
+        (old_remote.seal(p3), EP),  # the run ends: the old keypair
+        (JUNK, EP),  # an unknown index between two runs
+        (side.remote.seal(p3), EP),
+        (bytes(tampered), EP),  # a broken tag inside a run
+    ]
+    side.dp.receive_many(batch)
+    assert side.delivered == [p1, p2, p3, p3]
+    assert side.drops() == {"replay": 1, "malformed": 1, "unknown_peer": 1, "bad_mac": 1}
+    assert lookups == [3, 1, 0xDEAD, 3]
+
+
 def sockaddr(endpoint: tuple[str, int]) -> tuple[str, int, int, int]:
     """What a dual-stack socket takes and reports for an IPv4 endpoint (UdpSocket.sockaddr)."""
     return ("::ffff:" + endpoint[0], endpoint[1], 0, 0)

@@ -83,7 +83,6 @@ _VNET = struct.Struct("<BBHHHH")
 _SUPER_BYTE = bytes((MSG_DATA_SUPER,))
 _DATA_WORD = _U32.pack(MSG_DATA)
 _U64 = struct.Struct("<Q")
-_DATA_HEADER = DATA_HEADER  # type word, receiver index, counter
 _DONTWAIT = socket.MSG_DONTWAIT  # the UDP socket is blocking for its receiver: a lone send must never wait
 #: How often (seconds) the datapath may ask the loop for a handshake for the same peer.
 _HANDSHAKE_NUDGE_INTERVAL = 0.05
@@ -534,7 +533,7 @@ class Datapath:
                 if len(datagram) < DATA_MIN_LEN:
                     drops["malformed"] = drops.get("malformed", 0) + 1
                     continue
-                word, receiver, counter = _DATA_HEADER.unpack_from(datagram)
+                word, receiver, counter = DATA_HEADER.unpack_from(datagram)  # type word, receiver index, counter
                 if word != MSG_DATA:
                     drops["malformed"] = drops.get("malformed", 0) + 1
                     continue

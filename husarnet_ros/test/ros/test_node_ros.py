@@ -410,7 +410,7 @@ def test_activate_publishes_and_deactivate_removes_the_device(
         assert n.trigger_shutdown() == SUCCESS
     finally:
         n._release()
-        listener.destroy_node()
+        spinner.destroy(listener)
         n.destroy_node()
     assert not link_exists(unique_ifname)
 
@@ -502,7 +502,7 @@ def active_node_with_statuses(
         yield n, statuses
     finally:
         n._release()
-        listener.destroy_node()
+        spinner.destroy(listener)
         n.destroy_node()
     assert not link_exists(ifname)
 

@@ -506,7 +506,6 @@ class Datapath:
         last_peer: Peer | None = None
         last_receiver = -1  # the receiver index of the last Data datagram, and the keypair it named
         run_kp: Keypair | None = None
-        run_now: float | None = None
         for i, (datagram, src) in enumerate(batch):
             if skip:
                 skip -= 1
@@ -541,14 +540,12 @@ class Datapath:
                     last_receiver = receiver
                     found = index_get(receiver)
                     run_kp = found if type(found) is Keypair else None
-                    # The batch's clock reading stands for the keypair's own only if they are one clock.
-                    run_now = now if run_kp is not None and run_kp.clock is self.clock else None
                 kp = run_kp
                 if kp is None:
                     drops["unknown_peer"] = drops.get("unknown_peer", 0) + 1
                     continue
                 try:
-                    plaintext = kp.authenticate(counter, memoryview(datagram)[DATA_HEADER_LEN:], None, run_now)
+                    plaintext = kp.authenticate(counter, memoryview(datagram)[DATA_HEADER_LEN:], None)
                 except SessionDrop as drop:
                     drops[drop.reason] = drops.get(drop.reason, 0) + 1
                     continue

@@ -150,11 +150,6 @@ class Keypair:
             _NONCE.pack(n), plaintext, None
         )
 
-    @property
-    def clock(self) -> Callable[[], float]:
-        """The clock this keypair's deadlines are read on (a caller may read it once for a whole batch)."""
-        return self._clock
-
     def _take_counter(self) -> int:
         """The send rule in one place: the next nonce counter, refused once the key is past its limits."""
         n = next(self._next_counter)
@@ -177,21 +172,17 @@ class Keypair:
             raise SessionDrop("malformed")
         return self.authenticate(n, memoryview(datagram)[DATA_HEADER_LEN:], None)
 
-    def authenticate(
-        self, n: int, ciphertext: bytes | bytearray | memoryview, aad: bytes | None, now: float | None = None
-    ) -> bytes:
+    def authenticate(self, n: int, ciphertext: bytes | bytearray | memoryview, aad: bytes | None) -> bytes:
         """The receive rule in one place: window check before the AEAD, window commit only after the tag.
 
         For callers that parsed the header themselves: :meth:`open`, :func:`open_super`, and the data
         path's lone receive, which found this keypair by the header's receiver index (issue #6: on a cold
         CPU every layer counts).  ``n`` is the message counter, ``ciphertext`` what follows the header.
-        ``now`` is this keypair's clock read by the caller, once for a whole batch (else read here).
         """
         verdict = self._replay.check(n)
         if verdict is not None:
             raise SessionDrop(verdict)
-        if now is None:
-            now = self._clock()
+        now = self._clock()
         if now >= self._deadline:
             raise SessionDrop("expired")
         try:

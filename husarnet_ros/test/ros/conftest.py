@@ -100,15 +100,6 @@ class Spinner:
         self.executor.add_node(node)
         return node
 
-    def destroy(self, node: Any) -> None:
-        """Take ``node`` out of the executor, then destroy it.
-
-        Destroying a node the executor still waits on raced with its wait set: once in a CI run the
-        spin thread died with "wait set is empty" (a PytestUnhandledThreadExceptionWarning).
-        """
-        self.executor.remove_node(node)
-        node.destroy_node()
-
     def call(
         self, node: Any, srv_type: Any, name: str, wait: float = 10.0, resend: float | None = None, **fields: Any
     ) -> Any:
@@ -219,4 +210,4 @@ def node_pair(ros_context: Any, spinner: Spinner, tmp_path: Path, unique_ifname:
     finally:
         for n in made:
             n._release()
-            spinner.destroy(n)
+            n.destroy_node()

@@ -78,7 +78,7 @@ def test_whitelist_commands_against_a_configured_node(ros_context: Any, spinner:
         assert r.returncode == 3
     finally:
         node._release()
-        spinner.destroy(node)
+        node.destroy_node()
 
 
 @pytest.mark.netns

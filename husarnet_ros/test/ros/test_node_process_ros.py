@@ -74,7 +74,7 @@ def test_autostart_brings_the_device_up_and_a_signal_removes_it(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    spinner.destroy(listener)
+    listener.destroy_node()
     assert proc.returncode == 0, out
     assert "active:" in out
     assert not link_exists(unique_ifname)

@@ -64,7 +64,7 @@ def node(ros_context: Any, spinner: Any, tmp_path: Path) -> Any:
     n = spinner.add(make_node(ros_context, tmp_path / "state"))
     yield n
     n._release()
-    spinner.destroy(n)
+    n.destroy_node()
 
 
 def service_names(node: HusarnetNode) -> set[str]:
@@ -202,7 +202,7 @@ def test_unusable_identity_fails_configure_and_creates_nothing(
         assert n.identity.address == good.address
     finally:
         n._release()
-        spinner.destroy(n)
+        n.destroy_node()
 
 
 def test_bad_configured_whitelist_fails_configure(ros_context: Any, spinner: Any, tmp_path: Path) -> None:
@@ -216,7 +216,7 @@ def test_bad_configured_whitelist_fails_configure(ros_context: Any, spinner: Any
         assert not (OUR_SERVICES & service_names(n))
     finally:
         n._release()
-        spinner.destroy(n)
+        n.destroy_node()
 
 
 # ------------------------------------------------------------------ services (configured, engine not needed)
@@ -312,7 +312,7 @@ def test_activate_without_a_usable_device_fails_with_one_clear_message(
         assert msg in diag["husarnet: node"].message
     finally:
         n._release()
-        spinner.destroy(n)
+        n.destroy_node()
 
 
 # ------------------------------------------------------------------ active (root: TUN device)
@@ -410,8 +410,8 @@ def test_activate_publishes_and_deactivate_removes_the_device(
         assert n.trigger_shutdown() == SUCCESS
     finally:
         n._release()
-        spinner.destroy(listener)
-        spinner.destroy(n)
+        listener.destroy_node()
+        n.destroy_node()
     assert not link_exists(unique_ifname)
 
 
@@ -482,7 +482,7 @@ def test_dds_peers_follow_the_whitelist_state(ros_context: Any, spinner: Any, tm
         waiter(lambda: static.address_str not in dds.peers_in_fastdds_xml(fastdds.read_bytes()), 5, "static removed")
     finally:
         n._release()
-        spinner.destroy(n)
+        n.destroy_node()
 
 
 @contextlib.contextmanager
@@ -502,8 +502,8 @@ def active_node_with_statuses(
         yield n, statuses
     finally:
         n._release()
-        spinner.destroy(listener)
-        spinner.destroy(n)
+        listener.destroy_node()
+        n.destroy_node()
     assert not link_exists(ifname)
 
 

@@ -42,6 +42,7 @@ from .cookie import COOKIE_SECRET_LIFETIME, CookieChecker, CookieError, SourceLi
 from .counters import Counters
 from .datapath import Datapath
 from .fsutil import StateFileError, ensure_state_dir
+from .heap import keep_freed_heap
 from .identity import Identity, format_address, parse_address
 from .offload import MAX_PACKET, Coalescer, OffloadError, split_for_send
 from .path import KIND_NONE, KIND_RELAY, Network, classify, probe_interval_for
@@ -437,6 +438,8 @@ class Engine:
         else:
             self._transport.start(self._on_datagram)
         if self._tun is not None:
+            if self._tun.vnet_hdr:
+                keep_freed_heap()  # super-packet buffers: no page faults per 64 kB (heap.py)
             self._datapath.start_tun(self._tun)
             if cfg.warm_interval:
                 self._start_warmer(self._datapath, self._tun, cfg.warm_interval)

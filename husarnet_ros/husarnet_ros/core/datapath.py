@@ -73,7 +73,8 @@ from .wire import (
     build_probe_reply,
     build_super_report,
     parse_super_report,
-    super_fragment_parts,
+    super_fragment_run,
+    super_run_payloads,
 )
 
 log = logging.getLogger(__name__)
@@ -443,12 +444,12 @@ class Datapath:
             return 0  # never on the relay path; never before agreement or during a loss hold
         try:
             counter, sealed = seal_super(kp, buf)
-            parts = super_fragment_parts(kp.remote_index, counter, sealed, self.fragment_size)
+            run = super_fragment_run(kp.remote_index, counter, sealed, self.fragment_size)
         except (SessionDrop, ValueError):
             return 0
         # Sent now, not with the batch: the receiver starts on it while we seal the next one, and no
         # message sealed meanwhile on another thread (a report, a keepalive) overtakes a batch of these.
-        self.hooks.send_segmented(parts, DATA_SUPER_HEADER_LEN + self.fragment_size, endpoint)
+        self.hooks.send_segmented([run], DATA_SUPER_HEADER_LEN + self.fragment_size, endpoint)
         sent_peers.append(peer)
         n = len(buf) - VNET_HDR_LEN
         peer.tx_bytes += n
@@ -846,11 +847,9 @@ class Datapath:
             while off < n:
                 count = _whole_message_at(data, off, seg)
                 if count:
-                    end = off + count * seg
-                    view = memoryview(data)
-                    parts = [view[o + DATA_SUPER_HEADER_LEN : o + seg] for o in range(off, end, seg)]
-                    out.append((SealedSuper(data[off : off + DATA_SUPER_HEADER_LEN], b"".join(parts), count), src))
-                    off = end
+                    sealed = super_run_payloads(data, off, count, seg)
+                    out.append((SealedSuper(data[off : off + DATA_SUPER_HEADER_LEN], sealed, count), src))
+                    off += count * seg
                 else:
                     out.append((data[off : off + seg], src))
                     off += seg

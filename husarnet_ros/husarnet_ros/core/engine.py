@@ -869,8 +869,9 @@ class Engine:
     def send_segmented(self, parts: list[bytes | memoryview], segment: int, endpoint: AnyEndpoint) -> None:
         """Datagrams of ``segment`` bytes (the last shorter) given as buffers back to back: one GSO send on UDP.
 
-        Super-packet fragments come this way (header, slice, header, slice...), so their ciphertext is
-        never copied in Python; a transport without ``send_segmented`` gets them cut into datagrams.
+        Super-packet fragments come this way, as one buffer (:func:`~.wire.super_fragment_run`), so a
+        UDP transport sends them in one ``sendmsg``; a transport without ``send_segmented`` gets them
+        cut into datagrams.
         """
         transport = self._transport
         segmented = getattr(transport, "send_segmented", None)

@@ -17,7 +17,7 @@ from test_superpacket_memnet import agreed, fragments_of, make_pair, small_loss_
 from husarnet_ros.core.datapath import _whole_message_at
 from husarnet_ros.core.memnet import Impairment
 from husarnet_ros.core.udp import DatagramRun, UdpSocket
-from husarnet_ros.core.wire import MSG_DATA, MSG_DATA_SUPER, build_super_fragments, super_fragment_parts
+from husarnet_ros.core.wire import MSG_DATA, MSG_DATA_SUPER, build_super_fragments, super_fragment_run
 
 __all__ = ["small_loss_window"]  # the autouse fixture applies here too
 
@@ -108,12 +108,12 @@ def test_the_socket_keeps_data_runs_whole_and_cuts_up_a_buffer_with_a_control_me
         rx.close()
 
 
-def test_fragments_leave_as_parts_in_one_send_and_arrive_as_built() -> None:
-    """send_segmented (header, slice, header, slice...) puts the same datagrams on the wire as the fragments."""
+def test_fragments_leave_as_one_run_in_one_send_and_arrive_as_built() -> None:
+    """send_segmented of a fragment run puts the same datagrams on the wire as the fragments."""
     sealed = bytes(range(256)) * 40  # 10240 bytes: 8 fragments of 1383, the last shorter
     frags = build_super_fragments(7, 99, sealed, 1383)
-    parts = super_fragment_parts(7, 99, sealed, 1383)
-    assert b"".join(parts) == b"".join(frags) and len(parts) == 2 * len(frags)
+    parts = [super_fragment_run(7, 99, sealed, 1383)]
+    assert b"".join(parts) == b"".join(frags) and len(frags) == 8
     for gso in (True, False):
         tx, rx = UdpSocket(0, gso=gso), UdpSocket(0)
         try:

@@ -88,3 +88,54 @@ def test_super_seal_open_and_no_confusion_with_data() -> None:
     assert n2 == ctr + 1  # one counter sequence for both kinds
     with pytest.raises(ValueError):
         seal_super(a, bytes(wire.SUPER_MAX_PLAINTEXT + 1))
+
+
+def reference_fragments(receiver: int, counter: int, sealed: bytes, size: int) -> list[bytes]:
+    """Fragment by fragment, the obvious way: the builders' C-call tricks must give exactly this."""
+    count = -(-len(sealed) // size)
+    return [
+        wire.DATA_SUPER_HEADER.pack(wire.MSG_DATA_SUPER, receiver, counter, i, count, 0)
+        + sealed[i * size : (i + 1) * size]
+        for i in range(count)
+    ]
+
+
+@given(
+    st.binary(min_size=16, max_size=9000),
+    st.integers(1, 2048),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**64 - 1),
+    st.binary(max_size=50),
+    st.binary(max_size=50),
+)
+def test_a_run_is_the_reference_fragments_back_to_back_and_its_payloads_join_back(
+    sealed: bytes, size: int, receiver: int, counter: int, before: bytes, after: bytes
+) -> None:
+    if -(-len(sealed) // size) > wire.SUPER_MAX_FRAGMENTS:
+        with pytest.raises(ValueError):
+            wire.super_fragment_run(receiver, counter, sealed, size)
+        return
+    frags = reference_fragments(receiver, counter, sealed, size)
+    run = wire.super_fragment_run(receiver, counter, sealed, size)
+    assert run == b"".join(frags)
+    seg = wire.DATA_SUPER_HEADER_LEN + size
+    # As in a GRO buffer: anything may come before the run; after it only when its last fragment is full.
+    data = before + bytes(run) + (after if len(frags[-1]) == seg else b"")
+    assert wire.super_run_payloads(data, len(before), len(frags), seg) == sealed
+
+
+def test_run_payloads_refuse_what_does_not_fit() -> None:
+    run = bytes(wire.super_fragment_run(5, 1, bytes(100), 40))  # 3 fragments of 60 bytes, the last 40
+    assert wire.super_run_payloads(run, 0, 3, 60) == bytes(100)
+    bad = [
+        (run, 0, 4, 60),  # one fragment more than the buffer holds
+        (run[:-20], 0, 3, 60),  # the last fragment has a header and no slice
+        (run, -1, 3, 60),  # negative offset
+        (run, 0, 0, 60),  # no fragment
+        (run, 0, wire.SUPER_MAX_FRAGMENTS + 1, 60),
+        (run, 0, 3, wire.DATA_SUPER_HEADER_LEN),  # fragments with no room for a slice
+        (run, 0, 3, wire.DATA_SUPER_HEADER_LEN + wire.SUPER_MAX_FRAGMENT + 1),
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            wire.super_run_payloads(*args)

@@ -1,7 +1,7 @@
 """DataSuper fragments received as one GRO buffer (``DatagramRun``) are opened straight from the buffer.
 
 The UDP socket hands a GRO buffer of DataSuper fragments over whole; the data path joins each complete
-message in it (checked column by column) and cuts anything else into datagrams for the fragment-by-
+message in it (all headers checked at once) and cuts anything else into datagrams for the fragment-by-
 fragment path.  Every verdict must be the one the datagrams would get one by one: forged runs cost one
 AEAD open and deliver nothing, replays are refused, broken headers never join, and a run that holds a
 complete message and the start of the next delivers both once the rest arrives.
@@ -11,13 +11,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from test_im_common import EP_A, Lab, wait_for
 from test_superpacket_memnet import agreed, fragments_of, make_pair, small_loss_window, tcp_payloads
 
 from husarnet_ros.core.datapath import _whole_message_at
 from husarnet_ros.core.memnet import Impairment
 from husarnet_ros.core.udp import DatagramRun, UdpSocket
-from husarnet_ros.core.wire import MSG_DATA, MSG_DATA_SUPER, build_super_fragments, super_fragment_run
+from husarnet_ros.core.wire import (
+    DATA_SUPER_HEADER,
+    MSG_DATA,
+    MSG_DATA_SUPER,
+    SUPER_MAX_FRAGMENTS,
+    build_super_fragments,
+    super_fragment_run,
+)
 
 __all__ = ["small_loss_window"]  # the autouse fixture applies here too
 
@@ -127,3 +137,42 @@ def test_fragments_leave_as_one_run_in_one_send_and_arrive_as_built() -> None:
         finally:
             tx.close()
             rx.close()
+
+
+def reference_whole_message_at(data: bytes, off: int, seg: int) -> int:
+    """The rule of ``_whole_message_at``, fragment by fragment and field by field: the obvious way."""
+    first = data[off : off + seg]
+    if not 20 < seg <= 20 + 2048 or len(first) != seg:
+        return 0
+    word, receiver, counter, index, count, reserved = DATA_SUPER_HEADER.unpack_from(first)
+    if first[0] != MSG_DATA_SUPER or index != 0 or reserved or not 1 < count <= SUPER_MAX_FRAGMENTS:
+        return 0
+    for k in range(1, count):
+        frag = data[off + k * seg : off + (k + 1) * seg]
+        if len(frag) <= 20:
+            return 0
+        if DATA_SUPER_HEADER.unpack_from(frag) != (word, receiver, counter, k, count, reserved):
+            return 0
+    return count
+
+
+@given(
+    st.integers(2, 12),
+    st.integers(16, 60),  # a sealed message holds at least a tag
+    st.integers(0, 40),
+    st.lists(st.tuples(st.integers(0, 11), st.integers(0, 19), st.integers(1, 255)), max_size=2),
+    st.integers(-30, 0),
+)
+def test_a_run_is_whole_exactly_when_every_header_says_so(
+    count: int, size: int, tail: int, flips: list[tuple[int, int, int]], cut: int
+) -> None:
+    """Any header byte changed, or a run cut short, is judged as the field-by-field reference judges it."""
+    sealed = bytes(range(256)) * 2
+    sealed = (sealed * 2)[: (count - 1) * size + 1 + tail % size]
+    run = bytearray(super_fragment_run(0xA1B2C3D4, 2**40 + 7, sealed, size))
+    seg = 20 + size
+    for frag, byte, xor in flips:
+        pos = (frag % count) * seg + byte
+        run[pos] ^= xor
+    data = bytes(run[: len(run) + cut] if cut else run)
+    assert _whole_message_at(data, 0, seg) == reference_whole_message_at(data, 0, seg)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from test_im_common import EP_A, Lab, wait_for
 from test_superpacket_memnet import agreed, fragments_of, make_pair, small_loss_window, tcp_payloads
 

@@ -80,13 +80,22 @@ def ros_context(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 class Spinner:
-    """A multi-threaded executor spinning in a background thread, plus blocking helpers."""
+    """A multi-threaded executor spinning in a background thread, plus blocking helpers.
+
+    The thread spins with ``spin_once`` and its own stop flag, and :meth:`shutdown` joins it before
+    it shuts the executor down.  ``Executor.shutdown`` (rclpy, Kilted) does not wait for a running
+    ``spin()``: it empties the node set and destroys the executor's guard condition at once, and a
+    ``spin()`` that had just passed its shutdown check then waits on an empty wait set and dies with
+    "wait set is empty" (a rare PytestUnhandledThreadExceptionWarning at teardown).  The node's own
+    ``main`` spins the same way, so the product never meets that race.
+    """
 
     def __init__(self, context: Any) -> None:
         from rclpy.executors import MultiThreadedExecutor
 
         self.context = context
         self.executor = MultiThreadedExecutor(num_threads=4, context=context)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._spin, name="test-spin", daemon=True)
         self._thread.start()
 
@@ -94,7 +103,8 @@ class Spinner:
         from rclpy.executors import ExternalShutdownException
 
         with contextlib.suppress(ExternalShutdownException):
-            self.executor.spin()
+            while not self._stop.is_set() and self.context.ok():
+                self.executor.spin_once(timeout_sec=0.05)
 
     def add(self, node: Any) -> Any:
         self.executor.add_node(node)
@@ -126,8 +136,10 @@ class Spinner:
             node.destroy_client(client)
 
     def shutdown(self) -> None:
-        self.executor.shutdown(timeout_sec=2.0)
+        self._stop.set()
         self._thread.join(timeout=5.0)
+        assert not self._thread.is_alive(), "the spin thread did not stop within 5 s (a callback hangs?)"
+        self.executor.shutdown(timeout_sec=2.0)
 
 
 @pytest.fixture

@@ -200,7 +200,8 @@ def test_row22_thirty_percent_loss():
             for key, value in (("tcp_rto_min_us", 20_000), ("tcp_rto_max_ms", 1000), ("tcp_retries2", 60)):
                 if Path(f"/proc/sys/net/ipv4/{key}").exists():  # rto_min_us and rto_max_ms: Linux 6.11 / 6.15
                     lab.set_sysctl(ns, f"net.ipv4.{key}", value)
-        res = traffic.tcp_transfer(lab, t.base, t.peerA, x.address, mb=0.1, timeout=60)
+        # A liveness bound, not a speed check: once, on a machine also running benchmarks, 60 s was not enough.
+        res = traffic.tcp_transfer(lab, t.base, t.peerA, x.address, mb=0.1, timeout=120)
         assert res.ok and res.received_bytes == 100_000, res
         assert lab.rule_packets(rule) > 0
         elapsed = time.monotonic() - start

@@ -6,8 +6,8 @@ the top of a thread's heap back to the kernel as soon as more than ``M_TRIM_THRE
 default) is free there (``madvise(MADV_DONTNEED)``), so the next allocation of the same size faults
 its pages in again and the kernel zeroes every one of them.  Profiled under one iperf3 stream, page
 faults, zeroing and ``madvise`` were a tenth of the receive thread's time.  Raising the threshold
-keeps those pages mapped: a few MB more resident memory, and 8-14 % more throughput on the 2-core
-bench machine (``make bench``).
+keeps those pages mapped: a few MB more resident memory, and 8-18 % more TCP throughput in paired
+runs on the 2-core bench machine.
 
 Process-wide and glibc-only: :class:`~husarnet_ros.core.engine.Engine` calls :func:`keep_freed_heap`
 once its TUN data plane starts.  Elsewhere (musl, or no C library found) it does nothing.
@@ -37,8 +37,8 @@ _applied = False
 def keep_freed_heap(trim_threshold: int = TRIM_THRESHOLD, top_pad: int = TOP_PAD) -> bool:
     """Raise glibc's trim threshold and top pad for this process; True if glibc took both.
 
-    Idempotent (the first successful call wins).  Never raises: a C library without ``mallopt``
-    (e.g. musl) keeps its own behaviour, which is only slower.
+    Idempotent (the first successful call wins).  ValueError only for values ``mallopt`` cannot take;
+    a C library without ``mallopt`` (e.g. musl) gives False and keeps its own behaviour, only slower.
     """
     global _applied
     if not 0 < trim_threshold < 2**31 or not 0 <= top_pad < 2**31:

@@ -344,19 +344,27 @@ def super_fragment_run(receiver_index: int, counter: int, sealed: bytes, fragmen
     return run
 
 
-def super_run_headers(data: bytes, off: int, count: int, seg: int) -> bytearray:
-    """The headers of ``count`` fragments of ``seg`` bytes at ``data[off:]``, back to back, in two C calls.
+def _check_run(data: bytes, off: int, count: int, seg: int, last_needs: int) -> None:
+    """ValueError unless ``count`` fragments of ``seg`` bytes fit ``data`` from ``off`` (the last: ``last_needs``).
 
-    For the receiver's check of a GRO run (every header but its index byte alike) without a Python
-    loop over the fragments.  ValueError unless the last header lies inside ``data``.
+    The receive helpers' shared bounds: a GRO buffer's length comes from the network.
     """
     if (
         not 0 < count <= SUPER_MAX_FRAGMENTS
         or not DATA_SUPER_HEADER_LEN < seg <= DATA_SUPER_HEADER_LEN + SUPER_MAX_FRAGMENT
     ):
         raise ValueError("fragment count or size out of range")
-    if off < 0 or off + (count - 1) * seg + DATA_SUPER_HEADER_LEN > len(data):
+    if off < 0 or off + (count - 1) * seg + last_needs > len(data):
         raise ValueError("the run does not fit the buffer")
+
+
+def super_run_headers(data: bytes, off: int, count: int, seg: int) -> bytearray:
+    """The headers of ``count`` fragments of ``seg`` bytes at ``data[off:]``, back to back, in two C calls.
+
+    For the receiver's check of a GRO run (every header but its index byte alike) without a Python
+    loop over the fragments.  ValueError unless the last header lies inside ``data``.
+    """
+    _check_run(data, off, count, seg, DATA_SUPER_HEADER_LEN)
     heads = _headers(seg, count).unpack_from(data, off)
     return bytearray().join(heads)
 
@@ -374,15 +382,9 @@ def super_run_payloads(data: bytes, off: int, count: int, seg: int) -> bytes:
     The receive twin of :func:`super_fragment_run` for a GRO buffer; the caller has checked the
     headers.  The last fragment may be shorter: it ends at ``off + count * seg`` or at the buffer's end.
     """
-    if (
-        not 0 < count <= SUPER_MAX_FRAGMENTS
-        or not DATA_SUPER_HEADER_LEN < seg <= DATA_SUPER_HEADER_LEN + SUPER_MAX_FRAGMENT
-    ):
-        raise ValueError("fragment count or size out of range")
+    _check_run(data, off, count, seg, DATA_SUPER_HEADER_LEN + 1)
     full = count - 1
     last = off + full * seg
-    if off < 0 or last + DATA_SUPER_HEADER_LEN >= len(data):
-        raise ValueError("the run does not fit the buffer")
     chunks = _slices(seg - DATA_SUPER_HEADER_LEN, DATA_SUPER_HEADER_LEN, full).unpack_from(data, off)
     return b"".join([*chunks, data[last + DATA_SUPER_HEADER_LEN : last + seg]])
 

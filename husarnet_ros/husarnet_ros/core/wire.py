@@ -291,7 +291,7 @@ def parse_super_fragment(buf: bytes | bytearray | memoryview) -> SuperFragment:
 
 
 def _super_header(receiver_index: int, counter: int, sealed_len: int, fragment_size: int) -> tuple[bytes, int]:
-    """Fragment 0's DataSuper header and the fragment count, after the size checks both builders share."""
+    """Fragment 0's DataSuper header and the fragment count, after the size checks of a fragment run."""
     _need_u32("receiver_index", receiver_index)
     if not 0 < fragment_size <= SUPER_MAX_FRAGMENT:
         raise ValueError("fragment_size out of range")
@@ -304,13 +304,13 @@ def _super_header(receiver_index: int, counter: int, sealed_len: int, fragment_s
 
 
 @functools.lru_cache(maxsize=256)
-def _slices(size: int, skip: int, count: int) -> struct.Struct:
-    """A Struct that cuts ``count`` slices of ``size`` bytes, each after ``skip`` ignored bytes, in one C call.
+def _slices(size: int, gap: int, count: int) -> struct.Struct:
+    """A Struct that takes ``count`` slices of ``size`` bytes, ``gap`` bytes apart, in one C call.
 
-    A bulk transfer cuts or joins ~48 fragments per super-packet; a Python loop of slices cost more
-    than the AEAD (issue #6).  Cached per (size, skip, count): one path MTU gives a handful of them.
+    A bulk transfer cuts, joins or checks ~48 fragments per super-packet; a Python loop of slices
+    cost more than the AEAD (issue #6).  Cached per (size, gap, count): one path MTU gives a handful.
     """
-    return struct.Struct(f"{skip}x{size}s" * count if skip else f"{size}s" * count)
+    return struct.Struct(f"{size}s" + f"{gap}x{size}s" * (count - 1) if count else "")
 
 
 #: Byte ``i`` is ``i``: the fragment index column of a run (written, or checked, in one strided slice).
@@ -365,15 +365,8 @@ def super_run_headers(data: bytes, off: int, count: int, seg: int) -> bytearray:
     loop over the fragments.  ValueError unless the last header lies inside ``data``.
     """
     _check_run(data, off, count, seg, DATA_SUPER_HEADER_LEN)
-    heads = _headers(seg, count).unpack_from(data, off)
+    heads = _slices(DATA_SUPER_HEADER_LEN, seg - DATA_SUPER_HEADER_LEN, count).unpack_from(data, off)
     return bytearray().join(heads)
-
-
-@functools.lru_cache(maxsize=256)
-def _headers(seg: int, count: int) -> struct.Struct:
-    """A Struct that takes the first DATA_SUPER_HEADER_LEN bytes of ``count`` fragments ``seg`` bytes apart."""
-    h = DATA_SUPER_HEADER_LEN
-    return struct.Struct(f"{h}s" + f"{seg - h}x{h}s" * (count - 1))
 
 
 def super_run_payloads(data: bytes, off: int, count: int, seg: int) -> bytes:
@@ -385,7 +378,8 @@ def super_run_payloads(data: bytes, off: int, count: int, seg: int) -> bytes:
     _check_run(data, off, count, seg, DATA_SUPER_HEADER_LEN + 1)
     full = count - 1
     last = off + full * seg
-    chunks = _slices(seg - DATA_SUPER_HEADER_LEN, DATA_SUPER_HEADER_LEN, full).unpack_from(data, off)
+    size = seg - DATA_SUPER_HEADER_LEN
+    chunks = _slices(size, DATA_SUPER_HEADER_LEN, full).unpack_from(data, off + DATA_SUPER_HEADER_LEN)
     return b"".join([*chunks, data[last + DATA_SUPER_HEADER_LEN : last + seg]])
 
 

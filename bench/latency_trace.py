@@ -298,7 +298,8 @@ _NEXT_PID = re.compile(r"next_pid=(\d+)")
 def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str, str, bool], list[float]]:
     """Wake-to-run times (us) by (waker, wakee, placed on the waker's CPU) from ``perf script`` with CPUs.
 
-    A daemon thread is named by its side and thread id ("A:4651"), ping as "ping", a wakeup from an
+    A daemon thread is named by its side and its kernel name ("A:udp-rx:5582", see
+    ``core/threads.py``; the thread id where it has none of its own), ping as "ping", a wakeup from an
     interrupt or the idle task as "irq", anything else as "other"; only wakees of the daemons and ping
     count.  On a 2-vCPU virtual machine the kernel wakes almost everything on the waker's CPU, so the
     wakee runs only once the waker sleeps (or its slice ends): the time each thread keeps the CPU after
@@ -306,23 +307,28 @@ def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str
     """
     side_of = {pid: side for side, pid in side_pids.items()}
     pid_of: dict[int, int] = {}
+    comm_of: dict[int, str] = {}
     events = []
     for line in script_output.splitlines():
         m = _LINE.match(line)
         if m:
-            _comm, pid, tid, cpu, t, event, rest = m.groups()
+            comm, pid, tid, cpu, t, event, rest = m.groups()
             pid_of[int(tid)] = int(pid)
-            events.append((float(t) * 1e6, int(pid), int(cpu), event, rest))
+            comm_of[int(tid)] = comm
+            events.append((float(t) * 1e6, int(pid), int(tid), int(cpu), event, rest))
 
     def name(pid: int, tid: int | None = None) -> str:
         side = side_of.get(pid)
         if side is None:
             return "irq" if pid == 0 else "other"
-        return side if tid is None else f"{side}:{tid}"
+        if tid is None:
+            return side
+        comm = comm_of.get(tid, "")
+        return f"{side}:{comm}" if comm and not comm.startswith("python") else f"{side}:{tid}"
 
     pending: dict[int, tuple[float, str, str, bool]] = {}
     out: dict[tuple[str, str, bool], list[float]] = {}
-    for t, pid, cpu, event, rest in events:
+    for t, pid, tid, cpu, event, rest in events:
         if event.endswith("sched_wakeup"):
             m = _WAKEUP.search(rest)
             if m is None:
@@ -330,7 +336,7 @@ def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str
             comm, wtid, target = m.group(1), int(m.group(2)), int(m.group(3))
             wakee = "ping" if comm == "ping" else name(pid_of.get(wtid, -1), wtid)
             if wakee not in ("irq", "other"):
-                pending[wtid] = (t, name(pid), wakee, target == cpu)
+                pending[wtid] = (t, name(pid, tid), wakee, target == cpu)
         elif event.endswith("sched_switch"):
             m = _NEXT_PID.search(rest)
             woken = pending.pop(int(m.group(1)), None) if m else None
@@ -346,11 +352,11 @@ def wakeups(pings: int, config: str) -> int:
         avg, side_pids, script = traced_pings(lab, config, "wk0", pings)
     gaps = wakeup_gaps(script, side_pids)
     print(f"{config}: ping under tracing avg {avg:.3f} ms; wake -> run, us (median)")
-    print(f"  {'waker':6s} {'wakee':12s} {'CPU':7s} {'count':>6s} {'median':>8s}")
+    print(f"  {'waker':18s} {'wakee':18s} {'CPU':7s} {'count':>6s} {'median':>8s}")
     for (waker, wakee, same), times in sorted(gaps.items()):
         if len(times) >= pings // 10:
             where = "waker's" if same else "other"
-            print(f"  {waker:6s} {wakee:12s} {where:7s} {len(times):6d} {statistics.median(times):8.1f}")
+            print(f"  {waker:18s} {wakee:18s} {where:7s} {len(times):6d} {statistics.median(times):8.1f}")
     return 0 if gaps else 1
 
 

@@ -33,6 +33,7 @@ from .core.constants import DEFAULT_INTERFACE, DEFAULT_MTU, DEFAULT_UDP_PORT, Ti
 from .core.engine import Engine, EngineConfig, EngineError, PeerInfo
 from .core.fsutil import StateFileError
 from .core.identity import Identity, format_address, parse_address
+from .core.threads import NamedThread
 from .core.warmer import DEFAULT_INTERVAL as DEFAULT_WARM_INTERVAL
 from .core.whitelist import WhitelistError
 
@@ -211,7 +212,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             super().__init__(str(path), _Handler)
         finally:
             os.umask(old)
-        self._thread = threading.Thread(target=self.serve_forever, name="control", daemon=True)
+        self._thread = NamedThread(target=self.serve_forever, name="control", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

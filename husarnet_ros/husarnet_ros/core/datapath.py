@@ -48,6 +48,7 @@ from .path import Path
 from .peer import IndexTable, Peer
 from .session import Keypair, SessionDrop, check_super, open_super, seal_super
 from .superpacket import REPORT_INTERVAL, REPORT_MIN_INTERVAL, Reassembly, fragment_payload
+from .threads import NamedThread
 from .transport import AnyEndpoint, Endpoint, RelayEndpoint
 from .udp import DatagramRun
 from .wire import (
@@ -977,7 +978,7 @@ class Datapath:
         """Start the thread that reads the TUN in batches and sends what it reads."""
         self._tun = tun
         self._tun_skip = VNET_HDR_LEN if tun.vnet_hdr else 0  # what _send_lone skips of each read
-        self._tun_thread = threading.Thread(target=self._tun_loop, name=f"tun-rx:{tun.name}", daemon=True)
+        self._tun_thread = NamedThread(target=self._tun_loop, name=f"tun-rx:{tun.name}", daemon=True)
         self._tun_thread.start()
 
     def _tun_loop(self) -> None:

@@ -49,6 +49,7 @@ from .path import KIND_NONE, KIND_RELAY, Network, classify, probe_interval_for
 from .peer import IndexTable, Peer, PendingHandshake
 from .session import Keypair
 from .superpacket import tso_limit
+from .threads import NamedThread
 from .transport import (
     AnyEndpoint,
     Endpoint,
@@ -427,7 +428,7 @@ class Engine:
         # Control loop.
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
-        self._loop_thread = threading.Thread(target=self._run_loop, args=(ready,), name="hnet-ctl", daemon=True)
+        self._loop_thread = NamedThread(target=self._run_loop, args=(ready,), name="hnet-ctl", daemon=True)
         self._loop_thread.start()
         ready.wait()
         self._call(self._setup_on_loop).result(timeout=10)

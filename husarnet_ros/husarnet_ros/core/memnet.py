@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .threads import NamedThread
 from .transport import Endpoint, OnDatagram
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class MemoryNetwork:
         self._closed = False
         self.delivered = 0
         self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name="memnet", daemon=True)
+        self._thread = NamedThread(target=self._run, name="memnet", daemon=True)
         self._thread.start()
 
     # --- topology -----------------------------------------------------------

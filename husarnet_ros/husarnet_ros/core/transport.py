@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from .threads import NamedThread
+
 log = logging.getLogger(__name__)
 
 #: Receive errors in a row back off from RECV_BACKOFF_FIRST, doubling, to RECV_BACKOFF_MAX seconds.
@@ -203,7 +205,7 @@ class UdpTransport:
         """
         if self._thread is not None:
             raise RuntimeError("transport already started")
-        self._thread = threading.Thread(
+        self._thread = NamedThread(
             target=self._run, args=(on_datagram, on_batch, on_lone), name=f"udp-rx:{self.local_port}", daemon=True
         )
         self._thread.start()

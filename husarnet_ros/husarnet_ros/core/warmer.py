@@ -36,6 +36,7 @@ from .handshake import KeyMaterial
 from .offload import PLAIN_VNET_HDR, VNET_HDR_LEN
 from .peer import IndexTable, Peer
 from .session import CIPHER_AES, CIPHER_CHACHA, Keypair
+from .threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ class PathWarmer:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="path-warmer", daemon=True)
+        self._thread = NamedThread(target=self._run, name="path-warmer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:

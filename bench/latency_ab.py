@@ -15,11 +15,16 @@ Configurations:
   tree:PATH                 the daemon of another checkout (its repository root), e.g. a ``git worktree``
                             of an older commit
 
+After each configuration's block of pings the script waits ``--settle`` seconds (default 1.2): a
+daemon's path warmer goes on warming for a second after its last packet (``core/warmer.py``), and
+without the pause it would warm the code the next configuration's hops share with it (the kernel's
+UDP and IP paths, and for another tree of ours the Python and OpenSSL libraries) during that one's pings.
+
 ``--interval S`` spaces the pings (default 0.01 s, as in ``make bench``): how long the CPUs idle between
 packets decides how cold each hop starts, so e.g. 0.001 (1 kHz, a fast control loop) and 0.1 (10 Hz)
 show how the comparison moves with the traffic rate.
 
-Needs root.  Usage: ``bench/latency_ab.py [--rounds N] [--count N] [--interval S] CONFIG [CONFIG ...]``, e.g.
+Needs root.  Usage: ``bench/latency_ab.py [--rounds N] [--count N] [--interval S] [--settle S] CONFIG ...``, e.g.
 ``bench/latency_ab.py wg ours tree:/tmp/old``.
 """
 
@@ -72,6 +77,11 @@ def daemon_options(config: str) -> dict[str, str]:
     return {name[2:].replace("-", "_"): value for name, value in _ours_items(config) if name.startswith("--")}
 
 
+#: Seconds between two blocks of pings: a path warmer stops a second after the last packet it saw
+#: (PathWarmer's idle_after) and notices within its idle check (0.1 s).
+SETTLE = 1.2
+
+
 class Running:
     """One configuration started on its own pair: what to ping, and how to stop it."""
 
@@ -117,12 +127,14 @@ def side_by_side(
     report: Callable[[str], None] = print,
     interval: float = 0.01,
     tag: str = "ab",
+    settle: float = SETTLE,
 ) -> dict[str, dict[str, Any]]:
     """Start every configuration on its own pair, ping them in turn ``rounds`` times, stop them.
 
     Per configuration: the median over rounds of the average and of the p99 (ms), the per-round
     averages, and in how many rounds it beat the first configuration.  ``report`` gets one line per round.
-    ``tag`` names the pairs' namespaces: another call in the same lab needs another tag.
+    ``tag`` names the pairs' namespaces: another call in the same lab needs another tag.  After each
+    block of pings it waits ``settle`` seconds, so the block's path warmers are idle when the next starts.
     """
     avgs: dict[str, list[float]] = {k: [] for k in configs}
     p99s: dict[str, list[float]] = {k: [] for k in configs}
@@ -136,6 +148,7 @@ def side_by_side(
                 avg, p99 = run.ping(count, interval)
                 avgs[run.config].append(avg)
                 p99s[run.config].append(p99)
+                time.sleep(settle)
             report(f"round {r + 1}: " + "  ".join(f"{k}={v[-1]:.3f}" for k, v in avgs.items()))
     finally:
         for run in running:
@@ -157,12 +170,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--count", type=int, default=100, help="pings per configuration and round")
     ap.add_argument("--interval", type=float, default=0.01, help="seconds between pings (0.001 to 1)")
+    ap.add_argument(
+        "--settle", type=float, default=SETTLE, help="seconds between two blocks of pings (warmers go idle)"
+    )
     ap.add_argument("configs", nargs="+")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
     if not 0.001 <= args.interval <= 1:
         raise SystemExit("--interval: 0.001 to 1 s")
+    if not 0 <= args.settle <= 10:
+        raise SystemExit("--settle: 0 to 10 s")
     if len(set(args.configs)) != len(args.configs):
         raise SystemExit("each configuration once")
     for config in args.configs:
@@ -173,7 +191,13 @@ def main() -> int:
         raise SystemExit(why)
     with c.Lab(tag="lab") as lab:
         res = side_by_side(
-            lab, args.configs, args.rounds, args.count, lambda line: print(line, flush=True), args.interval
+            lab,
+            args.configs,
+            args.rounds,
+            args.count,
+            lambda line: print(line, flush=True),
+            args.interval,
+            settle=args.settle,
         )
     first = args.configs[0]
     apart = f"{args.interval * 1000:g} ms apart"

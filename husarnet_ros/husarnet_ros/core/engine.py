@@ -62,7 +62,7 @@ from .transport import (
 )
 from .udp import DatagramRun
 from .warmer import DEFAULT_INTERVAL as DEFAULT_WARM_INTERVAL
-from .warmer import PathWarmer, ShadowPair, check_interval, traffic_units
+from .warmer import LoopbackEcho, PathWarmer, ShadowPair, check_interval, traffic_units
 from .whitelist import Whitelist, WhitelistError
 from .wire import (
     HANDSHAKE_INIT_LEN,
@@ -459,9 +459,14 @@ class Engine:
             wallclock=dp.wallclock,
         )
         counters = self.counters
-        self._warmer = PathWarmer(shadow, lambda: traffic_units(counters), dp.clock, interval=interval)
+        echo = LoopbackEcho()
+        self._warmer = PathWarmer(shadow, lambda: traffic_units(counters), dp.clock, interval=interval, echo=echo)
         self._warmer.start()
-        log.info("path warmer on: every %g ms while light traffic flows", interval * 1000)
+        log.info(
+            "path warmer on: every %g ms while light traffic flows (kernel path through loopback: %s)",
+            interval * 1000,
+            ", ".join(echo.open_hosts) or "none",
+        )
 
     @property
     def warm_rounds(self) -> int:

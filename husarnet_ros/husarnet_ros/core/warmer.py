@@ -16,6 +16,15 @@ fresh random keys, a send that only hands the datagram over, a TUN write that do
 Nothing of it touches the real peers, keys, counters, sockets or TUN, and nothing leaves the
 process.
 
+The kernel's half of a hop goes cold the same way: the UDP send, IP output, softirq receive and
+socket wake-up code a datagram runs through.  So each warm-up also sends a datagram through
+:class:`LoopbackEcho`: sockets bound to this host's loopback, each connected to itself (the kernel
+hands them nothing but their own datagrams), one over IPv4 (as the dual-stack underlay socket sends
+to IPv4 peers) and one over IPv6 (the IPv6 receive path a packet written to the TUN takes too).
+Paired ping runs (``bench/latency_ab.py``, 40 rounds): 0.662 ms without it, 0.574 ms with it,
+wireguard-go 0.591 ms.  The TUN's own kernel paths are not warmed: that would take packets through
+the real interface, where users and firewalls see them.
+
 It costs CPU only while the node carries light traffic: it sleeps (checking every
 ``idle_check`` seconds) once no packet has moved for ``idle_after`` seconds, and while the real
 path is busy (above ``busy_rate``), which keeps it hot by itself.
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -50,6 +60,15 @@ _SHADOW_B = bytes.fromhex("fc94ffffffffffffffffffffffff0002")
 _SHADOW_EP = ("198.18.255.254", 9)  # only ever a dictionary key: the shadow send hands datagrams over
 #: An ICMPv6 echo request of a usual ping's size: the most common light packet.
 _PAYLOAD_LEN = 64
+
+
+#: The loopback addresses :class:`LoopbackEcho` sends through, on dual-stack IPv6 sockets like the
+#: underlay's: IPv4 (as IPv4-mapped, the path to IPv4 peers) and IPv6.
+LOOPBACKS = ("::ffff:127.0.0.1", "::1")
+#: The echo's datagram: about what a ping or a DDS heartbeat is on the underlay.
+_ECHO_LEN = 128
+#: Failed rounds in a row after which a loopback socket is given up (its address went away).
+_ECHO_MAX_FAILURES = 10
 
 
 def check_interval(interval: float) -> None:
@@ -200,8 +219,87 @@ class ShadowPair:
         return self.b.receive_lone(self.sent[0], _SHADOW_EP) and self.delivered == before + 1
 
 
+class LoopbackEcho:
+    """Sockets that each send a datagram to themselves over loopback: :meth:`round` warms the kernel's UDP path.
+
+    Each socket is bound to a loopback address (nothing outside the host can reach it) and connected
+    to itself, so the kernel delivers it only its own datagrams.  A loopback address this host does
+    not have (IPv6 off, no IPv4 loopback) is skipped when :meth:`open` runs; one that keeps failing
+    (its address went away) is given up after a few rounds.  Used by one thread at a time (the warmer's).
+    """
+
+    def __init__(self, hosts: tuple[str, ...] = LOOPBACKS, size: int = _ECHO_LEN) -> None:
+        if not 0 < size <= 1200:
+            raise ValueError(f"echo datagram size {size}: 1 to 1200 bytes")
+        self.hosts = hosts
+        self._payload = bytes(size)
+        self._socks: list[socket.socket] = []
+        self._failures: dict[socket.socket, int] = {}
+        self.rounds = 0  # rounds in which every open socket got its datagram back
+
+    @property
+    def open_hosts(self) -> list[str]:
+        """The loopback addresses with a working socket (after :meth:`open`)."""
+        return [sock.getsockname()[0] for sock in self._socks]
+
+    def open(self) -> None:
+        """Make the sockets (again after :meth:`close`); addresses this host lacks are left out, with a debug note."""
+        if self._socks:
+            return
+        for host in self.hosts:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind((host, 0))
+                sock.connect(sock.getsockname())
+                sock.setblocking(False)
+            except OSError as e:
+                sock.close()
+                log.debug("no loopback echo on %s: %s", host, e)
+                continue
+            self._socks.append(sock)
+            self._failures[sock] = 0
+
+    def round(self) -> bool:
+        """One datagram out and back through each socket; True if every one came back (False with none open)."""
+        socks = self._socks
+        if not socks:
+            return False
+        ok = True
+        size = len(self._payload)
+        for sock in socks:
+            try:
+                sock.send(self._payload)
+                if len(sock.recv(2048)) == size:
+                    self._failures[sock] = 0
+                    continue
+            except BlockingIOError:  # late (the softirq ran elsewhere): it stays queued, the next round takes it
+                ok = False
+                continue
+            except OSError as e:
+                log.debug("loopback echo on %s failed: %s", sock.getsockname()[0], e)
+            ok = False
+            self._failures[sock] += 1
+            if self._failures[sock] >= _ECHO_MAX_FAILURES:
+                log.debug("loopback echo on %s given up", sock.getsockname()[0])
+                self._drop(sock)
+        if ok:
+            self.rounds += 1
+        return ok
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._socks.remove(sock)
+        del self._failures[sock]
+        sock.close()
+
+    def close(self) -> None:
+        """Close the sockets; safe to call more than once."""
+        for sock in list(self._socks):
+            self._drop(sock)
+
+
 class PathWarmer:
-    """The thread that runs :meth:`ShadowPair.round` every ``interval`` seconds while light traffic flows.
+    """The thread that runs a shadow round (and an echo round) every ``interval`` seconds while light traffic flows.
 
     ``traffic`` returns a number that grows with the traffic the real data path moves (the engine
     passes :func:`traffic_units` of its counters).  Above ``busy_rate`` of those a second the real
@@ -220,11 +318,13 @@ class PathWarmer:
         idle_after: float = 1.0,
         idle_check: float = 0.1,
         busy_rate: float = 8000.0,
+        echo: LoopbackEcho | None = None,
     ) -> None:
         check_interval(interval)
         if not 0 < interval <= idle_check:
             raise ValueError(f"warm interval {interval} s: must be on, and at most the idle check ({idle_check} s)")
         self.shadow = shadow
+        self.echo = echo  # the kernel's half of the warm-up (opened by start, closed by stop)
         self.interval = interval
         self.rounds = 0  # warm-ups run (for tests and the benchmark's report)
         self._traffic = traffic
@@ -260,6 +360,8 @@ class PathWarmer:
                 log.warning("the path warmer's shadow packet no longer goes through; warming stopped")
                 self._stop.set()
                 return self._idle_check
+        if self.echo is not None:
+            self.echo.round()
         self.rounds += 1
         return self.interval
 
@@ -268,6 +370,8 @@ class PathWarmer:
         if self._thread is not None:
             return
         self._stop.clear()
+        if self.echo is not None:
+            self.echo.open()
         self._thread = NamedThread(target=self._run, name="path-warmer", daemon=True)
         self._thread.start()
 
@@ -291,3 +395,7 @@ class PathWarmer:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=5)
+            if thread.is_alive():
+                return  # stuck (never seen): its echo sockets stay with it rather than close under it
+        if self.echo is not None:
+            self.echo.close()

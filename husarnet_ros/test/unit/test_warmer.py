@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -12,7 +13,7 @@ from husarnet_ros.core.counters import Counters
 from husarnet_ros.core.datapath import Datapath
 from husarnet_ros.core.engine import Engine, EngineConfig, EngineError
 from husarnet_ros.core.session import CIPHER_AES, CIPHER_CHACHA
-from husarnet_ros.core.warmer import PathWarmer, ShadowPair, check_interval, traffic_units
+from husarnet_ros.core.warmer import LOOPBACKS, LoopbackEcho, PathWarmer, ShadowPair, check_interval, traffic_units
 from husarnet_ros.daemon import build_parser, config_from_args
 
 
@@ -227,3 +228,130 @@ def test_daemon_flag_is_milliseconds_and_zero_is_off(tmp_path) -> None:
     assert config_from_args(parse(["--state-dir", str(tmp_path)])).warm_interval == pytest.approx(0.002)
     assert config_from_args(parse(["--state-dir", str(tmp_path), "--warm-interval", "5"])).warm_interval == 0.005
     assert config_from_args(parse(["--state-dir", str(tmp_path), "--warm-interval", "0"])).warm_interval == 0
+
+
+# --- the kernel's half: LoopbackEcho ---------------------------------------------------------------
+
+
+class FakeEcho:
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.opened = self.closed = 0
+
+    def open(self) -> None:
+        self.opened += 1
+
+    def round(self) -> bool:
+        self.rounds += 1
+        return True
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_the_echo_runs_exactly_when_the_shadow_round_does() -> None:
+    clock, traffic = Clock(), Traffic()
+    echo = FakeEcho()
+    w = warmer(clock, traffic, echo=echo)
+    for step, (moved, elapsed, sleep, rounds) in enumerate(TICKS):
+        traffic.packets += moved
+        clock.now += elapsed
+        assert (w.tick(), w.rounds, echo.rounds) == (sleep, rounds, rounds), f"step {step}: {TICKS[step]}"
+
+
+def test_the_thread_opens_the_echo_and_stop_closes_it() -> None:
+    traffic, echo = Traffic(), FakeEcho()
+    w = PathWarmer(shadow(), traffic, time.monotonic, interval=0.002, echo=echo)  # type: ignore[arg-type]
+    w.start()
+    try:
+        assert echo.opened == 1
+        deadline = time.monotonic() + 10
+        while echo.rounds < 3 and time.monotonic() < deadline:
+            traffic.packets += 1
+            time.sleep(0.01)
+        assert echo.rounds >= 3 and echo.closed == 0
+    finally:
+        w.stop()
+    assert echo.closed == 1
+
+
+def test_echo_datagrams_go_out_and_back_through_loopback_only() -> None:
+    echo = LoopbackEcho()
+    echo.open()
+    try:
+        hosts = echo.open_hosts
+        assert hosts, "this host has no loopback at all"
+        assert set(hosts) <= set(LOOPBACKS)
+        for _ in range(5):
+            assert echo.round() is True
+        assert echo.rounds == 5
+        for sock in echo._socks:  # nothing left queued: every datagram was taken back
+            with pytest.raises(BlockingIOError):
+                sock.recv(2048)
+    finally:
+        echo.close()
+    assert echo.open_hosts == [] and echo.round() is False
+
+
+def test_echo_sockets_take_nothing_from_anyone_else() -> None:
+    echo = LoopbackEcho(hosts=("::1",))
+    echo.open()
+    if not echo.open_hosts:
+        pytest.skip("no IPv6 loopback on this host")
+    other = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        (sock,) = echo._socks
+        other.sendto(b"not yours", sock.getsockname())  # connected to itself: the kernel drops this
+        assert echo.round() is True
+        with pytest.raises(BlockingIOError):
+            sock.recv(2048)
+    finally:
+        other.close()
+        echo.close()
+
+
+def test_a_loopback_this_host_lacks_is_left_out() -> None:
+    echo = LoopbackEcho(hosts=("::ffff:198.18.255.253", "::1"))  # not an address of this host: no bind
+    echo.open()
+    try:
+        assert "::ffff:198.18.255.253" not in echo.open_hosts
+    finally:
+        echo.close()
+    nothing = LoopbackEcho(hosts=("::ffff:198.18.255.253",))
+    nothing.open()
+    assert nothing.open_hosts == [] and nothing.round() is False and nothing.rounds == 0
+
+
+class BrokenSocket:
+    """A socket whose sends fail: the address went away under the echo."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def send(self, data: bytes) -> int:
+        raise OSError(101, "Network is unreachable")
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("::1", 9)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_socket_that_keeps_failing_is_given_up() -> None:
+    echo = LoopbackEcho(hosts=())
+    broken = BrokenSocket()
+    echo._socks.append(broken)  # type: ignore[arg-type]
+    echo._failures[broken] = 0  # type: ignore[index]
+    for _ in range(9):
+        assert echo.round() is False
+    assert echo._socks == [broken] and not broken.closed
+    assert echo.round() is False  # the tenth failure in a row
+    assert echo._socks == [] and broken.closed
+
+
+def test_echo_size_is_bounded() -> None:
+    with pytest.raises(ValueError, match="1 to 1200"):
+        LoopbackEcho(size=0)
+    with pytest.raises(ValueError, match="1 to 1200"):
+        LoopbackEcho(size=9000)

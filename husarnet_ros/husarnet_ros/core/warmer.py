@@ -17,7 +17,7 @@ Nothing of it touches the real peers, keys, counters, sockets or TUN, and nothin
 process.
 
 The kernel's half of a hop goes cold the same way: the UDP send, IP output, softirq receive and
-socket wake-up code a datagram runs through.  So each warm-up also sends a datagram through
+socket receive code a datagram runs through.  So each warm-up also sends a datagram through
 :class:`LoopbackEcho`: sockets bound to this host's loopback, each connected to itself (the kernel
 hands them nothing but their own datagrams), one over IPv4 (as the dual-stack underlay socket sends
 to IPv4 peers) and one over IPv6 (the IPv6 receive path a packet written to the TUN takes too).
@@ -267,7 +267,7 @@ class LoopbackEcho:
             return False
         ok = True
         size = len(self._payload)
-        for sock in socks:
+        for sock in tuple(socks):  # a copy: a socket given up leaves the list mid-round
             try:
                 sock.send(self._payload)
                 if len(sock.recv(2048)) == size:

@@ -350,6 +350,27 @@ def test_a_socket_that_keeps_failing_is_given_up() -> None:
     assert echo._socks == [] and broken.closed
 
 
+def test_giving_a_socket_up_does_not_skip_the_next_one() -> None:
+    echo = LoopbackEcho(hosts=("::1",))
+    echo.open()
+    if not echo.open_hosts:
+        pytest.skip("no IPv6 loopback on this host")
+    try:
+        (good,) = echo._socks
+        broken = BrokenSocket()
+        echo._socks.insert(0, broken)  # type: ignore[arg-type]
+        echo._failures[broken] = 9  # type: ignore[index]
+        echo._failures[good] = 3  # a round of its own resets this
+        assert echo.round() is False and broken.closed  # given up in this round ...
+        assert echo._failures[good] == 0  # ... and the socket after it still had its round
+        with pytest.raises(BlockingIOError):
+            good.recv(2048)
+        assert echo._socks == [good]
+        assert echo.round() is True
+    finally:
+        echo.close()
+
+
 def test_echo_size_is_bounded() -> None:
     with pytest.raises(ValueError, match="1 to 1200"):
         LoopbackEcho(size=0)

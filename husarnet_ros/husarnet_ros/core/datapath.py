@@ -90,6 +90,9 @@ _U64 = struct.Struct("<Q")
 _DONTWAIT = socket.MSG_DONTWAIT  # the UDP socket is blocking for its receiver: a lone send must never wait
 #: How often (seconds) the datapath may ask the loop for a handshake for the same peer.
 _HANDSHAKE_NUDGE_INTERVAL = 0.05
+#: Lone packets less than this many seconds apart belong to one exchange (a request and its answer, a
+#: sample and its ACK): the path warmer times its warm-ups to when exchanges begin (warmer.py).
+BURST_GAP = 0.002
 
 
 class ControlHooks(Protocol):
@@ -166,6 +169,11 @@ class Datapath:
         self.on_tun_failure: Callable[[Exception], None] | None = None
         self._tun_send_lock = threading.Lock()  # TUN reads and their sends: TUN thread or _send_answer
         self._lane_gen = 0  # bumped by drop_lanes (whitelist changes): a lane of an older generation is stale
+        #: When the latest exchange of lone packets began (``clock`` seconds), stamped by the lone paths
+        #: after their packet left: the path warmer learns the traffic's period from it.  Either thread
+        #: stamps; a race only blurs one stamp by the gap between two packets.
+        self.burst_at = float("-inf")
+        self._lone_at = float("-inf")
 
     # --- outbound: TUN -> peers ------------------------------------------------
     def _nudge(self, address: bytes, packet: bytes | None, now: float) -> None:
@@ -323,6 +331,9 @@ class Datapath:
             self.hooks.send_datagrams([datagram], lane.path.endpoint)
         # Everything below runs after the packet left.
         now = self.clock()
+        if now - self._lone_at > BURST_GAP:
+            self.burst_at = now
+        self._lone_at = now
         n = len(pkt)
         peer.tx_bytes += n
         peer.last_tx = peer.last_tx_data = now
@@ -729,6 +740,9 @@ class Datapath:
                 drops[reason] = 1
         # Everything below runs after the packet (and any answer) left.
         now = self.clock()
+        if now - self._lone_at > BURST_GAP:
+            self.burst_at = now
+        self._lone_at = now
         path = lane.path
         if now - path.last_auth_rx > 0.5:
             with peer.lock:  # now and then the full path rule, which may prefer another path (path.py)

@@ -460,10 +460,18 @@ class Engine:
         )
         counters = self.counters
         echo = LoopbackEcho()
-        self._warmer = PathWarmer(shadow, lambda: traffic_units(counters), dp.clock, interval=interval, echo=echo)
+        self._warmer = PathWarmer(
+            shadow,
+            lambda: traffic_units(counters),
+            dp.clock,
+            interval=interval,
+            echo=echo,
+            bursts=lambda: dp.burst_at,
+        )
         self._warmer.start()
         log.info(
-            "path warmer on: every %g ms while light traffic flows (kernel path through loopback: %s)",
+            "path warmer on while light traffic flows: just before each exchange of periodic traffic, "
+            "else every %g ms (kernel path through loopback: %s)",
             interval * 1000,
             ", ".join(echo.open_hosts) or "none",
         )
@@ -472,6 +480,11 @@ class Engine:
     def warm_rounds(self) -> int:
         """How many times the path warmer ran a packet through its shadow path (0 when off)."""
         return self._warmer.rounds if self._warmer is not None else 0
+
+    @property
+    def warm_paced_rounds(self) -> int:
+        """Of :attr:`warm_rounds`, those timed just before an expected exchange of periodic traffic."""
+        return self._warmer.paced_rounds if self._warmer is not None else 0
 
     def _run_loop(self, ready: threading.Event) -> None:
         loop = self._loop

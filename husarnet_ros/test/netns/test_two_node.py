@@ -314,8 +314,13 @@ def test_path_warmer_runs_while_traffic_flows_stops_when_idle_and_can_be_switche
         ), control(a.ctl, "counters")
         ping = in_ns(NS_A, "ping", "-6", "-c", "40", "-i", "0.05", "-W", "2", addr_b, check=False)
         assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout
-        during = control(a.ctl, "status")["status"]["warm_rounds"]
+        status = control(a.ctl, "status")["status"]
+        during = status["warm_rounds"]
         assert during > 0  # A warmed while the pings flowed ...
+        # ... paced by the pings once it learnt their 50 ms period: it woke from a sleep through the
+        # quiet part of a period before most pings (one such wake-up per ping at most, +1 for the one
+        # that never came after the last).
+        assert 10 <= status["warm_paced_rounds"] <= 41, status
         assert control(b.ctl, "status")["status"]["warm_rounds"] == 0  # ... B, switched off, never did
         # Idle for longer than the warmer's one second: it stops working.
         time.sleep(1.5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 import socket
 import threading
 import time
@@ -10,10 +12,19 @@ import pytest
 
 from husarnet_ros.core.constants import Timers
 from husarnet_ros.core.counters import Counters
-from husarnet_ros.core.datapath import Datapath
+from husarnet_ros.core.datapath import BURST_GAP, Datapath
 from husarnet_ros.core.engine import Engine, EngineConfig, EngineError
 from husarnet_ros.core.session import CIPHER_AES, CIPHER_CHACHA
-from husarnet_ros.core.warmer import LOOPBACKS, LoopbackEcho, PathWarmer, ShadowPair, check_interval, traffic_units
+from husarnet_ros.core.warmer import (
+    DEFAULT_LEAD,
+    LOOPBACKS,
+    Cadence,
+    LoopbackEcho,
+    PathWarmer,
+    ShadowPair,
+    check_interval,
+    traffic_units,
+)
 from husarnet_ros.daemon import build_parser, config_from_args
 
 
@@ -228,6 +239,132 @@ def test_daemon_flag_is_milliseconds_and_zero_is_off(tmp_path) -> None:
     assert config_from_args(parse(["--state-dir", str(tmp_path)])).warm_interval == pytest.approx(0.002)
     assert config_from_args(parse(["--state-dir", str(tmp_path), "--warm-interval", "5"])).warm_interval == 0.005
     assert config_from_args(parse(["--state-dir", str(tmp_path), "--warm-interval", "0"])).warm_interval == 0
+
+
+# --- pacing: warm-ups only from shortly before the next exchange can come ------------------------------
+
+
+def test_lone_paths_stamp_when_an_exchange_begins() -> None:
+    clock = Clock()
+    sh = shadow(clock)
+    assert sh.a.burst_at == float("-inf")
+    assert sh.round()  # A sends, B receives: each side's first packet begins an exchange
+    first = clock.now
+    assert sh.a.burst_at == first and sh.b.burst_at == first
+    clock.now += BURST_GAP / 2  # an answer within the gap belongs to the same exchange
+    assert sh.round()
+    assert sh.a.burst_at == first and sh.b.burst_at == first
+    clock.now += BURST_GAP * 1.5  # a quiet gap: the next packet begins another
+    assert sh.round()
+    assert sh.a.burst_at == clock.now and sh.b.burst_at == clock.now
+
+
+def test_cadence_bounds_the_next_exchange_by_the_shortest_recent_interval() -> None:
+    c = Cadence(history=3)
+    for t in (0.0, 0.010, 0.021):
+        c.observe(t)
+        assert c.next_at() is None  # fewer than three intervals: no bound yet
+    c.observe(0.021)  # the same exchange seen again
+    c.observe(0.015)  # an older one
+    assert c.next_at() is None
+    c.observe(0.030)
+    assert c.next_at() == pytest.approx(0.030 + 0.009)  # the shortest of 10, 11, 9 ms
+    c.observe(0.050)  # a missing exchange (20 ms) does not move the bound ...
+    assert c.next_at() == pytest.approx(0.050 + 0.009)
+    c.observe(0.052)  # ... a second flow's short interval brings it down
+    assert c.next_at() == pytest.approx(0.052 + 0.002)
+    for t in (0.062, 0.072, 0.082):
+        c.observe(t)
+    assert c.next_at() == pytest.approx(0.092)  # the short interval aged out of the history
+    with pytest.raises(ValueError, match="history"):
+        Cadence(history=0)
+
+
+def simulate(exchanges: list[float], *, lead: float = DEFAULT_LEAD, until: float) -> tuple[PathWarmer, list[float]]:
+    """Tick a warmer on a simulated clock through ``exchanges`` (times from 0); return it and its warm-up times."""
+    clock, traffic = Clock(), Traffic()
+    start = clock.now
+    burst = {"at": float("-inf")}
+    w = PathWarmer(
+        shadow(clock),
+        traffic,
+        clock,
+        interval=0.002,
+        idle_after=1.0,
+        idle_check=0.1,
+        bursts=lambda: burst["at"],
+        lead=lead,
+    )
+    warmups: list[float] = []
+    warm = w._warm
+    w._warm = lambda: warmups.append(clock.now - start) or warm()  # type: ignore[method-assign, func-returns-value]
+    pending = sorted(exchanges)
+    while clock.now - start < until:
+        sleep = w.tick()
+        wake = clock.now + max(sleep, 1e-6)  # a real wait takes at least that
+        while pending and start + pending[0] <= wake:  # the exchanges that happen while it sleeps
+            clock.now = start + pending.pop(0)
+            burst["at"] = clock.now
+            traffic.packets += 2  # a request and its answer
+        clock.now = wake
+    return w, warmups
+
+
+def last_warmup_before(warmups: list[float], t: float) -> float:
+    return max((w for w in warmups if w <= t), default=float("-inf"))
+
+
+def settled(exchanges: list[float], warmups: list[float], period: float) -> list[float]:
+    """The exchanges after the warmer woke to the traffic (its first warm-up) and learnt four intervals."""
+    return [t for t in exchanges if t > warmups[0] + 5 * period]
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.001])
+def test_periodic_traffic_is_warmed_just_before_each_exchange_and_not_between(jitter: float) -> None:
+    # 100 Hz, each exchange up to `jitter` late (timers here wake late by up to milliseconds).
+    rng = random.Random(6)
+    exchanges = [k * 0.010 + rng.uniform(0, jitter) for k in range(1, 100)]
+    w, warmups = simulate(exchanges, lead=0.0045, until=1.0)
+    steady = settled(exchanges, warmups, 0.010)
+    assert len(steady) > 80
+    # Once four intervals are known, every exchange meets a warm-up at most one interval old ...
+    for t in steady:
+        assert t - last_warmup_before(warmups, t) <= 0.002 + 1e-9, t
+    # ... and between two exchanges the warmer runs only from `lead` before the earliest the next can
+    # come: about 3 warm-ups a period instead of 5 (fixed interval), more with jitter.
+    later = [x for x in warmups if steady[0] < x <= steady[-1]]
+    per_period = len(later) / (len(steady) - 1)
+    assert per_period <= (3.1 if not jitter else 3.8), per_period
+    assert w.paced_rounds >= len(steady) - 1  # a wake-up timed to each exchange
+    assert w.rounds == len(warmups)
+
+
+def test_slow_periodic_traffic_costs_a_few_warm_ups_per_exchange() -> None:
+    assert DEFAULT_LEAD <= 0.0085  # what the bound below allows
+    exchanges = [k * 0.1 for k in range(1, 30)]  # 10 Hz: the fixed interval would warm 50 times a period
+    w, warmups = simulate(exchanges, until=3.0)
+    steady = settled(exchanges, warmups, 0.1)
+    assert len(steady) > 20 and w.paced_rounds >= len(steady) - 1
+    later = [x for x in warmups if steady[0] < x <= steady[-1]]
+    assert len(later) <= 5 * (len(steady) - 1), len(later)  # the default lead: 8.5 ms, a warm-up each 2 ms
+    for t in steady:
+        assert t - last_warmup_before(warmups, t) <= 0.002 + 1e-9, t
+
+
+def test_irregular_traffic_is_warmed_every_interval() -> None:
+    # Two flows whose exchanges come 1 ms apart now and then: no time is safe to sleep through.
+    exchanges = sorted([k * 0.010 for k in range(1, 50)] + [k * 0.030 + 0.003 for k in range(1, 16)])
+    _, warmups = simulate(exchanges, until=0.5)
+    both = [x for x in warmups if x < exchanges[-1] - 0.04]  # while both flows run (the 30 ms one ends first)
+    gaps = [b - a for a, b in itertools.pairwise(both)]
+    assert max(gaps) == pytest.approx(0.002)  # the shortest interval (3 ms) is within the lead: never asleep
+    assert len(both) > 150
+
+
+def test_the_lead_is_bounded() -> None:
+    for lead in (0, -1, 0.2):
+        with pytest.raises(ValueError, match="lead"):
+            PathWarmer(shadow(), Traffic(), time.monotonic, interval=0.002, lead=lead)
 
 
 # --- the kernel's half: LoopbackEcho ---------------------------------------------------------------

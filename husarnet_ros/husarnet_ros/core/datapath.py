@@ -169,9 +169,10 @@ class Datapath:
         self.on_tun_failure: Callable[[Exception], None] | None = None
         self._tun_send_lock = threading.Lock()  # TUN reads and their sends: TUN thread or _send_answer
         self._lane_gen = 0  # bumped by drop_lanes (whitelist changes): a lane of an older generation is stale
-        #: When the latest exchange of lone packets began (``clock`` seconds), stamped by the lone paths
-        #: after their packet left: the path warmer learns the traffic's period from it.  Either thread
-        #: stamps; a race only blurs one stamp by the gap between two packets.
+        #: How many exchanges of lone packets began, and when the latest did (``clock`` seconds), stamped
+        #: by the lone paths after their packet left: the path warmer learns the traffic's period from
+        #: them.  Either thread stamps; a race only blurs one stamp by the gap between two packets.
+        self.bursts = 0
         self.burst_at = float("-inf")
         self._lone_at = float("-inf")
 
@@ -333,6 +334,7 @@ class Datapath:
         now = self.clock()
         if now - self._lone_at > BURST_GAP:
             self.burst_at = now
+            self.bursts += 1
         self._lone_at = now
         n = len(pkt)
         peer.tx_bytes += n
@@ -742,6 +744,7 @@ class Datapath:
         now = self.clock()
         if now - self._lone_at > BURST_GAP:
             self.burst_at = now
+            self.bursts += 1
         self._lone_at = now
         path = lane.path
         if now - path.last_auth_rx > 0.5:

@@ -466,7 +466,7 @@ class Engine:
             dp.clock,
             interval=interval,
             echo=echo,
-            bursts=lambda: dp.burst_at,
+            bursts=lambda: (dp.bursts, dp.burst_at),
         )
         self._warmer.start()
         log.info(

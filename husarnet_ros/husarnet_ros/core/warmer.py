@@ -326,15 +326,24 @@ class Cadence:
         if history < 1:
             raise ValueError(f"cadence history {history}: at least 1 interval")
         self._intervals: collections.deque[float] = collections.deque(maxlen=history)
+        self._count = 0
         self._last = float("-inf")
 
-    def observe(self, started: float) -> None:
-        """The latest exchange began at ``started`` (the same value again: no new exchange)."""
-        if started <= self._last:
+    def observe(self, exchanges: int, started: float) -> None:
+        """``exchanges`` began so far, the latest at ``started`` (the data path's running count and stamp).
+
+        One more than last time: its interval is learnt.  Several more (they began while the warmer
+        slept): their intervals are unknown and shorter than any seen, so the history is forgotten,
+        and the warmer warms every interval until it has learnt the new pace.
+        """
+        new = exchanges - self._count
+        if new <= 0:
             return
-        if self._last != float("-inf"):
+        if new > 1:
+            self._intervals.clear()
+        elif self._last != float("-inf"):
             self._intervals.append(started - self._last)
-        self._last = started
+        self._count, self._last = exchanges, started
 
     def next_at(self) -> float | None:
         """The earliest the next exchange can come (``clock`` seconds); None until ``history`` intervals were seen."""
@@ -350,8 +359,9 @@ class PathWarmer:
     ``traffic`` returns a number that grows with the traffic the real data path moves (the engine
     passes :func:`traffic_units` of its counters).  Above ``busy_rate`` of those a second the real
     path is hot by itself, and the warmer only looks again every ``idle_check`` seconds: it must
-    not take CPU time (or the GIL) from a bulk transfer.  ``bursts`` returns when the latest
-    exchange of light traffic began (:attr:`Datapath.burst_at`): after an exchange the warmer sleeps
+    not take CPU time (or the GIL) from a bulk transfer.  ``bursts`` returns how many exchanges of
+    light traffic began and when the latest did (:attr:`Datapath.bursts`, :attr:`Datapath.burst_at`):
+    after an exchange the warmer sleeps
     until ``lead`` seconds before the next one can come (its :class:`Cadence`), then warms every
     ``interval`` until it does.  :meth:`tick` is one step of the thread's loop, callable directly
     (tests drive it with their own clock).
@@ -368,7 +378,7 @@ class PathWarmer:
         idle_check: float = 0.1,
         busy_rate: float = 8000.0,
         echo: LoopbackEcho | None = None,
-        bursts: Callable[[], float] | None = None,
+        bursts: Callable[[], tuple[int, float]] | None = None,
         cadence: Cadence | None = None,
         lead: float = DEFAULT_LEAD,
     ) -> None:
@@ -412,11 +422,13 @@ class PathWarmer:
             return self._idle_check  # busy: the real path is hot by itself
         # Light traffic: without us each of its packets would meet cold caches.
         if self._cadence is not None and self._bursts is not None:
-            self._cadence.observe(self._bursts())
+            self._cadence.observe(*self._bursts())
             due = self._cadence.next_at()
             if due is not None and now < due - self.lead:
+                # No exchange can come before then: asleep till just before, but looking again after
+                # idle_check at most, so that traffic which turns faster meanwhile is not left cold for long.
                 self._pacing = True
-                return due - self.lead - now  # no exchange can come before then: asleep till just before
+                return min(due - self.lead - now, self._idle_check)
         if self._warm() and self._pacing:
             self.paced_rounds += 1
         self._pacing = False

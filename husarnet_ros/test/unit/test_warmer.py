@@ -247,35 +247,47 @@ def test_daemon_flag_is_milliseconds_and_zero_is_off(tmp_path) -> None:
 def test_lone_paths_stamp_when_an_exchange_begins() -> None:
     clock = Clock()
     sh = shadow(clock)
-    assert sh.a.burst_at == float("-inf")
+    assert (sh.a.bursts, sh.a.burst_at) == (0, float("-inf"))
     assert sh.round()  # A sends, B receives: each side's first packet begins an exchange
     first = clock.now
-    assert sh.a.burst_at == first and sh.b.burst_at == first
+    assert (sh.a.bursts, sh.a.burst_at) == (sh.b.bursts, sh.b.burst_at) == (1, first)
     clock.now += BURST_GAP / 2  # an answer within the gap belongs to the same exchange
     assert sh.round()
-    assert sh.a.burst_at == first and sh.b.burst_at == first
+    assert (sh.a.bursts, sh.a.burst_at) == (sh.b.bursts, sh.b.burst_at) == (1, first)
     clock.now += BURST_GAP * 1.5  # a quiet gap: the next packet begins another
     assert sh.round()
-    assert sh.a.burst_at == clock.now and sh.b.burst_at == clock.now
+    assert (sh.a.bursts, sh.a.burst_at) == (sh.b.bursts, sh.b.burst_at) == (2, clock.now)
 
 
 def test_cadence_bounds_the_next_exchange_by_the_shortest_recent_interval() -> None:
     c = Cadence(history=3)
+    n = 0
+
+    def exchange(t: float) -> None:
+        nonlocal n
+        n += 1
+        c.observe(n, t)
+
     for t in (0.0, 0.010, 0.021):
-        c.observe(t)
+        exchange(t)
         assert c.next_at() is None  # fewer than three intervals: no bound yet
-    c.observe(0.021)  # the same exchange seen again
-    c.observe(0.015)  # an older one
+    c.observe(n, 0.021)  # the same exchange seen again
     assert c.next_at() is None
-    c.observe(0.030)
+    exchange(0.030)
     assert c.next_at() == pytest.approx(0.030 + 0.009)  # the shortest of 10, 11, 9 ms
-    c.observe(0.050)  # a missing exchange (20 ms) does not move the bound ...
+    exchange(0.050)  # a missing exchange (20 ms) does not move the bound ...
     assert c.next_at() == pytest.approx(0.050 + 0.009)
-    c.observe(0.052)  # ... a second flow's short interval brings it down
+    exchange(0.052)  # ... a second flow's short interval brings it down
     assert c.next_at() == pytest.approx(0.052 + 0.002)
     for t in (0.062, 0.072, 0.082):
-        c.observe(t)
+        exchange(t)
     assert c.next_at() == pytest.approx(0.092)  # the short interval aged out of the history
+    n += 2  # two exchanges began between two looks: their intervals are unknown ...
+    c.observe(n, 0.090)
+    assert c.next_at() is None  # ... and shorter than any seen: relearn
+    for t in (0.094, 0.098, 0.102):
+        exchange(t)
+    assert c.next_at() == pytest.approx(0.106)
     with pytest.raises(ValueError, match="history"):
         Cadence(history=0)
 
@@ -284,7 +296,7 @@ def simulate(exchanges: list[float], *, lead: float = DEFAULT_LEAD, until: float
     """Tick a warmer on a simulated clock through ``exchanges`` (times from 0); return it and its warm-up times."""
     clock, traffic = Clock(), Traffic()
     start = clock.now
-    burst = {"at": float("-inf")}
+    burst = {"count": 0, "at": float("-inf")}
     w = PathWarmer(
         shadow(clock),
         traffic,
@@ -292,7 +304,7 @@ def simulate(exchanges: list[float], *, lead: float = DEFAULT_LEAD, until: float
         interval=0.002,
         idle_after=1.0,
         idle_check=0.1,
-        bursts=lambda: burst["at"],
+        bursts=lambda: (burst["count"], burst["at"]),
         lead=lead,
     )
     warmups: list[float] = []
@@ -304,6 +316,7 @@ def simulate(exchanges: list[float], *, lead: float = DEFAULT_LEAD, until: float
         wake = clock.now + max(sleep, 1e-6)  # a real wait takes at least that
         while pending and start + pending[0] <= wake:  # the exchanges that happen while it sleeps
             clock.now = start + pending.pop(0)
+            burst["count"] += 1
             burst["at"] = clock.now
             traffic.packets += 2  # a request and its answer
         clock.now = wake
@@ -351,8 +364,23 @@ def test_slow_periodic_traffic_costs_a_few_warm_ups_per_exchange() -> None:
         assert t - last_warmup_before(warmups, t) <= 0.002 + 1e-9, t
 
 
+def test_traffic_that_turns_faster_during_a_long_sleep_is_relearnt() -> None:
+    # 2 Hz for 3 s (the warmer sleeps through most of each 0.5 s), then 50 Hz: within one idle check it
+    # looks again, sees that several exchanges began unseen, warms every interval and learns the pace.
+    slow = [k * 0.5 for k in range(1, 7)]
+    fast = [3.0 + k * 0.020 for k in range(1, 60)]
+    w, warmups = simulate(slow + fast, until=4.2)
+    assert w.paced_rounds >= 4  # it did sleep through the slow period
+    cold = [t for t in fast if t - last_warmup_before(warmups, t) > 0.002 + 1e-9]
+    assert cold and max(cold) <= 3.0 + 0.1 + 0.001, cold  # only those before its next look went cold
+    steady = [t for t in fast if t > 3.0 + 0.1 + 5 * 0.020]
+    assert all(t - last_warmup_before(warmups, t) <= 0.002 + 1e-9 for t in steady)
+    later = [x for x in warmups if steady[0] < x <= steady[-1]]
+    assert len(later) <= 5 * (len(steady) - 1)
+
+
 def test_irregular_traffic_is_warmed_every_interval() -> None:
-    # Two flows whose exchanges come 1 ms apart now and then: no time is safe to sleep through.
+    # Two flows whose exchanges come 3 ms apart now and then: no time is safe to sleep through.
     exchanges = sorted([k * 0.010 for k in range(1, 50)] + [k * 0.030 + 0.003 for k in range(1, 16)])
     _, warmups = simulate(exchanges, until=0.5)
     both = [x for x in warmups if x < exchanges[-1] - 0.04]  # while both flows run (the 30 ms one ends first)

@@ -58,10 +58,11 @@ log = logging.getLogger(__name__)
 #: Default seconds between two warm-ups: caches here go cold within a few milliseconds (issue #6).
 DEFAULT_INTERVAL = 0.002
 #: Default seconds before the earliest the next exchange can come from which the warmer warms (every
-#: interval, the first at the lead).  Measured (``bench/latency_ab.py``, 100 Hz pings, 30 rounds): a lead
-#: of 0.5 ms (one warm-up just before) was 15-25 % slower than warming all the time; 4.5 ms level with
-#: it; 8.5 ms (four warm-ups, the last about 0.5 ms before) 6-11 % faster.  So the last few milliseconds
-#: before a packet count, not just the last warm-up; at 10 Hz the same lead costs a fifth of the CPU.
+#: interval, the first at the lead).  Measured (``bench/latency_ab.py``, 100 Hz pings, 20-30 rounds,
+#: against warming all the time): a lead of 0.5 ms (one warm-up just before) was 8-15 % slower; 4.5 ms
+#: from 3 % slower to 12 % faster; 8.5 ms (four warm-ups, the last about 0.5 ms before) 2-11 % faster in
+#: three runs.  So the last few milliseconds before a packet count, not just the last warm-up.  At 10 Hz
+#: the same lead costs a fifth of the CPU.
 DEFAULT_LEAD = 0.0085
 #: The interval's range (0 is off): at most 2000 wake-ups a second; at least 10, or it warms nothing.
 MIN_INTERVAL, MAX_INTERVAL = 0.0005, 0.1
@@ -361,10 +362,9 @@ class PathWarmer:
     path is hot by itself, and the warmer only looks again every ``idle_check`` seconds: it must
     not take CPU time (or the GIL) from a bulk transfer.  ``bursts`` returns how many exchanges of
     light traffic began and when the latest did (:attr:`Datapath.bursts`, :attr:`Datapath.burst_at`):
-    after an exchange the warmer sleeps
-    until ``lead`` seconds before the next one can come (its :class:`Cadence`), then warms every
-    ``interval`` until it does.  :meth:`tick` is one step of the thread's loop, callable directly
-    (tests drive it with their own clock).
+    after an exchange the warmer sleeps until ``lead`` seconds before the next one can come (its
+    :class:`Cadence`), then warms every ``interval`` until it does.  :meth:`tick` is one step of the
+    thread's loop, callable directly (tests drive it with their own clock).
     """
 
     def __init__(

@@ -379,7 +379,6 @@ class PathWarmer:
         busy_rate: float = 8000.0,
         echo: LoopbackEcho | None = None,
         bursts: Callable[[], tuple[int, float]] | None = None,
-        cadence: Cadence | None = None,
         lead: float = DEFAULT_LEAD,
     ) -> None:
         check_interval(interval)
@@ -394,8 +393,8 @@ class PathWarmer:
         self.rounds = 0  # warm-ups run (for tests and the benchmark's report)
         self.paced_rounds = 0  # of those, the ones timed to an expected exchange
         self._traffic = traffic
-        self._bursts = bursts
-        self._cadence = (cadence or Cadence()) if bursts is not None else None
+        self._bursts = bursts  # None: no pacing (every interval while light traffic flows)
+        self._cadence = Cadence()
         self._pacing = False  # the last tick slept until just before an expected exchange
         self._clock = clock
         self._idle_after = idle_after
@@ -421,7 +420,7 @@ class PathWarmer:
         if moved > self._busy_rate * elapsed:
             return self._idle_check  # busy: the real path is hot by itself
         # Light traffic: without us each of its packets would meet cold caches.
-        if self._cadence is not None and self._bursts is not None:
+        if self._bursts is not None:
             self._cadence.observe(*self._bursts())
             due = self._cadence.next_at()
             if due is not None and now < due - self.lead:

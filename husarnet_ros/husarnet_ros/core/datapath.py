@@ -332,10 +332,7 @@ class Datapath:
             self.hooks.send_datagrams([datagram], lane.path.endpoint)
         # Everything below runs after the packet left.
         now = self.clock()
-        if now - self._lone_at > BURST_GAP:
-            self.burst_at = now
-            self.bursts += 1
-        self._lone_at = now
+        self._stamp_exchange(now)
         n = len(pkt)
         peer.tx_bytes += n
         peer.last_tx = peer.last_tx_data = now
@@ -343,6 +340,16 @@ class Datapath:
             self._nudge(peer.address, None, now)
         self.counters.inc_traffic("tx_packets", "tx_bytes", n)
         return True
+
+    def _stamp_exchange(self, now: float) -> None:
+        """Count a lone packet more than BURST_GAP after the last one as a new exchange (for the path warmer).
+
+        Called by both lone paths once their packet has left, so it costs the packet nothing.
+        """
+        if now - self._lone_at > BURST_GAP:
+            self.burst_at = now
+            self.bursts += 1
+        self._lone_at = now
 
     def _make_lane(self, peer: Peer) -> Lane | None:
         """The peer's lane for its current keypair and direct path, if it may have one (else None).
@@ -742,10 +749,7 @@ class Datapath:
                 drops[reason] = 1
         # Everything below runs after the packet (and any answer) left.
         now = self.clock()
-        if now - self._lone_at > BURST_GAP:
-            self.burst_at = now
-            self.bursts += 1
-        self._lone_at = now
+        self._stamp_exchange(now)
         path = lane.path
         if now - path.last_auth_rx > 0.5:
             with peer.lock:  # now and then the full path rule, which may prefer another path (path.py)

@@ -8,6 +8,7 @@ must give the same verdict: what is delivered or sent, which drop counter moves,
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import time
@@ -554,7 +555,7 @@ def test_the_lone_receive_declines_anything_but_a_data_message(side: Side, word:
 
 
 class FakeTun:
-    """What the data path needs of a TUN device for _send_answer: queued reads, a way to fail after close."""
+    """What the data path needs of a TUN device for _write_and_answer: queued reads, a way to fail after close."""
 
     vnet_hdr = False
     mtu = 1371
@@ -607,10 +608,37 @@ def test_the_answer_the_kernel_queued_leaves_from_the_receive_thread(side: Side)
 
 def test_no_answer_is_taken_while_the_tun_thread_reads_and_sends(side: Side) -> None:
     tun = FakeTun(ip6(ME, PEER, b"answer"))
-    wire_tun(side, tun)
+    written = wire_tun(side, tun)
     with side.dp._tun_send_lock:  # the TUN thread holds it while it reads and sends (order on the wire)
         assert side.dp.receive_lone(side.remote.seal(ip6(PEER, ME)), EP) is True
+    assert len(written) == 1  # delivered all the same
     assert side.hooks.sent == [] and len(tun.queued) == 1
+
+
+def test_the_write_is_made_holding_the_tun_threads_lock(side: Side) -> None:
+    """The answer wakes the TUN thread during our write: holding its lock, it cannot take the answer first."""
+    tun = FakeTun(ip6(ME, PEER, b"answer"))
+    locked_at_write: list[bool] = []
+    side.dp._tun = tun
+    side.dp.write_direct = lambda p: locked_at_write.append(side.dp._tun_send_lock.locked())
+    assert side.dp.receive_lone(side.remote.seal(ip6(PEER, ME)), EP) is True
+    assert locked_at_write == [True] and len(side.hooks.sent) == 1
+    assert not side.dp._tun_send_lock.locked()
+
+
+def test_a_failing_write_is_reported_and_releases_the_lock(side: Side, caplog: pytest.LogCaptureFixture) -> None:
+    tun = FakeTun(ip6(ME, PEER, b"answer"))
+    side.dp._tun = tun
+
+    def broken(packet: bytes) -> None:
+        raise OSError(5, "Input/output error")
+
+    side.dp.write_direct = broken
+    with caplog.at_level(logging.ERROR):
+        assert side.dp.receive_lone(side.remote.seal(ip6(PEER, ME)), EP) is True
+    assert "delivering a packet failed" in caplog.text
+    assert not side.dp._tun_send_lock.locked()
+    assert side.hooks.sent == [] and len(tun.queued) == 1  # no answer to a packet that was not written
 
 
 def test_nothing_queued_or_a_closed_tun_only_delivers(side: Side) -> None:

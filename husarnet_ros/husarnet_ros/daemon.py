@@ -117,6 +117,7 @@ def status_to_json(engine: Engine) -> dict[str, Any]:
     d["offload"] = engine.offload_active
     d["warm_rounds"] = engine.warm_rounds
     d["warm_paced_rounds"] = engine.warm_paced_rounds
+    d["warm_deferred"] = engine.warm_deferred
     return d
 
 
@@ -125,7 +126,8 @@ def handle_command(engine: Engine, req: dict[str, Any]) -> dict[str, Any]:
 
     Commands and replies (besides ``ok``):
     ``status`` -> ``status`` (StatusInfo fields, address as text, plus ``udp_port``, ``offload`` and
-    ``warm_rounds``: the path warmer's runs so far, ``warm_paced_rounds``: those timed to periodic traffic);
+    ``warm_rounds``: the path warmer's runs so far, ``warm_paced_rounds``: those timed to periodic traffic,
+    ``warm_deferred``: warm-ups put off or cut short for a real packet);
     ``peers`` -> ``peers`` (list of PeerInfo fields, address as text);
     ``counters`` -> ``counters``;
     ``whitelist_add`` {address, hostname?} -> ``changed``;

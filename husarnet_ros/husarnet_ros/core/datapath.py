@@ -175,6 +175,11 @@ class Datapath:
         self.bursts = 0
         self.burst_at = float("-inf")
         self._lone_at = float("-inf")
+        #: Packets that entered a lone path, and that count as of the last one through: unequal while a
+        #: packet is on its way (or after one a lone path declined), so the path warmer does not start
+        #: a warm-up that would take the GIL from it.  A hint: a lost race only costs one warm-up's wait.
+        self.lone_started = 0
+        self.lone_finished = 0
 
     # --- outbound: TUN -> peers ------------------------------------------------
     def _nudge(self, address: bytes, packet: bytes | None, now: float) -> None:
@@ -289,6 +294,7 @@ class Datapath:
         the packet as it is; a checksum left to us (a UDP or TCP packet from a local socket: DDS, a
         service call) is completed first; segmentation (a TSO/USO read) is the batch loop's.
         """
+        self.lone_started += 1
         if skip:
             if buf[1] or len(buf) > skip + self.mtu:
                 return False
@@ -346,6 +352,7 @@ class Datapath:
 
         Called by both lone paths once their packet has left, so it costs the packet nothing.
         """
+        self.lone_finished = self.lone_started
         if now - self._lone_at > BURST_GAP:
             self.burst_at = now
             self.bursts += 1
@@ -703,6 +710,7 @@ class Datapath:
         keypair) and super fragments all go the batch way.  The UDP receive thread offers every lone
         datagram here first (:meth:`UdpSocket.recv_batch`), so anything but a Data message is declined.
         """
+        self.lone_started += 1
         if len(datagram) < DATA_MIN_LEN or datagram[:4] != _DATA_WORD:
             return False
         kp = self.index.lookup(_U32.unpack_from(datagram, 4)[0])

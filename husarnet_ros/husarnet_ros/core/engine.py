@@ -42,6 +42,7 @@ from .cookie import COOKIE_SECRET_LIFETIME, CookieChecker, CookieError, SourceLi
 from .counters import Counters
 from .datapath import Datapath
 from .fsutil import StateFileError, ensure_state_dir
+from .gil import QuickHandover
 from .heap import keep_freed_heap
 from .identity import Identity, format_address, parse_address
 from .offload import MAX_PACKET, Coalescer, OffloadError, split_for_send
@@ -467,6 +468,8 @@ class Engine:
             interval=interval,
             echo=echo,
             bursts=lambda: (dp.bursts, dp.burst_at),
+            lone=lambda: (dp.lone_started, dp.lone_finished),
+            handover=QuickHandover(),
         )
         self._warmer.start()
         log.info(
@@ -485,6 +488,12 @@ class Engine:
     def warm_paced_rounds(self) -> int:
         """Of :attr:`warm_rounds`, those timed just before an expected exchange of periodic traffic."""
         return self._warmer.paced_rounds if self._warmer is not None else 0
+
+    @property
+    def warm_deferred(self) -> int:
+        """Warm-ups the path warmer put off, and cut short, because a real packet was on its way then."""
+        w = self._warmer
+        return w.deferred + w.yielded if w is not None else 0
 
     def _run_loop(self, ready: threading.Event) -> None:
         loop = self._loop

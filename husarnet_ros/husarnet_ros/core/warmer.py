@@ -47,6 +47,7 @@ from collections.abc import Callable
 from .constants import Timers
 from .counters import Counters
 from .datapath import Datapath
+from .gil import QuickHandover
 from .handshake import KeyMaterial
 from .offload import PLAIN_VNET_HDR, VNET_HDR_LEN
 from .peer import IndexTable, Peer
@@ -64,6 +65,9 @@ DEFAULT_INTERVAL = 0.002
 #: three runs.  So the last few milliseconds before a packet count, not just the last warm-up.  At 10 Hz
 #: the same lead costs a fifth of the CPU.
 DEFAULT_LEAD = 0.0085
+#: Seconds the warmer waits, instead of warming, while a real packet is on a lone path: it would take
+#: the GIL from that packet, and a lone path takes a few hundred microseconds at most.
+BUSY_DEFER = 0.0005
 #: The interval's range (0 is off): at most 2000 wake-ups a second; at least 10, or it warms nothing.
 MIN_INTERVAL, MAX_INTERVAL = 0.0005, 0.1
 #: The shadow nodes' addresses: in fc94::/16 like real ones; they exist only inside the shadow's own objects.
@@ -272,14 +276,20 @@ class LoopbackEcho:
             self._socks.append(sock)
             self._failures[sock] = 0
 
-    def round(self) -> bool:
-        """One datagram out and back through each socket; True if every one came back (False with none open)."""
+    def round(self, stop: Callable[[], bool] | None = None) -> bool:
+        """One datagram out and back through each socket; True if every one came back (False with none open).
+
+        ``stop`` is asked before each socket but the first: True ends the round there (the warmer
+        yields to a real packet), and counts against no socket.
+        """
         socks = self._socks
         if not socks:
             return False
         ok = True
         size = len(self._payload)
-        for sock in tuple(socks):  # a copy: a socket given up leaves the list mid-round
+        for i, sock in enumerate(tuple(socks)):  # a copy: a socket given up leaves the list mid-round
+            if i and stop is not None and stop():
+                return False
             try:
                 sock.send(self._payload)
                 if len(sock.recv(2048)) == size:
@@ -380,6 +390,8 @@ class PathWarmer:
         echo: LoopbackEcho | None = None,
         bursts: Callable[[], tuple[int, float]] | None = None,
         lead: float = DEFAULT_LEAD,
+        lone: Callable[[], tuple[int, int]] | None = None,
+        handover: QuickHandover | None = None,
     ) -> None:
         check_interval(interval)
         if not 0 < interval <= idle_check:
@@ -392,6 +404,12 @@ class PathWarmer:
         self.lead = lead
         self.rounds = 0  # warm-ups run (for tests and the benchmark's report)
         self.paced_rounds = 0  # of those, the ones timed to an expected exchange
+        self.deferred = 0  # warm-ups put off because a real packet was on a lone path
+        self.yielded = 0  # warm-ups cut short because a real packet came while they ran
+        self._lone = lone  # None: real packets are not watched for
+        self._stale = -1  # the lone_started count a deferral was last made for
+        self.handover = handover  # wanted while not busy: light traffic's packets get the GIL quickly
+        self._busy = False
         self._traffic = traffic
         self._bursts = bursts  # None: no pacing (every interval while light traffic flows)
         self._cadence = Cadence()
@@ -415,9 +433,14 @@ class PathWarmer:
         self._seen, self._last_tick = seen, now
         if moved:
             self._last_traffic = now
+        busy = moved > self._busy_rate * elapsed
+        if busy is not self._busy:
+            self._busy = busy
+            if self.handover is not None:
+                self.handover.want(not busy)
         if now - self._last_traffic > self._idle_after:
             return self._idle_check  # idle: no work, few wake-ups
-        if moved > self._busy_rate * elapsed:
+        if busy:
             return self._idle_check  # busy: the real path is hot by itself
         # Light traffic: without us each of its packets would meet cold caches.
         if self._bursts is not None:
@@ -428,13 +451,41 @@ class PathWarmer:
                 # idle_check at most, so that traffic which turns faster meanwhile is not left cold for long.
                 self._pacing = True
                 return min(due - self.lead - now, self._idle_check)
+        if self._packet_on_its_way():
+            self.deferred += 1
+            return min(BUSY_DEFER, self.interval)
         if self._warm() and self._pacing:
             self.paced_rounds += 1
         self._pacing = False
         return self.interval  # the exchange may come any time now: warm every interval till it does
 
+    def _packet_on_its_way(self) -> bool:
+        """True if a real packet entered a lone path and has not left it (each such packet defers once).
+
+        A lone path the packet does not finish (declined: the batch path takes it) leaves the counts
+        unequal for good, so a second look at the same count no longer defers.
+        """
+        if self._lone is None:
+            return False
+        started, finished = self._lone()
+        if started == finished or started == self._stale:
+            return False
+        self._stale = started
+        return True
+
     def _warm(self) -> bool:
-        """One warm-up: the shadow round, then the echo; False if the shadow path broke and warming stopped."""
+        """One warm-up: the shadow round, then the echo; False if the shadow path broke and warming stopped.
+
+        A real packet that enters a lone path meanwhile (it got the GIL while the warm-up was in a
+        system call) ends the warm-up at the next step: each step would otherwise take the GIL back
+        from it for tens of microseconds.
+        """
+        lone = self._lone
+        started = lone()[0] if lone is not None else 0
+
+        def interrupted() -> bool:
+            return lone is not None and lone()[0] != started
+
         if not self.shadow.round():
             self.shadow.rekey()  # its keys expired: fresh ones, and the round again
             if not self.shadow.round():
@@ -443,8 +494,9 @@ class PathWarmer:
                 log.warning("the path warmer's shadow packet no longer goes through; warming stopped")
                 self._stop.set()
                 return False
-        if self.echo is not None:
-            self.echo.round()
+        if interrupted() or (self.echo is not None and not self.echo.round(interrupted) and interrupted()):
+            self.yielded += 1
+            return True
         self.rounds += 1
         return True
 
@@ -453,6 +505,8 @@ class PathWarmer:
         if self._thread is not None:
             return
         self._stop.clear()
+        if self.handover is not None:
+            self.handover.want(not self._busy)
         if self.echo is not None:
             self.echo.open()
         self._thread = NamedThread(target=self._run, name="path-warmer", daemon=True)
@@ -478,7 +532,9 @@ class PathWarmer:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=5)
-            if thread.is_alive():
-                return  # stuck (never seen): its echo sockets stay with it rather than close under it
+        if self.handover is not None:
+            self.handover.want(False)  # after the join: the thread's last tick may have wanted it
+        if thread is not None and thread.is_alive():
+            return  # stuck (never seen): its echo sockets stay with it rather than close under it
         if self.echo is not None:
             self.echo.close()

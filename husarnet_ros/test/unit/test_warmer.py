@@ -16,6 +16,7 @@ from husarnet_ros.core.datapath import BURST_GAP, Datapath
 from husarnet_ros.core.engine import Engine, EngineConfig, EngineError
 from husarnet_ros.core.session import CIPHER_AES, CIPHER_CHACHA
 from husarnet_ros.core.warmer import (
+    BUSY_DEFER,
     DEFAULT_LEAD,
     LOOPBACKS,
     Cadence,
@@ -259,6 +260,22 @@ def test_lone_paths_stamp_when_an_exchange_begins() -> None:
     assert (sh.a.bursts, sh.a.burst_at) == (sh.b.bursts, sh.b.burst_at) == (2, clock.now)
 
 
+def test_lone_paths_count_a_packet_on_its_way_until_it_left() -> None:
+    sh = shadow()
+    a, b = sh.a, sh.b
+    assert (a.lone_started, a.lone_finished) == (0, 0)
+    seen: list[tuple[int, int]] = []
+    send = a.sendto
+    a.sendto = lambda d, f, addr: (seen.append((a.lone_started, a.lone_finished)), send(d, f, addr))  # type: ignore[assignment]
+    assert sh.round()
+    assert seen == [(1, 0)]  # while the packet was on its way out: started, not finished
+    assert (a.lone_started, a.lone_finished) == (1, 1) and (b.lone_started, b.lone_finished) == (1, 1)
+    assert not a._send_lone(b"\x60" + bytes(60), sh._skip)  # declined: left to the batch path, unequal
+    assert (a.lone_started, a.lone_finished) == (2, 1)
+    assert not b.receive_lone(b"\x01" + bytes(40), ("198.18.0.9", 9))  # not Data: declined likewise
+    assert (b.lone_started, b.lone_finished) == (2, 1)
+
+
 def test_cadence_bounds_the_next_exchange_by_the_shortest_recent_interval() -> None:
     c = Cadence(history=3)
     n = 0
@@ -395,6 +412,103 @@ def test_the_lead_is_bounded() -> None:
             PathWarmer(shadow(), Traffic(), time.monotonic, interval=0.002, lead=lead)
 
 
+# --- leaving the GIL to real packets ---------------------------------------------------------------
+
+
+class Lone:
+    """What the engine passes as ``lone``: the data path's (started, finished) counts, set by the test."""
+
+    def __init__(self) -> None:
+        self.started = self.finished = 0
+
+    def __call__(self) -> tuple[int, int]:
+        return self.started, self.finished
+
+
+def test_a_packet_on_a_lone_path_defers_the_warm_up_once() -> None:
+    clock, traffic, lone = Clock(), Traffic(), Lone()
+    w = warmer(clock, traffic, lone=lone)
+    traffic.packets += 1
+    assert w.tick() == 0.002 and (w.rounds, w.deferred) == (1, 0)  # nothing on its way: warm
+    lone.started += 1  # a real packet entered a lone path
+    clock.now += 0.002
+    assert w.tick() == BUSY_DEFER and (w.rounds, w.deferred) == (1, 1)  # put off, not run
+    lone.finished = lone.started  # it left
+    clock.now += BUSY_DEFER
+    assert w.tick() == 0.002 and (w.rounds, w.deferred) == (2, 1)
+    lone.started += 1  # one the lone path declines: the counts stay unequal for good
+    for rounds, deferred in ((2, 2), (3, 2), (4, 2)):
+        clock.now += 0.002
+        w.tick()
+        assert (w.rounds, w.deferred) == (rounds, deferred)  # deferred once, then warmed as usual
+
+
+def test_a_packet_that_comes_during_the_shadow_round_ends_the_warm_up_before_the_echo() -> None:
+    clock, traffic, lone, echo = Clock(), Traffic(), Lone(), FakeEcho()
+    sh = shadow(clock)
+    w = warmer(clock, traffic, sh, lone=lone, echo=echo)
+    real_round = sh.round
+
+    def round_meeting_a_packet() -> bool:
+        lone.started += 1  # it got the GIL while the shadow round ran
+        return real_round()
+
+    sh.round = round_meeting_a_packet  # type: ignore[method-assign]
+    traffic.packets += 1
+    assert w.tick() == 0.002
+    assert (w.rounds, w.yielded, echo.rounds) == (0, 1, 0)
+    sh.round = real_round  # type: ignore[method-assign]
+    lone.finished = lone.started
+    clock.now += 0.002
+    assert w.tick() == 0.002 and (w.rounds, w.yielded, echo.rounds) == (1, 1, 1)
+
+
+def test_a_packet_that_comes_during_the_echo_ends_it_before_the_next_socket() -> None:
+    echo = LoopbackEcho()
+    echo.open()
+    if len(echo.open_hosts) < 2:
+        echo.close()
+        pytest.skip("this host lacks an IPv4 or IPv6 loopback")
+    try:
+        asked: list[int] = []
+        first, second = echo._socks
+        echo._failures[second] = 3
+        assert echo.round(lambda: asked.append(1) or True) is False  # stopped before the second socket
+        assert asked == [1]  # asked once: before the second socket, not before the first
+        assert echo._failures == {first: 0, second: 3}  # no failure counted against the one left out
+        with pytest.raises(BlockingIOError):
+            second.recv(2048)  # nothing was sent through it
+        assert echo.round(lambda: False) is True and echo._failures[second] == 0
+    finally:
+        echo.close()
+
+
+class FakeHandover:
+    def __init__(self) -> None:
+        self.wants: list[bool] = []
+
+    def want(self, on: bool) -> None:
+        self.wants.append(on)
+
+
+def test_the_quick_gil_hand_over_is_wanted_except_while_busy_and_withdrawn_at_stop() -> None:
+    clock, traffic, handover = Clock(), Traffic(), FakeHandover()
+    w = warmer(clock, traffic, handover=handover)
+    w.start()
+    w.stop()
+    assert handover.wants == [True, False]
+    handover.wants.clear()
+    for moved, elapsed in TICKS_FOR_HANDOVER:
+        traffic.packets += moved
+        clock.now += elapsed
+        w.tick()
+    assert handover.wants == [False, True]  # busy: the default interval; light again: the quick one
+
+
+#: Light, busy (17 packets in 2 ms is above 8000 a second), busy, light, idle: one change each way.
+TICKS_FOR_HANDOVER = [(1, 0.1), (17, 0.002), (17, 0.002), (1, 0.1), (0, 1.5)]
+
+
 # --- the kernel's half: LoopbackEcho ---------------------------------------------------------------
 
 
@@ -406,7 +520,7 @@ class FakeEcho:
     def open(self) -> None:
         self.opened += 1
 
-    def round(self) -> bool:
+    def round(self, stop: object = None) -> bool:
         self.rounds += 1
         return True
 

@@ -14,6 +14,9 @@ Configurations:
                             daemon flags, e.g. ``ours:--warm-interval=0`` (the path warmer off)
   tree:PATH                 the daemon of another checkout (its repository root), e.g. a ``git worktree``
                             of an older commit
+  node                      this checkout's lifecycle node (``python -m husarnet_ros.node``, autostart): the
+                            engine beside rclpy's executor threads in one process, as ``ros2 launch`` runs it
+  node:PATH                 the lifecycle node of another checkout
 
 After each configuration's block of pings the script waits ``--settle`` seconds (default 1.2): a
 daemon's path warmer goes on warming for a second after its last packet (``core/warmer.py``), and
@@ -45,18 +48,38 @@ import common as c
 
 
 def daemon_env(config: str) -> dict[str, str] | None:
-    """The environment a configuration's daemons get on top of the usual one (None: unchanged)."""
+    """The environment a configuration's daemons (or nodes) get on top of the usual one (None: unchanged)."""
     kind, _, arg = config.partition(":")
     if kind == "ours":
         env = {name: value for name, value in _ours_items(config) if not name.startswith("--")}
         return env or None
-    if kind == "tree":
+    if kind == "tree" or (kind == "node" and arg):
         package = Path(arg).resolve() / "husarnet_ros"
         if not (package / "husarnet_ros" / "daemon.py").is_file():
             raise SystemExit(f"{config!r}: {package} holds no husarnet_ros package")
         pp = os.environ.get("PYTHONPATH", "")
         return {"PYTHONPATH": str(package) + (os.pathsep + pp if pp else "")}
-    raise SystemExit(f"unknown configuration {config!r} (wg, ours, ours:VAR=VAL, tree:PATH)")
+    if kind == "node":
+        return None
+    raise SystemExit(f"unknown configuration {config!r} (wg, ours, ours:VAR=VAL, tree:PATH, node, node:PATH)")
+
+
+def node_argv(state: Path, peer: str, peer_ip: str) -> list[str]:
+    """The lifecycle node's command line: autostart, the benchmark's port and interface, one static peer."""
+    params = {
+        "autostart": "true",
+        "state_dir": str(state),
+        "interface_name": "hnet0",
+        "udp_port": "5582",
+        "lan_discovery": "false",
+        "hosts_file": "''",
+        "peers": f"['{peer}@{peer_ip}:5582']",
+        "whitelist": f"['{peer}']",
+    }
+    argv = [sys.executable, "-m", "husarnet_ros.node", "--ros-args"]
+    for name, value in params.items():
+        argv += ["-p", f"{name}:={value}"]
+    return argv
 
 
 def _ours_items(config: str) -> list[tuple[str, str]]:
@@ -85,13 +108,25 @@ SETTLE = 1.2
 class Running:
     """One configuration started on its own pair: what to ping, and how to stop it."""
 
-    def __init__(self, lab: c.Lab, pair: c.Pair, config: str) -> None:
+    def __init__(self, lab: c.Lab, pair: c.Pair, config: str, domain_id: int = 0) -> None:
         self.pair = pair
         self.config = config
         if config == "wg":
             self.procs = c.start_wireguard_go(pair)
             self.daemons = []
             self.target = c.WG_B
+        elif config.partition(":")[0] == "node":
+            # Each pair's nodes talk DDS only on their namespaces' loopback; the domain keeps pairs apart anyway.
+            env = {**(daemon_env(config) or {}), "ROS_DOMAIN_ID": str(domain_id), "PYTHONUNBUFFERED": "1"}
+            env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+            sa, sb = lab.tmp / f"node-{pair.a.name}", lab.tmp / f"node-{pair.b.name}"
+            addr_a, addr_b = lab.daemon_address(sa), lab.daemon_address(sb)
+            self.daemons = []
+            self.procs = [
+                lab.spawn(host, node_argv(state, peer, peer_ip), log=lab.tmp / f"node-{host.name}.log", env=env)
+                for host, state, peer, peer_ip in ((pair.a, sa, addr_b, c.B4), (pair.b, sb, addr_a, c.A4))
+            ]
+            self.target = addr_b
         else:
             self.procs = []
             env = daemon_env(config)
@@ -104,9 +139,9 @@ class Running:
                 lab.start_daemon(pair.b, sb, peer=[f"{addr_a}@{c.A4}:5582"], whitelist=[addr_a], **common),
             ]
             self.target = addr_b
-        if c.wait_ping(lab, pair.a, self.target, 20) is None:
+        if c.wait_ping(lab, pair.a, self.target, 60) is None:  # a node starts rclpy first: give it longer
             self.stop()
-            raise SystemExit(f"{config}: no ping within 20 s")
+            raise SystemExit(f"{config}: no ping within 60 s")
 
     def ping(self, count: int, interval: float = 0.01) -> tuple[float, float]:
         """(average, p99) ms of ``count`` pings ``interval`` seconds apart."""
@@ -141,7 +176,7 @@ def side_by_side(
     running: list[Running] = []
     try:
         for i, config in enumerate(configs):
-            running.append(Running(lab, c.make_pair(lab, tag=f"{tag}{i}"), config))
+            running.append(Running(lab, c.make_pair(lab, tag=f"{tag}{i}"), config, domain_id=40 + i))
         time.sleep(0.5)
         for r in range(rounds):
             for run in running:

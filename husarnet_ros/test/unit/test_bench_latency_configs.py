@@ -50,3 +50,24 @@ def test_latency_table_of_an_older_result_without_the_warmer_run() -> None:
     latency = {"rounds": 4, "pings_per_round": 50, **_run(0.5, 0.6, 1)}
     text = bench_run.latency_table(latency, {})
     assert "warmer off" not in text and "husarnet_ros lower than wireguard-go in 1 of 4 rounds" in text
+
+
+def test_node_configurations_run_this_or_another_checkouts_lifecycle_node(tmp_path: Path) -> None:
+    assert latency_ab.daemon_env("node") is None  # this checkout: the environment as it is
+    (tmp_path / "husarnet_ros" / "husarnet_ros").mkdir(parents=True)
+    (tmp_path / "husarnet_ros" / "husarnet_ros" / "daemon.py").write_text("")
+    env = latency_ab.daemon_env(f"node:{tmp_path}")
+    assert env is not None and env["PYTHONPATH"].split(":")[0] == str(tmp_path / "husarnet_ros")
+    with pytest.raises(SystemExit, match="holds no husarnet_ros package"):
+        latency_ab.daemon_env(f"node:{tmp_path / 'missing'}")
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        latency_ab.daemon_env("nodes")
+
+
+def test_the_node_is_started_as_ros2_launch_would_with_one_static_peer(tmp_path: Path) -> None:
+    argv = latency_ab.node_argv(tmp_path / "a", "fc94::1", "198.18.0.2")
+    assert argv[1:4] == ["-m", "husarnet_ros.node", "--ros-args"]
+    params = dict(arg.split(":=", 1) for arg in argv[4:] if arg != "-p")
+    assert params["autostart"] == "true" and params["state_dir"] == str(tmp_path / "a")
+    assert params["peers"] == "['fc94::1@198.18.0.2:5582']" and params["whitelist"] == "['fc94::1']"
+    assert (params["interface_name"], params["udp_port"], params["lan_discovery"]) == ("hnet0", "5582", "false")

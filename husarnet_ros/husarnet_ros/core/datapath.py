@@ -743,12 +743,13 @@ class Datapath:
             reason = _inner_packet_drop(plaintext, peer.address, self.address)
             if reason is None:
                 try:
-                    if self._tun is not None:
-                        self._write_and_answer(plaintext)
-                    elif self.write_direct is not None:
-                        self.write_direct(plaintext)
-                    else:
+                    write = self.write_direct
+                    if write is None:
                         self.deliver([plaintext])
+                    elif self._tun is not None:
+                        self._write_and_answer(write, plaintext)
+                    else:
+                        write(plaintext)
                 except Exception:
                     log.exception("delivering a packet failed")
                 delivered = len(plaintext)
@@ -1083,7 +1084,7 @@ class Datapath:
         except Exception:
             log.exception("sending a TUN batch failed")
 
-    def _write_and_answer(self, packet: bytes) -> None:
+    def _write_and_answer(self, write: Callable[[bytes], None], packet: bytes) -> None:
         """Write a received packet to the TUN and send, from this (the UDP) thread, the answer it queued.
 
         An echo reply, a TCP ACK or a service's quick response is usually queued while our write is
@@ -1095,9 +1096,6 @@ class Datapath:
         reading or sending) the packet is written all the same and the TUN thread takes the answer, so
         what leaves stays in the TUN's order.  One answer at most: the TUN thread takes the rest.
         """
-        write = self.write_direct
-        if write is None:
-            write = self._deliver_one
         lock = self._tun_send_lock
         if not lock.acquire(blocking=False):
             write(packet)
@@ -1115,9 +1113,6 @@ class Datapath:
                 log.exception("sending a TUN answer failed")
         finally:
             lock.release()
-
-    def _deliver_one(self, packet: bytes) -> None:
-        self.deliver([packet])
 
     def stop_tun(self) -> None:
         """Close the TUN (wakes the reader) and join the thread."""

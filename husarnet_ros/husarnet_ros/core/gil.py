@@ -4,10 +4,11 @@ Why: a thread that wants the GIL waits for the holder to release it.  When the h
 only for a moment (around a system call) and takes it straight back, CPython lets the waiter wait
 up to the *switch interval* (5 ms by default) before it makes the holder hand over.  A packet that
 arrives while another thread of the node holds the GIL (the path warmer, the control loop, an rclpy
-executor in the same process) could so wait milliseconds: measured in paired 100 Hz pings, the
-slowest 1 % of round trips took 12-14 ms with the default and 4.3-4.7 ms with 0.2 ms, the median
-unchanged.  A short interval costs bulk transfers a little (more hand-overs between the busy
-threads: 5 % of one TCP stream in one run), so it is asked for only while traffic is light.
+executor in the same process) could so wait milliseconds: in paired 100 Hz pings beside a thread
+that held the GIL for milliseconds at a time, the slowest 1 % of round trips took 12-14 ms with the
+default and 4.3-4.7 ms with 0.2 ms, the median unchanged.  A short interval costs bulk transfers a
+little (more hand-overs between the busy threads: 5 % of one TCP stream in one run), so it is asked
+for only while traffic is light.
 
 The interval is one setting for the whole interpreter, and several engines may share a process
 (tests, or a node hosting more than one): each holds a :class:`QuickHandover` and wants it on or
@@ -51,8 +52,3 @@ class QuickHandover:
             elif _saved is not None:
                 sys.setswitchinterval(_saved)
                 _saved = None
-
-    @property
-    def active(self) -> bool:
-        """True while this holder wants the short interval."""
-        return self in _wanting

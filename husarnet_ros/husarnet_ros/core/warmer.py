@@ -494,7 +494,9 @@ class PathWarmer:
                 log.warning("the path warmer's shadow packet no longer goes through; warming stopped")
                 self._stop.set()
                 return False
-        if interrupted() or (self.echo is not None and not self.echo.round(interrupted) and interrupted()):
+        if self.echo is not None and not interrupted():
+            self.echo.round(interrupted)
+        if interrupted():
             self.yielded += 1
             return True
         self.rounds += 1

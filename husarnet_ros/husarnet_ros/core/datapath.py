@@ -180,6 +180,8 @@ class Datapath:
         #: a warm-up that would take the GIL from it.  A hint: a lost race only costs one warm-up's wait.
         self.lone_started = 0
         self.lone_finished = 0
+        #: Called when an exchange begins, after its packet left (the engine passes PathWarmer.nudge).
+        self.on_exchange: Callable[[], None] | None = None
 
     # --- outbound: TUN -> peers ------------------------------------------------
     def _nudge(self, address: bytes, packet: bytes | None, now: float) -> None:
@@ -356,6 +358,8 @@ class Datapath:
         if now - self._lone_at > BURST_GAP:
             self.burst_at = now
             self.bursts += 1
+            if self.on_exchange is not None:
+                self.on_exchange()
         self._lone_at = now
 
     def _make_lane(self, peer: Peer) -> Lane | None:

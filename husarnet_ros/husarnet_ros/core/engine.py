@@ -472,6 +472,7 @@ class Engine:
             handover=QuickHandover(),
         )
         self._warmer.start()
+        dp.on_exchange = self._warmer.nudge
         log.info(
             "path warmer on while light traffic flows: just before each exchange of periodic traffic, "
             "else every %g ms (kernel path through loopback: %s)",
@@ -701,6 +702,7 @@ class Engine:
             with contextlib.suppress(Exception):
                 self._transport.close()
         if self._warmer is not None:
+            self._datapath.on_exchange = None
             self._warmer.stop()
             self._warmer = None
         if self._datapath is not None:

@@ -248,6 +248,8 @@ def test_daemon_flag_is_milliseconds_and_zero_is_off(tmp_path) -> None:
 def test_lone_paths_stamp_when_an_exchange_begins() -> None:
     clock = Clock()
     sh = shadow(clock)
+    began: list[int] = []
+    sh.a.on_exchange = lambda: began.append(sh.a.bursts)  # after the count: the warmer may read it
     assert (sh.a.bursts, sh.a.burst_at) == (0, float("-inf"))
     assert sh.round()  # A sends, B receives: each side's first packet begins an exchange
     first = clock.now
@@ -258,6 +260,7 @@ def test_lone_paths_stamp_when_an_exchange_begins() -> None:
     clock.now += BURST_GAP * 1.5  # a quiet gap: the next packet begins another
     assert sh.round()
     assert (sh.a.bursts, sh.a.burst_at) == (sh.b.bursts, sh.b.burst_at) == (2, clock.now)
+    assert began == [1, 2]  # told once per exchange, not per packet
 
 
 def test_lone_paths_count_a_packet_on_its_way_until_it_left() -> None:
@@ -410,6 +413,53 @@ def test_the_lead_is_bounded() -> None:
     for lead in (0, -1, 0.2):
         with pytest.raises(ValueError, match="lead"):
             PathWarmer(shadow(), Traffic(), time.monotonic, interval=0.002, lead=lead)
+
+
+def test_a_nudge_wakes_only_an_idle_warmer() -> None:
+    clock, traffic = Clock(), Traffic()
+    w = warmer(clock, traffic)
+    traffic.packets += 1
+    w.tick()  # light traffic: warming, not idle
+    w.nudge()
+    assert not w._wake.is_set()  # a flow's every exchange costs no wake-up
+    clock.now += 1.5
+    assert w.tick() == 0.1  # idle: it would look again only after idle_check
+    w.nudge()
+    assert w._wake.is_set()
+    w._wake.clear()
+    w.nudge()  # once per idle spell
+    assert not w._wake.is_set()
+
+
+def test_traffic_after_a_quiet_spell_is_warmed_at_once_not_after_the_idle_check() -> None:
+    traffic = Traffic()
+    w = PathWarmer(shadow(), traffic, time.monotonic, interval=0.002, idle_after=1.0, idle_check=60.0)
+    w.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not w._idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w._idle and w.rounds == 0  # asleep for a minute
+        traffic.packets += 1
+        w.nudge()  # what the data path does when the exchange begins
+        while w.rounds == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.rounds > 0
+    finally:
+        w.stop()
+    assert not w.running
+
+
+def test_stop_ends_an_idle_sleep_at_once() -> None:
+    w = PathWarmer(shadow(), Traffic(), time.monotonic, interval=0.002, idle_check=60.0)
+    w.start()
+    deadline = time.monotonic() + 10
+    while not w._idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert w._idle  # asleep for a minute
+    thread = w._thread
+    w.stop()  # joins for 5 s at most: without waking the sleep, the thread would still be there
+    assert thread is not None and not thread.is_alive()
 
 
 # --- leaving the GIL to real packets ---------------------------------------------------------------

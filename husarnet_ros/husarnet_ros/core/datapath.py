@@ -350,9 +350,11 @@ class Datapath:
         return True
 
     def _stamp_exchange(self, now: float) -> None:
-        """Count a lone packet more than BURST_GAP after the last one as a new exchange (for the path warmer).
+        """Mark the lone packet finished, and count it as a new exchange if it came BURST_GAP after the last.
 
-        Called by both lone paths once their packet has left, so it costs the packet nothing.
+        All of it is for the path warmer: finished packets end its deferral, exchanges pace it, and a new
+        one wakes it from idle (``on_exchange``).  Called by both lone paths once their packet has left,
+        so it costs the packet nothing.
         """
         self.lone_finished = self.lone_started
         if now - self._lone_at > BURST_GAP:

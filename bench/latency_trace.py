@@ -23,7 +23,7 @@ waited for a CPU, by who woke it and whether it was placed on the waker's CPU.
 
 Tracing slows every system call, so the absolute numbers are larger than ``make bench``'s; compare
 hops and runs with each other.  Needs root and ``perf``.  Usage: ``bench/latency_trace.py [--pings N]
-[--cold] [--compare] [--wakeups CONFIG]``.
+[--interval S] [--cold] [--compare] [--wakeups CONFIG]``.
 """
 
 from __future__ import annotations
@@ -254,22 +254,24 @@ def stage_times(events: list[tuple[float, str, str, str, str]], side_pids: dict[
     return trips
 
 
-def traced_pings(lab: c.Lab, config: str, tag: str, pings: int) -> tuple[float, dict[str, int], str]:
+def traced_pings(
+    lab: c.Lab, config: str, tag: str, pings: int, interval: float = 0.01
+) -> tuple[float, dict[str, int], str]:
     """Ping average (ms), each side's daemon pid and ``perf script`` text of ``pings`` pings over ``config``."""
     run = latency_ab.Running(lab, c.make_pair(lab, tag=tag), config)
     try:
         # One process per side, A's started first (through ``ip netns exec``, which may fork).
         procs = [d.proc for d in run.daemons] or run.procs
         side_pids = {side: max(c.descendants(p.pid)) for side, p in zip("AB", procs, strict=True)}
-        (avg, _p99), script = recorded(_EVENTS, functools.partial(run.ping, pings))
+        (avg, _p99), script = recorded(_EVENTS, functools.partial(run.ping, pings, interval))
     finally:
         run.stop()
     return avg, side_pids, script
 
 
-def compare(pings: int) -> int:
-    """Trace wireguard-go and the overlay the same way and print each round trip's stages side by side."""
-    why = c.have_wireguard_go()
+def compare(pings: int, interval: float = 0.01, configs: tuple[str, ...] = ("wg", "ours")) -> int:
+    """Trace each configuration the same way and print each round trip's stages side by side."""
+    why = c.have_wireguard_go() if "wg" in configs else None
     if why:
         print(why, file=sys.stderr)
         return 2
@@ -277,17 +279,18 @@ def compare(pings: int) -> int:
     names += ["the kernel wakes ping", "ping gets a CPU", "ping has the reply"]
     medians: dict[str, list[float]] = {}
     with c.Lab(tag="latcmp") as lab:
-        for i, config in enumerate(("wg", "ours")):
-            avg, side_pids, script = traced_pings(lab, config, f"cmp{i}", pings)
+        for i, config in enumerate(configs):
+            avg, side_pids, script = traced_pings(lab, config, f"cmp{i}", pings, interval)
             trips = stage_times(parse(script), side_pids)
             print(f"{config}: ping under tracing avg {avg:.3f} ms; {len(trips)} of {pings} round trips complete")
             if not trips:
                 return 1
             medians[config] = [statistics.median(t[k + 1] - t[k] for t in trips) for k in range(len(names))]
             medians[config].append(statistics.median(t[-1] - t[0] for t in trips))
-    print(f"\n{'median us, from the previous stage to':42s} {'wireguard-go':>12s} {'husarnet_ros':>12s}")
+    width = max(12, *(len(config) for config in configs))
+    print(f"\n{'median us, from the previous stage to':42s}" + "".join(f" {config:>{width}s}" for config in configs))
     for k, name in enumerate([*names, "round trip"]):
-        print(f"  {name:40s} {medians['wg'][k]:12.1f} {medians['ours'][k]:12.1f}")
+        print(f"  {name:40s}" + "".join(f" {medians[config][k]:{width}.1f}" for config in configs))
     return 0
 
 
@@ -346,10 +349,10 @@ def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str
     return out
 
 
-def wakeups(pings: int, config: str) -> int:
+def wakeups(pings: int, config: str, interval: float = 0.01) -> int:
     """Trace one configuration's pair during pings and print :func:`wakeup_gaps` as a table."""
     with c.Lab(tag="latwake") as lab:
-        avg, side_pids, script = traced_pings(lab, config, "wk0", pings)
+        avg, side_pids, script = traced_pings(lab, config, "wk0", pings, interval)
     gaps = wakeup_gaps(script, side_pids)
     print(f"{config}: ping under tracing avg {avg:.3f} ms; wake -> run, us (median)")
     print(f"  {'waker':18s} {'wakee':18s} {'CPU':7s} {'count':>6s} {'median':>8s}")
@@ -380,8 +383,14 @@ def cold() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pings", type=int, default=100)
+    p.add_argument("--interval", type=float, default=0.01, help="seconds between pings")
     p.add_argument("--cold", action="store_true", help="also measure cold versus hot AEAD calls")
-    p.add_argument("--compare", action="store_true", help="trace wireguard-go and the overlay stage by stage")
+    p.add_argument(
+        "--compare",
+        nargs="*",
+        metavar="CONFIG",
+        help="trace configurations (default: wg ours; as in latency_ab.py) stage by stage",
+    )
     p.add_argument(
         "--wakeups",
         metavar="CONFIG",
@@ -397,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         print("latency_trace needs perf (Debian: apt install linux-perf)", file=sys.stderr)
         return 2
     if args.wakeups:
-        return wakeups(args.pings, args.wakeups)
-    return compare(args.pings) if args.compare else trace(args.pings)
+        return wakeups(args.pings, args.wakeups, args.interval)
+    if args.compare is not None:
+        return compare(args.pings, args.interval, tuple(args.compare) or ("wg", "ours"))
+    return trace(args.pings)
 
 
 if __name__ == "__main__":

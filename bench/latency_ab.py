@@ -101,7 +101,9 @@ def daemon_options(config: str) -> dict[str, str]:
 
 
 #: Seconds between two blocks of pings: a path warmer stops a second after the last packet it saw
-#: (PathWarmer's idle_after) and notices within its idle check (0.1 s).
+#: (PathWarmer's idle_after) and notices within its idle check (0.1 s).  Pings more than a second apart
+#: are the exception: it still warms for the ping that would have come next (about 5-30 warm-ups, at
+#: most 50 ms past when it was due), which falls into the next configuration's block, far from its pings.
 SETTLE = 1.2
 
 

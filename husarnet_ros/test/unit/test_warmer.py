@@ -19,6 +19,7 @@ from husarnet_ros.core.warmer import (
     BUSY_DEFER,
     DEFAULT_LEAD,
     LOOPBACKS,
+    OVERDUE_GRACE,
     Cadence,
     LoopbackEcho,
     PathWarmer,
@@ -312,8 +313,27 @@ def test_cadence_bounds_the_next_exchange_by_the_shortest_recent_interval() -> N
         Cadence(history=0)
 
 
-def simulate(exchanges: list[float], *, lead: float = DEFAULT_LEAD, until: float) -> tuple[PathWarmer, list[float]]:
-    """Tick a warmer on a simulated clock through ``exchanges`` (times from 0); return it and its warm-up times."""
+def test_after_a_quiet_spell_the_next_exchange_is_bounded_by_the_intervals_it_has_not_outlasted() -> None:
+    c = Cadence(history=4)
+    c.observe(1, 10.0)
+    assert c.next_after(11.0) is None  # no interval yet
+    c.observe(2, 12.0)
+    assert c.next_at() is None  # one interval: too few for fast traffic's jitter ...
+    assert c.next_after(13.0) == pytest.approx(14.0)  # ... but quiet for a second, a 2 s pace is all there is
+    c.observe(3, 12.3)  # another flow's short interval (0.3 s) ...
+    assert c.next_after(12.3) == pytest.approx(12.6)
+    assert c.next_after(13.3) == pytest.approx(14.3)  # ... is ruled out once the quiet spell outlasted it
+    assert c.next_after(14.4) is None  # and an exchange overdue by every interval: none to wait for
+    assert c.next_at() is None  # next_after leaves the history as it was
+
+
+def simulate(
+    exchanges: list[float], *, lead: float = DEFAULT_LEAD, until: float, idle_ticks: list[float] | None = None
+) -> tuple[PathWarmer, list[float]]:
+    """Tick a warmer on a simulated clock through ``exchanges`` (times from 0); return it and its warm-up times.
+
+    ``idle_ticks`` (if given) collects the times of the ticks after which the warmer was idle.
+    """
     clock, traffic = Clock(), Traffic()
     start = clock.now
     burst = {"count": 0, "at": float("-inf")}
@@ -333,6 +353,8 @@ def simulate(exchanges: list[float], *, lead: float = DEFAULT_LEAD, until: float
     pending = sorted(exchanges)
     while clock.now - start < until:
         sleep = w.tick()
+        if idle_ticks is not None and w._idle:
+            idle_ticks.append(clock.now - start)
         wake = clock.now + max(sleep, 1e-6)  # a real wait takes at least that
         while pending and start + pending[0] <= wake:  # the exchanges that happen while it sleeps
             clock.now = start + pending.pop(0)
@@ -382,6 +404,48 @@ def test_slow_periodic_traffic_costs_a_few_warm_ups_per_exchange() -> None:
     assert len(later) <= 5 * (len(steady) - 1), len(later)  # the default lead: 8.5 ms, a warm-up each 2 ms
     for t in steady:
         assert t - last_warmup_before(warmups, t) <= 0.002 + 1e-9, t
+
+
+def test_periodic_traffic_slower_than_idle_after_is_still_warmed_before_each_exchange() -> None:
+    # A heartbeat every 2 s: quiet for longer than idle_after (1 s) between exchanges.  Idle there, the
+    # warmer met each exchange cold, and (woken by it) warmed while its answer was on the way.
+    exchanges = [k * 2.0 for k in range(1, 12)]
+    idle: list[float] = []
+    w, warmups = simulate(exchanges, until=exchanges[-1] + 0.01, idle_ticks=idle)
+    steady = settled(exchanges, warmups, 2.0)
+    assert len(steady) >= 5 and w.paced_rounds >= len(steady) - 1
+    for t in steady:
+        assert t - last_warmup_before(warmups, t) <= 0.002 + 1e-9, t  # warm, as at 100 Hz
+    later = [x for x in warmups if steady[0] < x <= steady[-1]]
+    assert len(later) <= 5 * (len(steady) - 1), len(later)  # a few warm-ups per exchange, none between
+    assert not [t for t in idle if t > steady[0]]  # never idle: no exchange wakes it (nudge) any more
+
+
+def test_slow_periodic_traffic_is_warm_again_one_exchange_after_a_relearn() -> None:
+    # Two exchanges in one look (say a probe round of each end at once) make the cadence relearn.
+    # For 2 s traffic, waiting for four intervals again would leave four exchanges cold.
+    exchanges = [k * 2.0 for k in range(1, 7)] + [12.03, 12.035] + [12.0 + k * 2.0 for k in range(1, 8)]
+    _, warmups = simulate(exchanges, until=exchanges[-1] + 0.01)
+    after = [t for t in exchanges if t > 12.1]
+    cold = [t for t in after if t - last_warmup_before(warmups, t) > 0.002 + 1e-9]
+    assert cold == [14.0], cold  # the first interval after the relearn (14 - 12.035) is learnt from it
+    # Once four intervals are known again, a few warm-ups per exchange: from the lead before 1.965 s after
+    # the last, 22, not the 500 of the second after each exchange while the pace is being learnt.
+    paced = [x for x in warmups if x > 20.1]
+    assert len(paced) <= 3 * ((0.035 + DEFAULT_LEAD) / 0.002 + 1), len(paced)
+
+
+def test_periodic_traffic_that_stops_leaves_the_warmer_idle_once_its_next_exchange_is_overdue() -> None:
+    exchanges = [k * 2.0 for k in range(1, 9)]
+    idle: list[float] = []
+    _, warmups = simulate(exchanges, until=exchanges[-1] + 6.0, idle_ticks=idle)
+    expected = exchanges[-1] + 2.0  # the exchange that never came
+    after = [x for x in warmups if x > exchanges[-1]]
+    assert after and min(after) >= expected - DEFAULT_LEAD - 1e-9  # warmed for it ...
+    assert max(after) <= expected + OVERDUE_GRACE + 1e-9  # ... until it was overdue, then no more
+    assert len(after) <= (DEFAULT_LEAD + OVERDUE_GRACE) / 0.002 + 1
+    assert idle and min(t for t in idle if t > exchanges[-1]) <= expected + OVERDUE_GRACE + 0.1
+    assert idle[-1] == pytest.approx(exchanges[-1] + 6.0, abs=0.11)  # and idle from then on
 
 
 def test_traffic_that_turns_faster_during_a_long_sleep_is_relearnt() -> None:

@@ -93,6 +93,9 @@ _HANDSHAKE_NUDGE_INTERVAL = 0.05
 #: Lone packets less than this many seconds apart belong to one exchange (a request and its answer, a
 #: sample and its ACK): the path warmer times its warm-ups to when exchanges begin (warmer.py).
 BURST_GAP = 0.002
+#: A wait for the TUN shorter than this found a packet already queued: the TUN is busy, so the next
+#: read is a batch.  A longer one slept, and the packet that woke it is taken alone (issue #6).
+TUN_SLEPT = 50e-6
 
 
 class ControlHooks(Protocol):
@@ -1024,22 +1027,23 @@ class Datapath:
         skip = self._tun_skip
         send_lone = self._send_lone
         read_one = tun.read_one
+        clock = self.clock
         woke = False
         while True:
             try:
                 # Read and send under one lock: the UDP thread may send an answer it finds on the TUN
                 # (_write_and_answer), and the lock keeps what leaves in the order the TUN gave it.  A read
-                # that ends a wait is taken alone: after idle it almost always is, and a drain attempt
-                # (a failing read) would sit on its path on a cold CPU; under load reads do not wait,
-                # so batches still form.  The lone send is called from here directly: on a cold CPU
-                # each call layer on the way to the socket costs latency (issue #6).
+                # that ends a sleep is taken alone: after idle it almost always is, and a drain attempt
+                # (a failing read) would sit on its path on a cold CPU.  The lone send is called from here
+                # directly: on a cold CPU each call layer on the way to the socket costs latency (issue #6).
+                lone = False
                 with lock:
                     if woke:
                         buf = read_one()
                         got = buf is not None
                         if got:
                             try:
-                                sent = send_lone(buf, skip)
+                                lone = sent = send_lone(buf, skip)
                             except Exception:
                                 log.exception("sending a TUN read failed")
                                 sent = True
@@ -1050,10 +1054,18 @@ class Datapath:
                         got = bool(reads)
                         if got:
                             self._send_tun_reads(reads)
-                woke = False
-                if not got:
-                    tun.wait_readable()
-                    woke = True
+                if got and not lone:
+                    woke = False  # a backlog, or bulk traffic: drain it in batches
+                    continue
+                # Nothing queued, or a lone packet just left: wait, without a drain attempt after it.  That
+                # failing read (and its exception) ran while the packet's answer was on its way: on a
+                # 2-CPU machine this thread is often preempted by the receiver it woke, and finished the
+                # attempt just as the answer came, on the CPU the kernel then woke the application on.  A
+                # packet already queued ends the wait at once, and is then read in a batch: under load
+                # batches still form.
+                started = clock()
+                tun.wait_readable()
+                woke = clock() - started >= TUN_SLEPT
             except Exception as exc:  # TunError once closed by stop_tun: the normal end
                 if not tun.closed:
                     self._tun_failed(exc)

@@ -566,6 +566,8 @@ class FakeTun:
         self.closed = False
         self.asked: list[int] = []
         self.bursts = bursts or []
+        self.now = 0.0  # the data path's clock while the TUN loop runs (see run_tun_loop)
+        self.naps = 0  # waits that slept
 
     def read_ready(self, max_packets: int = 64) -> list[bytes]:
         if self.closed:
@@ -579,12 +581,27 @@ class FakeTun:
         return out[0] if out else None
 
     def wait_readable(self, timeout: float | None = None) -> bool:
-        """Each wait lets the next scripted burst arrive; with none left the device is closed."""
+        """A packet already queued ends the wait at once (as poll does); else it sleeps (10 ms of the
+        clock) until the next scripted burst arrives; with none left the device is closed."""
+        if self.queued:
+            return True
         if not self.bursts:
             self.closed = True
             raise RuntimeError("closed")
         self.queued += self.bursts.pop(0)
+        self.now += 0.010
+        self.naps += 1
         return True
+
+
+def run_tun_loop(side: Side, tun: FakeTun) -> list[Exception]:
+    """Run the data path's TUN loop over ``tun`` until the fake device closes; the failures it reported."""
+    side.dp._tun = tun
+    side.dp.clock = lambda: tun.now
+    failures: list[Exception] = []
+    side.dp.on_tun_failure = failures.append
+    side.dp._tun_loop()
+    return failures
 
 
 def wire_tun(side: Side, tun: FakeTun) -> list[bytes]:
@@ -667,14 +684,35 @@ def test_the_tun_loop_takes_a_read_that_ended_a_wait_alone_and_drains_a_backlog(
     leaves as one batch; order on the wire is TUN order; a closed device ends the loop."""
     pkts = [ip6(ME, PEER, b"p%d" % i) for i in range(5)]
     tun = FakeTun(pkts[0], bursts=[[pkts[1], pkts[2], pkts[3]], [pkts[4]]])
-    side.dp._tun = tun
-    failures: list[Exception] = []
-    side.dp.on_tun_failure = failures.append
-    side.dp._tun_loop()  # returns when the fake device closes
+    failures = run_tun_loop(side, tun)  # returns when the fake device closes
     assert failures == []  # closed by us: the normal end, nothing to report
-    assert tun.asked == [64, 64, 1, 64, 64, 1, 64]
+    # The backlog in batches, the first read after each sleep alone, and a wait (not a read) after it:
+    # a packet queued behind it ends that wait at once, and the next read is a batch again.
+    assert tun.asked == [64, 64, 1, 64, 64, 1]
     assert [side.remote.open(d) for d, _ in side.hooks.sent] == pkts
     assert not side.dp._tun_send_lock.locked()
+
+
+def test_a_lone_packet_is_followed_by_a_wait_not_by_a_failing_read(side: Side) -> None:
+    """Light traffic: each packet wakes the loop, leaves alone, and the loop sleeps again at once."""
+    pkts = [ip6(ME, PEER, b"p%d" % i) for i in range(3)]
+    tun = FakeTun(bursts=[[p] for p in pkts])
+    assert run_tun_loop(side, tun) == []
+    assert tun.asked == [64, 1, 1, 1]  # the first look at start, then one read per packet, none empty
+    assert tun.naps == 3
+    assert [side.remote.open(d) for d, _ in side.hooks.sent] == pkts
+
+
+def test_a_packet_the_lone_path_declines_is_followed_by_a_drain(side: Side) -> None:
+    """A read the lone path does not take (here: to an unknown peer) goes the batch way, and so does the
+    next read: bulk traffic (TSO super-packets, which the lone path never takes) keeps its batches."""
+    stranger = bytes.fromhex("fc94" + "ab" * 14)
+    pkts = [ip6(ME, stranger, b"x"), ip6(ME, PEER, b"p1"), ip6(ME, PEER, b"p2")]
+    tun = FakeTun(bursts=[[pkts[0]], pkts[1:]])
+    assert run_tun_loop(side, tun) == []
+    # declined: a drain (64) follows; p1 leaves alone and p2, already queued behind it, in a batch
+    assert tun.asked == [64, 1, 64, 1, 64, 64]
+    assert [side.remote.open(d) for d, _ in side.hooks.sent] == pkts[1:]
 
 
 class DeletedTun(FakeTun):

@@ -352,14 +352,18 @@ class Datapath:
         self.counters.inc_traffic("tx_packets", "tx_bytes", n)
         return True
 
-    def _stamp_exchange(self, now: float) -> None:
+    def _stamp_exchange(self, now: float, data: bool = True) -> None:
         """Mark the lone packet finished, and count it as a new exchange if it came BURST_GAP after the last.
 
         All of it is for the path warmer: finished packets end its deferral, exchanges pace it, and a new
-        one wakes it from idle (``on_exchange``).  Called by both lone paths once their packet has left,
-        so it costs the packet nothing.
+        one wakes it from idle (``on_exchange``).  Only ``data`` (a packet for or from the TUN) counts
+        towards exchanges: a keepalive or a path probe is no one's traffic, and the warmer must neither
+        pace nor wake for one (it also moves no traffic counter, which the warmer's idle rule reads).
+        Called by both lone paths once their packet has left, so it costs the packet nothing.
         """
         self.lone_finished = self.lone_started
+        if not data:
+            return
         if now - self._lone_at > BURST_GAP:
             self.burst_at = now
             self.bursts += 1
@@ -766,7 +770,7 @@ class Datapath:
                 drops[reason] = 1
         # Everything below runs after the packet (and any answer) left.
         now = self.clock()
-        self._stamp_exchange(now)
+        self._stamp_exchange(now, is_packet)
         path = lane.path
         if now - path.last_auth_rx > 0.5:
             with peer.lock:  # now and then the full path rule, which may prefer another path (path.py)

@@ -33,13 +33,15 @@ apart) it sleeps until a few milliseconds before the earliest the next exchange 
 (:class:`Cadence`), then warms every ``interval`` until it comes.  A 10 Hz topic costs a few
 warm-ups per message instead of fifty; irregular traffic is warmed every ``interval``.  Traffic
 slower than ``idle_after`` (a heartbeat every few seconds) is idle between its exchanges, but is
-still warmed for the next one while that is not overdue (:meth:`Cadence.next_after`): idle, each of
-its packets met cold caches, 0.3 ms behind wireguard-go at one every 2 s.
+still warmed for the next one while that is not overdue, once its interval came twice
+(:meth:`Cadence.next_after`): idle, each of its packets met cold caches, 0.3 ms behind wireguard-go at
+one every 2 s.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import secrets
 import socket
@@ -370,17 +372,22 @@ class Cadence:
             return None
         return self._last + min(intervals)
 
-    def next_after(self, t: float) -> float | None:
-        """The earliest time after ``t`` the next exchange can come by any interval seen (one will do); else None.
+    def next_after(self, t: float, tolerance: float) -> float | None:
+        """The earliest time after ``t`` the next exchange of periodic traffic can come; None if none is expected.
 
         For traffic that has been quiet for a while: every interval its quiet spell already outlasted
-        is ruled out, and what is left is its own pace (a heartbeat every few seconds has little
-        jitter, and waiting for four of its intervals would leave four of its exchanges cold) or
-        another flow's, whose exchange may still come.  A wrong guess costs a few warm-ups.
+        is ruled out, and what is left counts only if it came twice (two intervals within
+        ``tolerance`` of each other): a pace, such as a heartbeat's every few seconds, and not the
+        one gap before a stray packet (a path probe after the last ping).  Two intervals, not four as
+        for :meth:`next_at`: a heartbeat has little jitter, and waiting for four would leave four of
+        its exchanges cold after each relearn.
         """
         last = self._last
-        ends = [last + interval for interval in self._intervals if last + interval > t]
-        return min(ends) if ends else None
+        ahead = sorted(interval for interval in self._intervals if last + interval > t)
+        for shorter, longer in itertools.pairwise(ahead):
+            if longer - shorter <= tolerance:
+                return last + shorter
+        return None
 
 
 class PathWarmer:
@@ -466,7 +473,7 @@ class PathWarmer:
         if self._bursts is not None and not busy:
             cadence = self._cadence
             cadence.observe(*self._bursts())
-            due = cadence.next_after(now - OVERDUE_GRACE) if quiet else cadence.next_at()
+            due = cadence.next_after(now - OVERDUE_GRACE, OVERDUE_GRACE) if quiet else cadence.next_at()
         self._idle = quiet and due is None
         if self._idle:
             return self._idle_check  # idle: no work, few wake-ups (or a nudge)

@@ -264,6 +264,22 @@ def test_lone_paths_stamp_when_an_exchange_begins() -> None:
     assert began == [1, 2]  # told once per exchange, not per packet
 
 
+def test_a_keepalive_is_no_exchange_and_does_not_hide_the_next_one() -> None:
+    """Control datagrams (keepalives, probes) move no traffic counter: counted as exchanges, they made a
+    quiet warmer expect more of them, and one just before a request merged the request into it."""
+    clock = Clock()
+    sh = shadow(clock)
+    (peer,) = sh.a.peers.values()
+    began: list[int] = []
+    sh.b.on_exchange = lambda: began.append(sh.b.bursts)
+    assert sh.b.receive_lone(peer.current.seal(b""), ("198.18.255.254", 9))  # a keepalive from A
+    assert (sh.b.bursts, began) == (0, [])
+    assert sh.b.lone_finished == sh.b.lone_started == 1  # but its lone path did finish
+    clock.now += BURST_GAP / 2  # a request right after it ...
+    assert sh.round()
+    assert (sh.b.bursts, sh.b.burst_at, began) == (1, clock.now, [1])  # ... begins an exchange
+
+
 def test_lone_paths_count_a_packet_on_its_way_until_it_left() -> None:
     sh = shadow()
     a, b = sh.a, sh.b
@@ -313,18 +329,30 @@ def test_cadence_bounds_the_next_exchange_by_the_shortest_recent_interval() -> N
         Cadence(history=0)
 
 
-def test_after_a_quiet_spell_the_next_exchange_is_bounded_by_the_intervals_it_has_not_outlasted() -> None:
+def test_after_a_quiet_spell_only_a_pace_not_yet_outlasted_is_expected() -> None:
     c = Cadence(history=4)
     c.observe(1, 10.0)
-    assert c.next_after(11.0) is None  # no interval yet
+    assert c.next_after(11.0, 0.05) is None  # no interval yet
     c.observe(2, 12.0)
-    assert c.next_at() is None  # one interval: too few for fast traffic's jitter ...
-    assert c.next_after(13.0) == pytest.approx(14.0)  # ... but quiet for a second, a 2 s pace is all there is
-    c.observe(3, 12.3)  # another flow's short interval (0.3 s) ...
-    assert c.next_after(12.3) == pytest.approx(12.6)
-    assert c.next_after(13.3) == pytest.approx(14.3)  # ... is ruled out once the quiet spell outlasted it
-    assert c.next_after(14.4) is None  # and an exchange overdue by every interval: none to wait for
-    assert c.next_at() is None  # next_after leaves the history as it was
+    assert c.next_after(13.0, 0.05) is None  # one 2 s gap is not a pace yet (a stray packet after a flow)
+    c.observe(3, 13.99)
+    assert c.next_at() is None  # two intervals: too few for fast traffic's jitter ...
+    assert c.next_after(15.0, 0.05) == pytest.approx(15.98)  # ... but a pace once quiet: 2.0 and 1.99 s
+    assert c.next_after(16.1, 0.05) is None  # outlasted: nothing expected any more
+    c.observe(4, 14.29)  # another flow's short interval (0.3 s) among them came once: not a pace ...
+    assert c.next_after(14.29, 0.05) == pytest.approx(16.28)  # ... the 2 s one still is
+    assert c.next_after(15.3, 0.001) is None  # with a tighter tolerance 2.0 and 1.99 s are not one pace
+    assert c.next_after(15.3, 0.05) == pytest.approx(16.28)  # asking changed nothing
+    assert c.next_at() is None  # three intervals: fast traffic's bound still waits for four
+
+
+def test_a_stray_exchange_after_a_flow_does_not_keep_the_warmer_from_idling() -> None:
+    # 50 ms pings, then one more exchange 1.3 s after the last (a path probe): once quiet, nothing is due.
+    exchanges = [k * 0.05 for k in range(1, 41)] + [2.0 + 1.3]
+    idle: list[float] = []
+    _, warmups = simulate(exchanges, until=6.0, idle_ticks=idle)
+    assert not [x for x in warmups if x > 3.3 + 1.1]  # none for a "next" stray exchange (due at 4.6)
+    assert idle[-1] == pytest.approx(6.0, abs=0.11)
 
 
 def simulate(
@@ -421,14 +449,14 @@ def test_periodic_traffic_slower_than_idle_after_is_still_warmed_before_each_exc
     assert not [t for t in idle if t > steady[0]]  # never idle: no exchange wakes it (nudge) any more
 
 
-def test_slow_periodic_traffic_is_warm_again_one_exchange_after_a_relearn() -> None:
+def test_slow_periodic_traffic_is_warm_again_two_exchanges_after_a_relearn() -> None:
     # Two exchanges in one look (say a probe round of each end at once) make the cadence relearn.
-    # For 2 s traffic, waiting for four intervals again would leave four exchanges cold.
+    # For 2 s traffic, waiting for four intervals again would leave four exchanges cold; two are.
     exchanges = [k * 2.0 for k in range(1, 7)] + [12.03, 12.035] + [12.0 + k * 2.0 for k in range(1, 8)]
     _, warmups = simulate(exchanges, until=exchanges[-1] + 0.01)
     after = [t for t in exchanges if t > 12.1]
     cold = [t for t in after if t - last_warmup_before(warmups, t) > 0.002 + 1e-9]
-    assert cold == [14.0], cold  # the first interval after the relearn (14 - 12.035) is learnt from it
+    assert cold == [14.0, 16.0], cold  # two intervals after the relearn make a pace again
     # Once four intervals are known again, a few warm-ups per exchange: from the lead before 1.965 s after
     # the last, 22, not the 500 of the second after each exchange while the pace is being learnt.
     paced = [x for x in warmups if x > 20.1]

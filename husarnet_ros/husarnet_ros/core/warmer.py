@@ -72,7 +72,8 @@ DEFAULT_INTERVAL = 0.002
 DEFAULT_LEAD = 0.0085
 #: Seconds past the expected time of periodic traffic's next exchange for which the warmer still warms
 #: for it although nothing moved for ``idle_after``: timers wake late by milliseconds, and a flow that
-#: stopped costs at most (lead + this) / interval warm-ups, about 30.
+#: stopped costs at most (lead + this) / interval warm-ups, about 30.  Also how close two intervals must
+#: be to count as one pace (:meth:`Cadence.next_after`): closer than the lateness the grace allows for.
 OVERDUE_GRACE = 0.05
 #: Seconds the warmer waits, instead of warming, while a real packet is on a lone path: it would take
 #: the GIL from that packet, and a lone path takes a few hundred microseconds at most.

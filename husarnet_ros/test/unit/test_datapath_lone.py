@@ -555,7 +555,8 @@ def test_the_lone_receive_declines_anything_but_a_data_message(side: Side, word:
 
 
 class FakeTun:
-    """What the data path needs of a TUN device for _write_and_answer: queued reads, a way to fail after close."""
+    """What the data path needs of a TUN device for _write_and_answer and the TUN loop: queued reads, waits that
+    end at once when something is queued, a clock that moves only while a wait sleeps, a way to fail after close."""
 
     vnet_hdr = False
     mtu = 1371

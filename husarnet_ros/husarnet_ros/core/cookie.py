@@ -1,13 +1,13 @@
 """WireGuard's cookies (cookie.go): under load, a source proves its address before it costs a Diffie-Hellman.
 
-Why: a responder's handshake budget is shared by every source it has never seen.  A flood of
-initiations from spoofed addresses empties that budget, and then a genuine newcomer (a new robot,
-or a known one that moved to another network) waits for the flood to stop.  When the strangers'
-budget is empty, an initiation with a valid mac1 gets a cookie reply instead of silence: a
-16-byte cookie that is a MAC of the source address under a secret that changes every two minutes,
-sealed to the initiation's mac1.  Only an initiator that receives datagrams at its source address
-learns the cookie; it repeats the initiation with ``mac2 = MAC(cookie, initiation)``, and a valid
-mac2 admits it to a budget of its own, limited per source, that spoofed floods cannot touch.
+Why: a responder's handshake budget is shared by every source it has never seen. A flood of initiations
+from spoofed addresses empties that budget, and then a genuine newcomer (a new robot, or a known one that
+moved to another network) waits for the flood to stop. When the strangers' budget is empty (or was within
+the last second: the engine's UNDER_LOAD_HOLD), an initiation with a valid mac1 gets a cookie reply
+instead of silence: a 16-byte cookie that is a MAC of the source address under a secret that changes
+every two minutes, sealed to the initiation's mac1. Only an initiator that receives datagrams at its
+source address learns the cookie; it repeats the initiation with ``mac2 = MAC(cookie, initiation)``, and
+a valid mac2 admits it to a budget of its own, limited per source, that spoofed floods cannot touch.
 
 The reply (64 bytes) is smaller than the initiation it answers (168), so it cannot amplify, and it
 costs one BLAKE2s and one XChaCha20-Poly1305, no Diffie-Hellman.  It is only sent to initiations

@@ -96,6 +96,10 @@ MAX_UNLISTED_BEACONS = 256
 MAX_CONTROL_BACKLOG = 1024
 #: Initiations the responder processes per second (token bucket), so a flood cannot eat the loop.
 INITIATION_RATE = 200.0
+#: With handshake cookies, how long (s) the responder stays "under load" after the strangers' budget last
+#: ran dry (WireGuard's UnderLoadAfterTime): meanwhile every stranger proves its address first, so no
+#: spoofed initiation of a flood costs a Diffie-Hellman, and a newcomer never depends on winning a token.
+UNDER_LOAD_HOLD = 1.0
 #: Bound on peers created from unsolicited traffic (whitelist disabled).
 MAX_PEERS = 4096
 #: How often (s) the validated direct paths are compared with the endpoint cache, and written if they changed.
@@ -280,6 +284,7 @@ class Engine:
         # Diffie-Hellman budgets: [strangers, known sources, cookie-proven sources] (_take_init_token).
         self._init_tokens = [INITIATION_RATE] * 3
         self._init_tokens_at = [clock()] * 3
+        self._under_load_until = float("-inf")  # strangers' budget ran dry (handshake cookies only)
         self._cookies: CookieChecker | None = None  # made once the identity is known (_start)
         self._proven_sources = SourceLimiter()
         self._known_sources: frozenset = frozenset()  # every peer's endpoints, rebuilt each tick
@@ -1411,13 +1416,22 @@ class Engine:
             return
         data, proven = screened
         known = src in self._known_sources
+        cookies = self.config.handshake_cookies
         if proven:  # a budget of its own, and a limit per source so one cannot take it all
             admitted = self._proven_sources.take(src, now) and self._take_init_token(now, 2)
+        elif known:
+            admitted = self._take_init_token(now, 1)
         else:
-            admitted = self._take_init_token(now, 1 if known else 0)
+            # Under load every stranger still draws on the budget, so the load lasts while the demand
+            # exceeds it, but none wins a token that refilled between two flood initiations: each gets
+            # a cookie and must prove its address first.
+            admitted = self._take_init_token(now, 0)
+            if cookies and not admitted:
+                self._under_load_until = now + UNDER_LOAD_HOLD
+            admitted = admitted and not (cookies and now < self._under_load_until)
         if not admitted:
             c.inc("rate_limited")
-            if self.config.handshake_cookies and not known and not proven:
+            if cookies and not known and not proven:
                 self._send_cookie_reply(data, src)  # under load: a stranger must first prove its address
             return
         try:

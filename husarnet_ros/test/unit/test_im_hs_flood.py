@@ -266,6 +266,43 @@ def test_one_source_with_valid_cookies_is_held_to_its_own_limit(tmp_path, cheap_
         assert 1 <= admitted <= cookie_mod.PROVEN_SOURCE_RATE * (1 + elapsed) + 1
 
 
+def test_under_load_a_token_that_refilled_goes_to_no_stranger_until_the_load_has_passed(
+    tmp_path, cheap_keys, monkeypatch
+):
+    """WireGuard's under-load hold: once the strangers' budget ran dry, a stranger gets a cookie reply and no
+    Diffie-Hellman even when a token has refilled since, until UNDER_LOAD_HOLD passed without running dry.
+
+    Without the hold a newcomer in a flood gets in only if it proves its address *or* happens to come
+    first after a token refilled: a lottery that let a spoofed initiation cost a Diffie-Hellman too.
+    """
+    monkeypatch.setattr(engine_mod, "INITIATION_RATE", 20.0)
+    monkeypatch.setattr(engine_mod, "UNDER_LOAD_HOLD", 0.6)
+    with Lab(tmp_path, log_sent=True) as lb:
+        b = lb.node(identity(1), EP_B, whitelist=[identity(2)], start=True, handshake_cookies=True)
+        msgs = flood_initiations(b.id, 33, seed=77)
+        for i, msg in enumerate(msgs[:30]):  # the budget's 20 tokens, then load
+            lb.net.inject(msg, (f"198.19.11.{i + 1}", 1000), EP_B)
+        assert wait_for(lambda: b.counter("cookie_replies_sent") >= 1)
+        lb.net.quiesce()
+        dry_at = time.monotonic()
+
+        def answer_to(msg: bytes, src) -> tuple[int, list[bytes]]:
+            """Diffie-Hellmans B did for ``msg`` from ``src`` (0 or 1), and what B sent back."""
+            dh = b.counter("not_whitelisted")
+            lb.net.inject(msg, src, EP_B)
+            assert wait_for(lambda: b.counter("not_whitelisted") > dh or b.sent_to(src), 3)
+            lb.net.quiesce()
+            return b.counter("not_whitelisted") - dh, b.sent_to(src)
+
+        time.sleep(0.15)  # three tokens refilled, still within the hold
+        dh, sent = answer_to(msgs[30], ("198.19.12.1", 1000))
+        assert time.monotonic() - dry_at < 0.45, "the machine was too slow to test within the hold"
+        assert dh == 0 and [msg_type(d) for d in sent] == [wire_mod.MSG_COOKIE_REPLY]
+        time.sleep(max(0.0, dry_at + 0.8 - time.monotonic()))  # the hold has passed, the budget refilled
+        dh, sent = answer_to(msgs[31], ("198.19.12.2", 1000))
+        assert dh == 1 and sent == []  # a stranger's turn again: Diffie-Hellman, then silence (not listed)
+
+
 def test_a_short_initiation_with_a_valid_mac1_is_malformed_under_load(tmp_path, cheap_keys, monkeypatch):
     """An 80-byte type-1 datagram passes a mac1 check (it has a response's length); under load it must be counted
     as malformed, not crash the cookie reply (which reads the 168-byte layout) nor get an answer."""

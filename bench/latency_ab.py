@@ -4,8 +4,10 @@ On a shared virtual machine one series of pings moves by 30 % with the load of t
 runs made minutes apart compare badly, and even runs a few seconds apart differ by 10 %.  Here every
 configuration runs at once, each on its own veth pair (the idle ones cost nothing: no traffic, a few
 timer wake-ups a second), and the pings go to one configuration after the other in short blocks,
-round after round.  The script prints each round's average round trip, and per configuration the
-median over rounds and in how many rounds it beat the first configuration.
+round after round, every other round in reverse order.  The script prints each round's average round
+trip, and per configuration the median over rounds, in how many rounds it beat the first
+configuration, and the median of its per-round ratio to the first with a 95 % interval
+(:func:`median_interval`): the interval, not the median alone, says whether two configurations differ.
 
 Configurations:
   wg                        wireguard-go (Debian's), as in ``make bench``
@@ -34,6 +36,7 @@ Needs root.  Usage: ``bench/latency_ab.py [--rounds N] [--count N] [--interval S
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -181,7 +184,9 @@ def side_by_side(
             running.append(Running(lab, c.make_pair(lab, tag=f"{tag}{i}"), config, domain_id=40 + i))
         time.sleep(0.5)
         for r in range(rounds):
-            for run in running:
+            # Every other round in reverse order: whatever a block's place in the round does (the host's
+            # rhythm, the previous block's warm caches) falls on each configuration alike.
+            for run in running if r % 2 == 0 else running[::-1]:
                 avg, p99 = run.ping(count, interval)
                 avgs[run.config].append(avg)
                 p99s[run.config].append(p99)
@@ -200,6 +205,42 @@ def side_by_side(
         }
         for k in configs
     }
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """An interval that holds the true median of ``values`` with at least ``confidence``; None if too few.
+
+    Why: on these machines a round's average moves by 10-30 % with the host's load, so a median of ten
+    rounds alone does not say whether two configurations differ; the interval says how far the rounds
+    pin it down.  Distribution-free (the sign test's order statistics): it assumes only independent
+    rounds, not normal ones, which a heavy-tailed noisy hour is not.
+    """
+    n = len(values)
+    xs = sorted(values)
+    below = 0.0  # P(Binomial(n, 1/2) <= j): the chance that the true median lies below xs[j]
+    j = -1
+    for i in range(n):
+        below += math.comb(n, i) / 2**n
+        if below > (1 - confidence) / 2:
+            break
+        j = i
+    if j < 0:
+        return None
+    return xs[j], xs[n - 1 - j]
+
+
+def ratio_summary(ratios: list[float]) -> str:
+    """``, per round x0.97 (95 % interval x0.91-x1.04)``: the median of per-round ratios and its interval."""
+    if not ratios:
+        return ""
+    text = f", per round x{statistics.median(ratios):.2f}"
+    ci = median_interval(ratios)
+    return text + (f" (95 % interval x{ci[0]:.2f}-x{ci[1]:.2f})" if ci else " (too few rounds for an interval)")
+
+
+def round_ratios(ours: list[float], theirs: list[float], base: float = 0.0) -> list[float]:
+    """Per round, ``(ours - base) / (theirs - base)``: both pinged in the same round, so the host's load cancels."""
+    return [(a - base) / (b - base) for a, b in zip(ours, theirs, strict=True) if b > base]
 
 
 def main() -> int:
@@ -241,7 +282,10 @@ def main() -> int:
     print(f"\nping avg / p99 (ms), median of {args.rounds} rounds of {args.count} pings {apart}")
     for config in args.configs:
         r = res[config]
-        beat = "" if config == first else f"   lower than {first} in {r['rounds_below_first']} of {args.rounds} rounds"
+        beat = ""
+        if config != first:
+            beat = f"   lower than {first} in {r['rounds_below_first']} of {args.rounds} rounds"
+            beat += ratio_summary(round_ratios(r["round_avgs_ms"], res[first]["round_avgs_ms"]))
         print(f"  {config:40s} {r['avg_ms']:.3f} / {r['p99_ms']:.3f}{beat}")
     return 0
 

@@ -44,6 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as c
+import latency_ab
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -316,8 +317,6 @@ def side_by_side_latency(lab: c.Lab, args: argparse.Namespace, results: dict[str
     ran = [n for n in ("wireguard-go", "husarnet_ros") if n in results and "skipped" not in results[n]]
     if rounds <= 0 or len(ran) < 2:
         return None
-    import latency_ab
-
     count = 50 if args.quick else 100
     c.log(f"ping side by side: wireguard-go and husarnet_ros, {rounds} rounds of {count} pings each")
     res = latency_ab.side_by_side(lab, ["wg", "ours"], rounds, count, lambda line: c.log("  " + line))
@@ -358,9 +357,13 @@ def latency_table(latency: dict[str, Any], results: dict[str, dict[str, Any]]) -
                 tail = f"{'-':>12s}{'-':>12s}"
             shown = name + (label if name == "husarnet_ros" else "")
             lines.append(f"{shown:26s}{r['avg_ms']:10.3f}{r['p99_ms']:10.3f}{tail}")
+        per_round = ""
+        if isinstance(raw, (int, float)) and "round_avgs_ms" in wg:  # older results lack the rounds
+            ratios = latency_ab.round_ratios(run["husarnet_ros"]["round_avgs_ms"], wg["round_avgs_ms"], raw)
+            per_round = latency_ab.ratio_summary(ratios).replace("per round", "added / wg per round")
         lines.append(
             f"husarnet_ros{label} lower than wireguard-go in {run['husarnet_ros']['rounds_below_first']} of "
-            f"{latency['rounds']} rounds"
+            f"{latency['rounds']} rounds{per_round}"
         )
     return "\n".join(lines)
 

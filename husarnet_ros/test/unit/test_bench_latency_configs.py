@@ -46,6 +46,39 @@ def test_latency_table_shows_each_run_against_its_own_wireguard_go() -> None:
     assert "husarnet_ros, warmer off lower than wireguard-go in 0 of 10 rounds" in text
 
 
+def test_the_median_interval_is_the_sign_tests_order_statistics() -> None:
+    ten = [1.0, 0.9, 1.1, 1.3, 0.7, 1.2, 0.8, 1.05, 0.95, 2.0]
+    # n = 10: P(B <= 1) = 11/1024 <= 0.025 < P(B <= 2) = 56/1024, so the 2nd smallest and the 2nd largest.
+    assert latency_ab.median_interval(ten) == (0.8, 1.3)
+    assert latency_ab.median_interval(ten, confidence=0.8) == (0.9, 1.2)  # P(B <= 2) <= 0.1 < P(B <= 3)
+    # n = 6: P(B <= 0) = 1/64 <= 0.025: the extremes; n = 5: 1/32 > 0.025, no interval at 95 %.
+    assert latency_ab.median_interval(ten[:6]) == (0.7, 1.3)
+    assert latency_ab.median_interval(ten[:5]) is None
+    assert latency_ab.median_interval([]) is None
+
+
+def test_round_ratios_pair_rounds_and_the_summary_gives_median_and_interval() -> None:
+    ours, wg = [0.45, 0.60, 0.55, 0.50, 0.70, 0.52], [0.55, 0.55, 0.55, 0.50, 0.65, 0.60]
+    ratios = latency_ab.round_ratios(ours, wg, base=0.05)
+    assert ratios[0] == pytest.approx(0.8) and ratios[3] == pytest.approx(1.0) and len(ratios) == 6
+    assert latency_ab.round_ratios([0.5], [0.04], base=0.05) == []  # no added latency to divide by
+    lo, hi = min(ratios), max(ratios)
+    assert latency_ab.ratio_summary(ratios) == (
+        f", per round x{sorted(ratios)[2] / 2 + sorted(ratios)[3] / 2:.2f} (95 % interval x{lo:.2f}-x{hi:.2f})"
+    )
+    assert latency_ab.ratio_summary(ratios[:5]).endswith("(too few rounds for an interval)")
+    assert latency_ab.ratio_summary([]) == ""
+
+
+def test_latency_table_gives_the_per_round_added_ratio_when_the_rounds_are_there() -> None:
+    latency = {"rounds": 6, "pings_per_round": 100, **_run(0.55, 0.45, 5)}
+    latency["wireguard-go"]["round_avgs_ms"] = [0.55, 0.55, 0.55, 0.50, 0.65, 0.60]
+    latency["husarnet_ros"]["round_avgs_ms"] = [0.45, 0.60, 0.55, 0.50, 0.70, 0.52]
+    text = bench_run.latency_table(latency, {"raw veth": {"ping_avg_ms": 0.05}})
+    # Added latency per round: 0.8, 1.1, 1.0, 1.0, 0.65/0.60, 0.47/0.55; n = 6 gives the extremes at 95 %.
+    assert "in 5 of 6 rounds, added / wg per round x1.00 (95 % interval x0.80-x1.10)" in text
+
+
 def test_latency_table_of_an_older_result_without_the_warmer_run() -> None:
     latency = {"rounds": 4, "pings_per_round": 50, **_run(0.5, 0.6, 1)}
     text = bench_run.latency_table(latency, {})

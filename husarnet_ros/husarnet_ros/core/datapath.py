@@ -47,7 +47,14 @@ from .offload import (
 from .path import Path
 from .peer import IndexTable, Peer
 from .session import Keypair, SessionDrop, check_super, open_super, seal_super
-from .superpacket import REPORT_INTERVAL, REPORT_MIN_INTERVAL, Reassembly, fragment_payload
+from .superpacket import (
+    REPORT_INTERVAL,
+    REPORT_MESSAGES,
+    REPORT_MIN_INTERVAL,
+    SPARSE_REPORT_INTERVAL,
+    Reassembly,
+    fragment_payload,
+)
 from .threads import NamedThread
 from .transport import AnyEndpoint, Endpoint, RelayEndpoint
 from .udp import DatagramRun
@@ -965,7 +972,11 @@ class Datapath:
                     agreed
                     and (
                         st.announced is not kp
-                        or (st.msg_count and since >= REPORT_INTERVAL)
+                        or (
+                            st.msg_count
+                            and since >= REPORT_INTERVAL
+                            and (st.msg_count >= REPORT_MESSAGES or since >= SPARSE_REPORT_INTERVAL)
+                        )
                         or (since >= REPORT_MIN_INTERVAL and st.gaps())
                     )
                 )

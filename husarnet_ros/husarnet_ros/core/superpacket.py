@@ -52,6 +52,12 @@ CLEAN_RESET = 10.0
 #: Receiver reports: at most every REPORT_MIN_INTERVAL when fragments went missing, else every REPORT_INTERVAL.
 REPORT_MIN_INTERVAL = 0.05
 REPORT_INTERVAL = 0.2
+#: A report that would only say "these few messages arrived, none missing" waits until it covers
+#: REPORT_MESSAGES or SPARSE_REPORT_INTERVAL passed: light traffic (a heartbeat, a service call) made
+#: one report datagram per message each way, sealed and opened right behind the answer on the CPU the
+#: answer's reader was woken on, to fill a loss window that needs LOSS_WINDOW messages anyway.
+REPORT_MESSAGES = 100
+SPARSE_REPORT_INTERVAL = 5.0
 
 
 #: Payload bytes one UDP GSO send and one UDP GRO buffer carry: the kernel's 64 kB limit on one packet

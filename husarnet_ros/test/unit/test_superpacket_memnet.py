@@ -326,3 +326,60 @@ def test_whole_run_in_one_batch_is_joined_at_once(tmp_path: Path) -> None:
         dp.receive_many([(f, EP_A if k % 2 else other) for k, f in enumerate(frags2)])
         assert wait_for(lambda: tcp_payloads(b) == p1 + p2)
         assert b.counter("bad_mac") == 1 and b.counter("super_rx") == 2
+
+
+def test_light_traffic_is_reported_in_bulk_and_loss_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report that would only say "a few messages arrived" waits for REPORT_MESSAGES or SPARSE_REPORT_INTERVAL.
+
+    Before, every light-traffic message more than REPORT_INTERVAL after the last report made one report
+    datagram: a heartbeat cost two datagrams each way.  Loss is still reported within REPORT_MIN_INTERVAL.
+    """
+    from husarnet_ros.core import datapath as dp
+
+    reports: list[tuple[float, tuple]] = []
+    build = dp.build_super_report
+
+    def counting(accept: bool, *counts: int) -> bytes:
+        reports.append((time.monotonic(), counts))
+        return build(accept, *counts)
+
+    monkeypatch.setattr(dp, "build_super_report", counting)
+    monkeypatch.setattr(dp, "SPARSE_REPORT_INTERVAL", 2.5)
+    with Lab(tmp_path) as lb:
+        a, b = make_pair(lb)
+        assert wait_for(lambda: agreed(a, b))
+        time.sleep(2.6)  # SPARSE_REPORT_INTERVAL: the next message reports what is left of the warm-up
+        flushed = time.monotonic()
+        a.send(b, b"flush")
+        assert wait_for(lambda: reports and reports[-1][0] > flushed)
+        time.sleep(0.25)
+        reports.clear()
+        for i in range(4):  # light traffic: one message every 0.25 s, each 0.2 s after the last report
+            a.send(b, b"beat%d" % i)
+            assert wait_for(lambda i=i: b.payloads(b"beat%d" % i))
+            time.sleep(0.25)
+        assert time.monotonic() - flushed < 2.4, "the machine was too slow to test within the interval"
+        assert reports == [], "no report for a few clean messages"
+        time.sleep(max(0.0, flushed + 2.6 - time.monotonic()))
+        a.send(b, b"late")  # SPARSE_REPORT_INTERVAL since the last report: the few are reported now
+        assert wait_for(lambda: len(reports) == 1)
+        messages, span = reports[0][1][2:]
+        assert messages == span >= 5  # the five and any keepalive or probe, none missing
+        late_report = reports[0][0]
+        time.sleep(0.25)
+        for _ in range(dp.REPORT_MESSAGES):  # steadier traffic: reported once REPORT_MESSAGES arrived
+            a.send(b, b"steady")
+            time.sleep(0.005)  # one by one, in order (a burst may be reordered, and a gap is reported at once)
+        assert wait_for(lambda: sum(r[1][2] for r in reports[1:]) >= dp.REPORT_MESSAGES, 1), reports
+        assert reports[-1][0] - late_report < 2.4  # not held back for SPARSE_REPORT_INTERVAL
+        # Loss: a message that never arrives leaves a gap, reported within REPORT_MIN_INTERVAL of the next.
+        time.sleep(0.25)
+        n = len(reports)
+        lb.net.set_impairment(Impairment(drop=1.0), src=EP_A, dst=EP_B)
+        a.send(b, b"lost")
+        time.sleep(0.05)
+        lb.net.set_impairment(None, src=EP_A, dst=EP_B)
+        a.send(b, b"after-loss")
+        assert wait_for(lambda: len(reports) > n, 1)
+        messages, span = reports[-1][1][2:]
+        assert span - messages == 1

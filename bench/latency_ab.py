@@ -229,11 +229,11 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return xs[j], xs[n - 1 - j]
 
 
-def ratio_summary(ratios: list[float]) -> str:
+def ratio_summary(ratios: list[float], what: str = "per round") -> str:
     """``, per round x0.97 (95 % interval x0.91-x1.04)``: the median of per-round ratios and its interval."""
     if not ratios:
         return ""
-    text = f", per round x{statistics.median(ratios):.2f}"
+    text = f", {what} x{statistics.median(ratios):.2f}"
     ci = median_interval(ratios)
     return text + (f" (95 % interval x{ci[0]:.2f}-x{ci[1]:.2f})" if ci else " (too few rounds for an interval)")
 

@@ -360,7 +360,7 @@ def latency_table(latency: dict[str, Any], results: dict[str, dict[str, Any]]) -
         per_round = ""
         if isinstance(raw, (int, float)) and "round_avgs_ms" in wg:  # older results lack the rounds
             ratios = latency_ab.round_ratios(run["husarnet_ros"]["round_avgs_ms"], wg["round_avgs_ms"], raw)
-            per_round = latency_ab.ratio_summary(ratios).replace("per round", "added / wg per round")
+            per_round = latency_ab.ratio_summary(ratios, "added / wg per round")
         lines.append(
             f"husarnet_ros{label} lower than wireguard-go in {run['husarnet_ros']['rounds_below_first']} of "
             f"{latency['rounds']} rounds{per_round}"

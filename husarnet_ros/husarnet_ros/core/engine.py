@@ -1425,10 +1425,10 @@ class Engine:
             # Under load every stranger still draws on the budget, so the load lasts while the demand
             # exceeds it, but none wins a token that refilled between two flood initiations: each gets
             # a cookie and must prove its address first.
-            admitted = self._take_init_token(now, 0)
-            if cookies and not admitted:
+            took = self._take_init_token(now, 0)
+            if cookies and not took:
                 self._under_load_until = now + UNDER_LOAD_HOLD
-            admitted = admitted and not (cookies and now < self._under_load_until)
+            admitted = took and not (cookies and now < self._under_load_until)
         if not admitted:
             c.inc("rate_limited")
             if cookies and not known and not proven:

@@ -18,6 +18,7 @@ import pytest
 from test_im_common import EP_A, EP_B, Lab, Node, connect, identity, spec, wait_for
 from test_offload import ref_l4_valid, tso_read
 
+from husarnet_ros.core import datapath as datapath_mod
 from husarnet_ros.core import offload as o
 from husarnet_ros.core import superpacket as sp
 from husarnet_ros.core.constants import DEFAULT_MTU
@@ -334,17 +335,15 @@ def test_light_traffic_is_reported_in_bulk_and_loss_at_once(tmp_path: Path, monk
     Before, every light-traffic message more than REPORT_INTERVAL after the last report made one report
     datagram: a heartbeat cost two datagrams each way.  Loss is still reported within REPORT_MIN_INTERVAL.
     """
-    from husarnet_ros.core import datapath as dp
-
     reports: list[tuple[float, tuple]] = []
-    build = dp.build_super_report
+    build = datapath_mod.build_super_report
 
     def counting(accept: bool, *counts: int) -> bytes:
         reports.append((time.monotonic(), counts))
         return build(accept, *counts)
 
-    monkeypatch.setattr(dp, "build_super_report", counting)
-    monkeypatch.setattr(dp, "SPARSE_REPORT_INTERVAL", 2.5)
+    monkeypatch.setattr(datapath_mod, "build_super_report", counting)
+    monkeypatch.setattr(datapath_mod, "SPARSE_REPORT_INTERVAL", 2.5)
     with Lab(tmp_path) as lb:
         a, b = make_pair(lb)
         assert wait_for(lambda: agreed(a, b))
@@ -367,10 +366,10 @@ def test_light_traffic_is_reported_in_bulk_and_loss_at_once(tmp_path: Path, monk
         assert messages == span >= 5  # the five and any keepalive or probe, none missing
         late_report = reports[0][0]
         time.sleep(0.25)
-        for _ in range(dp.REPORT_MESSAGES):  # steadier traffic: reported once REPORT_MESSAGES arrived
+        for _ in range(datapath_mod.REPORT_MESSAGES):  # steadier traffic: reported once REPORT_MESSAGES arrived
             a.send(b, b"steady")
             time.sleep(0.005)  # one by one, in order (a burst may be reordered, and a gap is reported at once)
-        assert wait_for(lambda: sum(r[1][2] for r in reports[1:]) >= dp.REPORT_MESSAGES, 1), reports
+        assert wait_for(lambda: sum(r[1][2] for r in reports[1:]) >= datapath_mod.REPORT_MESSAGES, 1), reports
         assert reports[-1][0] - late_report < 2.4  # not held back for SPARSE_REPORT_INTERVAL
         # Loss: a message that never arrives leaves a gap, reported within REPORT_MIN_INTERVAL of the next.
         time.sleep(0.25)

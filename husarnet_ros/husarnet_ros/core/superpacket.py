@@ -202,6 +202,10 @@ class SuperState:
     msg_hi: int = -1
     msg_count: int = 0
     reported_at: float = -1e9
+    #: The lone receive path need not look for a due report before this time (the clock's): set by each
+    #: full look (``Datapath._super_housekeeping``), and 0 again after anything that may make a report due
+    #: sooner: a message out of order (a gap, or a late one), another session, an agreement.
+    check_at: float = 0.0
     # sender side: loss window, "measured clean", fallback hold and back-off
     win_total: int = 0
     win_missing: int = 0
@@ -215,6 +219,7 @@ class SuperState:
         """Both ends accept DataSuper on session ``kp`` (the oldest of more than 3 is forgotten)."""
         if not self.is_agreed(kp):
             self.agreed = [*self.agreed[-2:], kp]
+            self.check_at = 0.0  # our acceptance is to be announced on it
 
     def is_agreed(self, kp: Any) -> bool:
         return kp is not None and any(k is kp for k in self.agreed)
@@ -236,7 +241,10 @@ class SuperState:
             self.msg_kp = kp
             self.msg_base = -1
             self.msg_lo, self.msg_hi, self.msg_count = lo, hi, count
+            self.check_at = 0.0
             return
+        if lo != self.msg_hi + 1:
+            self.check_at = 0.0  # a gap, or a message that came late: reported within REPORT_MIN_INTERVAL
         if self.msg_base < 0:
             self.msg_lo = min(self.msg_lo, lo)
         self.msg_hi = max(self.msg_hi, hi)

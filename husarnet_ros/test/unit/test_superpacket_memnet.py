@@ -10,6 +10,7 @@ through counters and delivered packets only.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 from pathlib import Path
@@ -157,12 +158,15 @@ def test_lossy_path_falls_back_to_per_segment(tmp_path: Path) -> None:
             seq += 60000
             time.sleep(0.02)
         assert a.counter("super_fallback") >= 1, (a.engine.counters.snapshot(), b.engine.counters.snapshot())
-        assert b.counter("reassembly_timeout") >= 1
         assert not st.usable(a.peer(b).current, a.engine._clock())
         sent = len(a.sent_of_type(MSG_DATA_SUPER))
         a.engine.inject_reads([super_read(a, b, b"w" * 60000, seq=seq)])
         time.sleep(0.1)
         assert len(a.sent_of_type(MSG_DATA_SUPER)) == sent  # per segment while the hold lasts
+        # The receiver counts the super messages it gave up on.  The fallback may come first (a gap shows
+        # as soon as any later message arrives): they expire REASSEMBLY_TIMEOUT after their first fragment,
+        # at its next look (the per-segment read above gives it one).
+        assert wait_for(lambda: b.counter("reassembly_timeout") >= 1, 2)
 
 
 def test_super_state_needs_a_clean_window_and_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -382,3 +386,52 @@ def test_light_traffic_is_reported_in_bulk_and_loss_at_once(tmp_path: Path, monk
         assert wait_for(lambda: len(reports) > n, 1)
         messages, span = reports[-1][1][2:]
         assert span - messages == 1
+
+
+def test_lone_receives_look_for_a_due_report_only_when_one_may_be_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clean in-order light traffic is looked at every REPORT_INTERVAL; a gap or another session at once.
+
+    The full look (``Datapath._super_housekeeping``) ran after every lone receive once REPORT_MIN_INTERVAL
+    had passed since the last report, and on a cold CPU it cost the receive about 12 us after its packet.
+    """
+    from husarnet_ros.core.warmer import ShadowPair
+
+    now = [1000.0]
+    pair = ShadowPair(vnet_hdr=False, mtu=DEFAULT_MTU, super_packets=True, clock=lambda: now[0], wallclock=time.time)
+    looks: list[float] = []
+    full_look = datapath_mod.Datapath._super_housekeeping
+
+    def counting(self: datapath_mod.Datapath, *args: object) -> None:
+        if self is pair.b:
+            looks.append(now[0])
+        full_look(self, *args)
+
+    monkeypatch.setattr(datapath_mod.Datapath, "_super_housekeeping", counting)
+    assert pair.round()  # the first message on the session: looked at
+    assert len(looks) == 1
+    for _ in range(100):  # one second of 100 Hz traffic, in order
+        now[0] += 0.01
+        assert pair.round()
+    assert 4 <= len(looks) <= 7, looks  # every REPORT_INTERVAL (0.2 s), not every packet
+    assert all(b - a >= sp.REPORT_INTERVAL - 1e-9 for a, b in itertools.pairwise(looks))
+
+    # Another session: its first message is looked at at once.
+    pair.rekey()
+    now[0] += 0.01
+    n = len(looks)
+    assert pair.round()
+    assert len(looks) == n + 1 and looks[-1] == now[0]
+    for _ in range(30):
+        now[0] += 0.01
+        assert pair.round()
+    assert len(looks) <= n + 3
+
+    # A message that never arrives: the next one shows the gap and is looked at at once.
+    now[0] += 0.01
+    pair.sent.clear()
+    assert pair.a._send_lone(pair._read, 0)  # sealed and "sent", but never given to B
+    now[0] += 0.01
+    n = len(looks)
+    assert pair.round()
+    assert len(looks) == n + 1 and looks[-1] == now[0]
+    assert pair.b.peers[next(iter(pair.b.peers))].superpkt.gaps() == 1

@@ -33,6 +33,7 @@ from .constants import OVERLAY_PREFIX, Timers
 from .counters import Counters
 from .identity import format_address
 from .offload import (
+    IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -103,6 +104,8 @@ BURST_GAP = 0.002
 #: A wait for the TUN shorter than this found a packet already queued: the TUN is busy, so the next
 #: read is a batch.  A longer one slept, and the packet that woke it is taken alone (issue #6).
 TUN_SLEPT = 50e-6
+#: The IPv6 "no next header" value and the ICMPv6 echo request type, for :func:`_kernel_may_answer`.
+_NO_NEXT_HEADER, _ECHO_REQUEST = 59, 128
 
 
 class ControlHooks(Protocol):
@@ -766,7 +769,7 @@ class Datapath:
                     write = self.write_direct
                     if write is None:
                         self.deliver([plaintext])
-                    elif self._tun is not None:
+                    elif self._tun is not None and _kernel_may_answer(plaintext):
                         self._write_and_answer(write, plaintext)
                     else:
                         write(plaintext)
@@ -1220,6 +1223,24 @@ def _whole_message_at(data: bytes, off: int, seg: int) -> int:
     if heads != heads[:DATA_SUPER_HEADER_LEN] * count:
         return 0
     return count
+
+
+def _kernel_may_answer(packet: bytes) -> bool:
+    """Whether the kernel may queue an answer to ``packet`` on the TUN while we write it (a checked IPv6 packet).
+
+    It answers in the write's own softirq only what it handles itself: an echo request (the reply), a
+    TCP segment (an ACK, a SYN-ACK, a reset).  A UDP datagram's answer (DDS, a service call) comes from
+    a process that the write only wakes and that cannot run before the write returns, so looking for it
+    is a read that fails: on a cold CPU about 30 us (the error it raises), right where the woken
+    process may be waiting for this CPU.  Nor does an echo reply or any other ICMPv6 message get an
+    answer.  Anything else (extension headers, other protocols) is looked for, as before.
+    """
+    next_header = packet[6]
+    if next_header in (IPPROTO_UDP, _NO_NEXT_HEADER):
+        return False
+    if next_header == IPPROTO_ICMPV6:
+        return len(packet) > IPV6_HEADER_LEN and packet[IPV6_HEADER_LEN] == _ECHO_REQUEST
+    return True
 
 
 def _inner_packet_drop(plaintext: bytes, peer_address: bytes, me: bytes) -> str | None:

@@ -147,7 +147,33 @@ def ping(lab: Lab, ns: Host, dst: str, count: int, interval: float = 0.01) -> tu
         check=False,
         timeout=count * (interval + 0.09) + 30,
     )
-    times = [float(x) for x in re.findall(r"time=([\d.]+) ms", res.stdout)]
+    return _round_trips(res.stdout, count)
+
+
+#: The port ``bench/udp_echo.py serve`` answers on, on a tunnel's far address.
+UDP_ECHO_PORT = 7777
+UDP_ECHO = Path(__file__).resolve().parent / "udp_echo.py"
+
+
+def start_udp_echo(lab: Lab, ns: Host, host: str) -> Proc:
+    """A UDP echo server in ``ns`` on ``host`` (a tunnel's far address): the far end of :func:`udp_rtt`."""
+    return lab.spawn(ns, [sys.executable, str(UDP_ECHO), "serve", host, str(UDP_ECHO_PORT)])
+
+
+def udp_rtt(lab: Lab, ns: Host, dst: str, count: int, interval: float = 0.01) -> tuple[float, float, float]:
+    """As :func:`ping`, for UDP requests a process answers (``bench/udp_echo.py``): ROS 2's kind of traffic."""
+    res = lab.run(
+        ns,
+        [sys.executable, str(UDP_ECHO), "client", dst, str(UDP_ECHO_PORT), str(count), f"{interval:g}"],
+        check=False,
+        timeout=count * (interval + 1.0) + 30,
+    )
+    return _round_trips(res.stdout, count)
+
+
+def _round_trips(stdout: str, count: int) -> tuple[float, float, float]:
+    """(avg ms, p99 ms, loss fraction) from ``time=X ms`` lines (``ping``'s and ``udp_echo.py``'s)."""
+    times = [float(x) for x in re.findall(r"time=([\d.]+) ms", stdout)]
     if not times:
         return float("nan"), float("nan"), 1.0
     times.sort()

@@ -29,7 +29,13 @@ UDP and IP paths, and for another tree of ours the Python and OpenSSL libraries)
 packets decides how cold each hop starts, so e.g. 0.001 (1 kHz, a fast control loop) and 0.1 (10 Hz)
 show how the comparison moves with the traffic rate.
 
-Needs root.  Usage: ``bench/latency_ab.py [--rounds N] [--count N] [--interval S] [--settle S] CONFIG ...``, e.g.
+``--probe udp`` measures UDP requests that a process answers (``bench/udp_echo.py``) instead of pings.
+The kernel answers an ICMPv6 echo inside the tunnel's write to its TUN; a UDP request (a ROS 2 service
+call, DDS) wakes a process whose answer comes after the write returned, through the tunnel's TUN
+reader.  Both ends of the probe are Python: their cost is in every number, alike for each tunnel.
+
+Needs root.  Usage: ``bench/latency_ab.py [--rounds N] [--count N] [--interval S] [--settle S]
+[--probe ping|udp] CONFIG ...``, e.g.
 ``bench/latency_ab.py wg ours tree:/tmp/old``.
 """
 
@@ -113,9 +119,10 @@ SETTLE = 1.2
 class Running:
     """One configuration started on its own pair: what to ping, and how to stop it."""
 
-    def __init__(self, lab: c.Lab, pair: c.Pair, config: str, domain_id: int = 0) -> None:
+    def __init__(self, lab: c.Lab, pair: c.Pair, config: str, domain_id: int = 0, probe: str = "ping") -> None:
         self.pair = pair
         self.config = config
+        self.probe = probe
         if config == "wg":
             self.procs = c.start_wireguard_go(pair)
             self.daemons = []
@@ -147,10 +154,18 @@ class Running:
         if c.wait_ping(lab, pair.a, self.target, 60) is None:  # a node starts rclpy first: give it longer
             self.stop()
             raise SystemExit(f"{config}: no ping within 60 s")
+        if probe == "udp":
+            self.procs.append(c.start_udp_echo(lab, pair.b, self.target))
+            deadline = time.monotonic() + 10
+            while c.udp_rtt(lab, pair.a, self.target, 1)[2]:  # until the server answers
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise SystemExit(f"{config}: the UDP echo server did not answer within 10 s")
 
     def ping(self, count: int, interval: float = 0.01) -> tuple[float, float]:
-        """(average, p99) ms of ``count`` pings ``interval`` seconds apart."""
-        avg, p99, _ = c.ping(self.pair.lab, self.pair.a, self.target, count, interval)
+        """(average, p99) ms of ``count`` pings (or UDP requests) ``interval`` seconds apart."""
+        measure = c.udp_rtt if self.probe == "udp" else c.ping
+        avg, p99, _ = measure(self.pair.lab, self.pair.a, self.target, count, interval)
         return avg, p99
 
     def stop(self) -> None:
@@ -168,6 +183,7 @@ def side_by_side(
     interval: float = 0.01,
     tag: str = "ab",
     settle: float = SETTLE,
+    probe: str = "ping",
 ) -> dict[str, dict[str, Any]]:
     """Start every configuration on its own pair, ping them in turn ``rounds`` times, stop them.
 
@@ -181,7 +197,7 @@ def side_by_side(
     running: list[Running] = []
     try:
         for i, config in enumerate(configs):
-            running.append(Running(lab, c.make_pair(lab, tag=f"{tag}{i}"), config, domain_id=40 + i))
+            running.append(Running(lab, c.make_pair(lab, tag=f"{tag}{i}"), config, domain_id=40 + i, probe=probe))
         time.sleep(0.5)
         for r in range(rounds):
             # Every other round in reverse order: whatever a block's place in the round does (the host's
@@ -251,6 +267,12 @@ def main() -> int:
     ap.add_argument(
         "--settle", type=float, default=SETTLE, help="seconds between two blocks of pings (warmers go idle)"
     )
+    ap.add_argument(
+        "--probe",
+        choices=("ping", "udp"),
+        default="ping",
+        help="ICMPv6 echo (the kernel answers it) or UDP requests a process answers (bench/udp_echo.py)",
+    )
     ap.add_argument("configs", nargs="+")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -276,10 +298,12 @@ def main() -> int:
             lambda line: print(line, flush=True),
             args.interval,
             settle=args.settle,
+            probe=args.probe,
         )
     first = args.configs[0]
     apart = f"{args.interval * 1000:g} ms apart"
-    print(f"\nping avg / p99 (ms), median of {args.rounds} rounds of {args.count} pings {apart}")
+    what = "pings" if args.probe == "ping" else "UDP requests"
+    print(f"\n{args.probe} avg / p99 (ms), median of {args.rounds} rounds of {args.count} {what} {apart}")
     for config in args.configs:
         r = res[config]
         beat = ""

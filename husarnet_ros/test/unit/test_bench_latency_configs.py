@@ -104,3 +104,29 @@ def test_the_node_is_started_as_ros2_launch_would_with_one_static_peer(tmp_path:
     assert params["autostart"] == "true" and params["state_dir"] == str(tmp_path / "a")
     assert params["peers"] == "['fc94::1@198.18.0.2:5582']" and params["whitelist"] == "['fc94::1']"
     assert (params["interface_name"], params["udp_port"], params["lan_discovery"]) == ("hnet0", "5582", "false")
+
+
+def test_the_udp_probe_answers_and_is_read_as_ping_is() -> None:
+    """bench/udp_echo.py over loopback: every request answered, printed and summed the way ping's lines are."""
+    import socket
+    import subprocess
+    import threading
+
+    import common
+    import udp_echo
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    threading.Thread(target=udp_echo.echo, args=(server,), daemon=True).start()
+    out = subprocess.run(
+        [sys.executable, str(common.UDP_ECHO), "client", "127.0.0.1", str(port), "20", "0.001"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert out.count("time=") == 20
+    avg, p99, lost = common._round_trips(out, 20)
+    assert lost == 0 and 0 < avg <= p99
+    assert common._round_trips("seq=0 time=1.000 ms\nseq=1 time=3.000 ms\n", 4) == (2.0, 3.0, 0.5)

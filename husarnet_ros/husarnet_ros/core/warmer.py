@@ -54,7 +54,20 @@ from .counters import Counters
 from .datapath import Datapath
 from .gil import QuickHandover
 from .handshake import KeyMaterial
-from .offload import PLAIN_VNET_HDR, VNET_HDR_LEN
+from .offload import (
+    IPPROTO_UDP,
+    IPV6_HDR_LEN,
+    UDP_CSUM_OFFSET,
+    UDP_HDR_LEN,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VNET_HDR_LEN,
+    VnetHdr,
+    build_vnet_hdr,
+    checksum,
+    fold,
+    ipv6_pseudo_sum,
+)
 from .peer import IndexTable, Peer
 from .session import CIPHER_AES, CIPHER_CHACHA, Keypair
 from .threads import NamedThread
@@ -84,8 +97,10 @@ MIN_INTERVAL, MAX_INTERVAL = 0.0005, 0.1
 _SHADOW_A = bytes.fromhex("fc94ffffffffffffffffffffffff0001")
 _SHADOW_B = bytes.fromhex("fc94ffffffffffffffffffffffff0002")
 _SHADOW_EP = ("198.18.255.254", 9)  # only ever a dictionary key: the shadow send hands datagrams over
-#: An ICMPv6 echo request of a usual ping's size: the most common light packet.
+#: The shadow packet's UDP payload: about a DDS heartbeat or a small service call.
 _PAYLOAD_LEN = 64
+#: Where the shadow's UDP datagram goes (the discard port): it never leaves the shadow's own objects.
+_SHADOW_PORT = 9
 
 
 #: The loopback addresses :class:`LoopbackEcho` sends through, on dual-stack IPv6 sockets like the
@@ -115,9 +130,25 @@ def traffic_units(counters: Counters) -> int:
     return get("rx_packets") + get("tx_packets") + (get("rx_bytes") + get("tx_bytes")) // 1024
 
 
-def _packet(src: bytes, dst: bytes) -> bytes:
-    body = bytes((128, 0, 0, 0)) + bytes(_PAYLOAD_LEN - 4)
-    return struct.pack("!IHBB", 6 << 28, len(body), 58, 64) + src + dst + body
+def _shadow_read(src: bytes, dst: bytes, vnet_hdr: bool) -> bytes:
+    """The TUN read a shadow round sends: a UDP datagram as a ROS 2 node's socket hands the TUN one.
+
+    UDP, not an echo: ROS 2 traffic is UDP, and with offloads (``vnet_hdr``) the kernel leaves a local
+    socket's UDP checksum to us (NEEDS_CSUM, the field holding the pseudo-header sum), so the lone send
+    runs the code that completes it (:func:`offload.split_for_send`) as well as what every packet runs.
+    An echo request's read is plain, a subset of this one's path.
+    """
+    length = UDP_HDR_LEN + _PAYLOAD_LEN
+    header = struct.pack("!IHBB", 6 << 28, length, IPPROTO_UDP, 64) + src + dst
+    partial = fold(ipv6_pseudo_sum(src + dst, IPPROTO_UDP, length)) if vnet_hdr else 0
+    udp = struct.pack("!HHHH", _SHADOW_PORT, _SHADOW_PORT, length, partial) + bytes(_PAYLOAD_LEN)
+    if not vnet_hdr:  # without offloads the kernel completed it
+        full = checksum(udp, ipv6_pseudo_sum(src + dst, IPPROTO_UDP, length))
+        return header + udp[:UDP_CSUM_OFFSET] + struct.pack("!H", full) + udp[UDP_CSUM_OFFSET + 2 :]
+    vnet = build_vnet_hdr(
+        VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, 0, 0, IPV6_HDR_LEN, UDP_CSUM_OFFSET)
+    )
+    return vnet + header + udp
 
 
 class _ShadowHooks:
@@ -179,7 +210,7 @@ class ShadowPair:
         self._timers = timers or Timers()
         self._clock = clock
         self._skip = VNET_HDR_LEN if vnet_hdr else 0
-        self._read = (PLAIN_VNET_HDR if vnet_hdr else b"") + _packet(_SHADOW_A, _SHADOW_B)
+        self._read = _shadow_read(_SHADOW_A, _SHADOW_B, vnet_hdr)
         self.sent: list[bytes] = []  # what A "sent": the datagram B is given next
         self.delivered = 0  # packets B "wrote to its TUN"
         self.a = self._side(_SHADOW_A, _SHADOW_B, mtu, wallclock)

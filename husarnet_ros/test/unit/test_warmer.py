@@ -63,6 +63,35 @@ def test_a_round_goes_through_the_real_lone_paths(vnet_hdr: bool, cipher: str, s
     assert drops == {}
 
 
+@pytest.mark.parametrize("vnet_hdr", [True, False])
+def test_the_shadow_packet_is_udp_and_with_offloads_its_checksum_is_left_to_the_send(
+    vnet_hdr: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ROS 2 traffic is UDP, and a local socket's UDP checksum comes to the TUN reader unfinished (NEEDS_CSUM):
+    a warm-up runs the code that completes it, as well as what every light packet runs."""
+    from husarnet_ros.core import datapath, offload
+
+    completed: list[int] = []
+    complete = offload._complete_checksum
+
+    def counting(pkt, start: int, offset: int) -> bytes:  # type: ignore[no-untyped-def]
+        completed.append(offset)
+        return complete(pkt, start, offset)
+
+    monkeypatch.setattr(offload, "_complete_checksum", counting)
+    sh = shadow(vnet_hdr=vnet_hdr)
+    written: list[bytes] = []
+    deliver = sh.b.write_direct
+    sh.b.write_direct = lambda p: (written.append(bytes(p)), deliver(p))  # type: ignore[func-returns-value]
+    assert sh.round()
+    assert completed == ([offload.UDP_CSUM_OFFSET] if vnet_hdr else [])
+    (packet,) = written
+    assert packet[6] == offload.IPPROTO_UDP and datapath._kernel_may_answer(packet) is False
+    assert (
+        offload.checksum(packet[40:], offload.ipv6_pseudo_sum(packet[8:40], offload.IPPROTO_UDP, len(packet) - 40)) == 0
+    )
+
+
 def test_a_round_that_the_receive_rules_refuse_is_reported() -> None:
     sh = shadow()
     assert sh.round()

@@ -1062,9 +1062,15 @@ class Datapath:
                 # (a failing read) would sit on its path on a cold CPU.  The lone send is called from here
                 # directly: on a cold CPU each call layer on the way to the socket costs latency (issue #6).
                 lone = False
-                with lock:
+                answering = not lock.acquire(blocking=False)
+                if answering:
+                    # The receive thread holds it: it is writing a packet to the TUN and taking the answer
+                    # the kernel queued meanwhile, most likely the very packet that woke us.  So look before
+                    # reading: a read that finds nothing raises, which costs about 30 us on a cold CPU.
+                    lock.acquire()
+                try:
                     if woke:
-                        buf = read_one()
+                        buf = read_one() if not answering or tun.wait_readable(0) else None
                         got = buf is not None
                         if got:
                             try:
@@ -1079,6 +1085,8 @@ class Datapath:
                         got = bool(reads)
                         if got:
                             self._send_tun_reads(reads)
+                finally:
+                    lock.release()
                 if got and not lone:
                     woke = False  # a backlog, or bulk traffic: drain it in batches
                     continue

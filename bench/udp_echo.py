@@ -48,7 +48,7 @@ def client(host: str, port: int, count: int, interval: float, size: int = 64) ->
                 pass
         except TimeoutError:
             continue
-        print(f"seq={i} time={(time.perf_counter() - sent) * 1000:.3f} ms", flush=False)
+        print(f"seq={i} time={(time.perf_counter() - sent) * 1000:.3f} ms")
         answered += 1
         pause = start + (i + 1) * interval - time.monotonic()
         if pause > 0:

@@ -24,6 +24,7 @@ from husarnet_ros.core import offload as o
 from husarnet_ros.core import superpacket as sp
 from husarnet_ros.core.constants import DEFAULT_MTU
 from husarnet_ros.core.memnet import Impairment
+from husarnet_ros.core.warmer import ShadowPair
 from husarnet_ros.core.wire import (
     DATA_SUPER_HEADER,
     DATA_SUPER_HEADER_LEN,
@@ -392,10 +393,8 @@ def test_lone_receives_look_for_a_due_report_only_when_one_may_be_due(monkeypatc
     """Clean in-order light traffic is looked at every REPORT_INTERVAL; a gap or another session at once.
 
     The full look (``Datapath._super_housekeeping``) ran after every lone receive once REPORT_MIN_INTERVAL
-    had passed since the last report, and on a cold CPU it cost the receive about 12 us after its packet.
+    had passed since the last report, and on a cold CPU it cost the receive about 17 us after its packet.
     """
-    from husarnet_ros.core.warmer import ShadowPair
-
     now = [1000.0]
     pair = ShadowPair(vnet_hdr=False, mtu=DEFAULT_MTU, super_packets=True, clock=lambda: now[0], wallclock=time.time)
     looks: list[float] = []

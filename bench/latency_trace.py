@@ -22,8 +22,10 @@ woken on stayed busy with another thread, e.g. a tunnel thread still working aft
 waited for a CPU, by who woke it and whether it was placed on the waker's CPU.
 
 Tracing slows every system call, so the absolute numbers are larger than ``make bench``'s; compare
-hops and runs with each other.  Needs root and ``perf``.  Usage: ``bench/latency_trace.py [--pings N]
-[--interval S] [--cold] [--compare] [--wakeups CONFIG]``.
+hops and runs with each other.  ``--probe udp`` (with ``--compare`` or ``--wakeups``) sends UDP
+requests that a process on B answers (``bench/udp_echo.py``), ROS 2's kind of traffic, and adds the
+two stages of that process.  Needs root and ``perf``.  Usage: ``bench/latency_trace.py [--pings N]
+[--interval S] [--cold] [--compare] [--wakeups CONFIG] [--probe ping|udp]``.
 """
 
 from __future__ import annotations
@@ -46,14 +48,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as c
 import latency_ab
+import udp_echo
 
 T = TypeVar("T")
 
 _EVENTS = "sched:sched_switch,sched:sched_wakeup,raw_syscalls:sys_enter,raw_syscalls:sys_exit"
 # A ``perf script -F comm,pid,tid,cpu,time,event,trace`` line: comm, pid, tid, CPU, time, event, the rest.
 _LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
-# x86-64 system call numbers the daemons' data threads use.
-_READ, _WRITE, _POLL, _SENDTO, _SENDMSG, _RECVMSG = 0, 1, 7, 44, 46, 47
+# x86-64 system call numbers the daemons' data threads and the probes use.
+_READ, _WRITE, _POLL, _SENDTO, _RECVFROM, _SENDMSG, _RECVMSG = 0, 1, 7, 44, 45, 46, 47
+# The processes that send a request and take its answer (ping, or ``udp_echo.py client`` for
+# ``--probe udp``), and the one that answers a UDP request: parse() marks their events.
+CLIENTS = ("ping", udp_echo.CLIENT_NAME)
+SERVER = udp_echo.SERVER_NAME
 HOPS = (
     "kernel -> A tun wake",
     "A tun work (read .. send)",
@@ -67,18 +74,23 @@ HOPS = (
 
 
 def parse(script_output: str) -> list[tuple[float, str, str, str, str]]:
-    """(time us, pid, tid, event, rest) of every line of ``perf script``."""
+    """(time us, pid, tid, event, rest) of every line of ``perf script``.
+
+    ``rest`` starts with "probe " for the client's events (ping, or the UDP client) and with "server "
+    for the UDP echo server's, so the stages can be told apart by process without its pid.
+    """
     out = []
     for line in script_output.splitlines():
         m = _LINE.match(line)
         if m:
             comm, pid, tid, _cpu, t, event, rest = m.groups()
-            out.append((float(t) * 1e6, pid, tid, event, rest if comm != "ping" else "ping " + rest))
+            mark = "probe " if comm in CLIENTS else "server " if comm == SERVER else ""
+            out.append((float(t) * 1e6, pid, tid, event, mark + rest))
     return out
 
 
 def _nr(rest: str) -> int | None:
-    m = re.match(r"(?:ping )?NR (-?\d+)", rest)
+    m = re.match(r"(?:probe |server )?NR (-?\d+)", rest)
     return int(m.group(1)) if m else None
 
 
@@ -127,7 +139,7 @@ def split_round_trips(events: list[tuple[float, str, str, str, str]], role: dict
     cur: list[float] | None = None
     for t, _pid, tid, event, rest in events:
         nr = _nr(rest)
-        if rest.startswith("ping "):
+        if rest.startswith("probe "):
             if event.endswith("sys_enter") and nr == _SENDTO:
                 cur = [t]
             elif cur is not None and event.endswith("sys_exit") and nr == _RECVMSG and "= 64" in rest:
@@ -220,48 +232,69 @@ STAGES = (
 )
 
 
-def stage_times(events: list[tuple[float, str, str, str, str]], side_pids: dict[str, int]) -> list[list[float]]:
-    """Per complete round trip: ping's send, the STAGES, ping woken, ping on a CPU, ping's receive (us)."""
+# With ``--probe udp`` a process on B answers: between B's TUN write and B's TUN read of the reply.
+SERVER_STAGES = (
+    ("S", "exit", (_RECVFROM,), "the server has the request"),
+    ("S", "enter", (_SENDTO,), "the server sends the reply"),
+)
+
+
+def stages(probe: str) -> tuple[tuple[str, str, tuple[int, ...], str], ...]:
+    """The stages a round trip of ``probe`` ("ping" or "udp") passes, in order."""
+    return STAGES if probe == "ping" else STAGES[:4] + SERVER_STAGES + STAGES[4:]
+
+
+def stage_times(
+    events: list[tuple[float, str, str, str, str]], side_pids: dict[str, int], probe: str = "ping"
+) -> list[list[float]]:
+    """Per complete round trip: the client's send, the stages, client woken, on a CPU, its receive (us)."""
     side_of = {pid: side for side, pid in side_pids.items()}
+    passes = stages(probe)
+    client = "ping" if probe == "ping" else udp_echo.CLIENT_NAME
     trips: list[list[float]] = []
     cur: list[float] | None = None
     for t, pid, _tid, event, rest in events:
         nr = _nr(rest)
-        is_ping = rest.startswith("ping ")  # parse() marks ping's own events so
-        if is_ping and event.endswith("sys_enter") and nr == _SENDTO:
+        is_client = rest.startswith("probe ")  # parse() marks the client's own events so
+        if is_client and event.endswith("sys_enter") and nr == _SENDTO:
             cur = [t]
             continue
         if cur is None:
             continue
         n = len(cur) - 1  # stages passed so far
-        if n < len(STAGES):
-            side, kind, calls = STAGES[n][:3]
-            ok = side_of.get(int(pid)) == side and event.endswith("sys_" + kind) and nr in calls
+        if n < len(passes):
+            side, kind, calls = passes[n][:3]
+            where = "S" if rest.startswith("server ") else side_of.get(int(pid))
+            ok = where == side and event.endswith("sys_" + kind) and nr in calls
             if ok and kind == "exit":
                 ok = _returned_data(rest)
             if ok:
                 cur.append(t)
-        elif n < len(STAGES) + 2:  # the kernel wakes ping, then ping gets a CPU
-            woken = n == len(STAGES)
+        elif n < len(passes) + 2:  # the kernel wakes the client, then it gets a CPU
+            woken = n == len(passes)
             if (
                 event.endswith("sched_wakeup" if woken else "sched_switch")
-                and ("comm=ping" if woken else "next_comm=ping") in rest
+                and (f"comm={client} " if woken else f"next_comm={client} ") in rest + " "
             ):
                 cur.append(t)
-        elif n == len(STAGES) + 2 and is_ping and event.endswith("sys_exit") and nr == _RECVMSG:
+        elif n == len(passes) + 2 and is_client and event.endswith("sys_exit") and nr in (_RECVMSG, _RECVFROM):
             trips.append([*cur, t])
             cur = None
     return trips
 
 
 def traced_pings(
-    lab: c.Lab, config: str, tag: str, pings: int, interval: float = 0.01
+    lab: c.Lab, config: str, tag: str, pings: int, interval: float = 0.01, probe: str = "ping"
 ) -> tuple[float, dict[str, int], str]:
-    """Ping average (ms), each side's daemon pid and ``perf script`` text of ``pings`` pings over ``config``."""
-    run = latency_ab.Running(lab, c.make_pair(lab, tag=tag), config)
+    """Round trip average (ms), each side's daemon pid and ``perf script`` text of ``pings`` round trips.
+
+    ``probe`` "udp" sends UDP requests that ``udp_echo.py`` answers on B instead of pings.
+    """
+    run = latency_ab.Running(lab, c.make_pair(lab, tag=tag), config, probe=probe)
     try:
-        # One process per side, A's started first (through ``ip netns exec``, which may fork).
-        procs = [d.proc for d in run.daemons] or run.procs
+        # One process per side, A's started first (through ``ip netns exec``, which may fork); a UDP
+        # probe's echo server comes after them.
+        procs = [d.proc for d in run.daemons] or run.procs[:2]
         side_pids = {side: max(c.descendants(p.pid)) for side, p in zip("AB", procs, strict=True)}
         (avg, _p99), script = recorded(_EVENTS, functools.partial(run.ping, pings, interval))
     finally:
@@ -269,20 +302,21 @@ def traced_pings(
     return avg, side_pids, script
 
 
-def compare(pings: int, interval: float = 0.01, configs: tuple[str, ...] = ("wg", "ours")) -> int:
+def compare(pings: int, interval: float = 0.01, configs: tuple[str, ...] = ("wg", "ours"), probe: str = "ping") -> int:
     """Trace each configuration the same way and print each round trip's stages side by side."""
     why = c.have_wireguard_go() if "wg" in configs else None
     if why:
         print(why, file=sys.stderr)
         return 2
-    names = [f"{i}. {stage[3]}" for i, stage in enumerate(STAGES, 1)]
-    names += ["the kernel wakes ping", "ping gets a CPU", "ping has the reply"]
+    names = [f"{i}. {stage[3]}" for i, stage in enumerate(stages(probe), 1)]
+    client = "ping" if probe == "ping" else "the client"
+    names += [f"the kernel wakes {client}", f"{client} gets a CPU", f"{client} has the reply"]
     medians: dict[str, list[float]] = {}
     with c.Lab(tag="latcmp") as lab:
         for i, config in enumerate(configs):
-            avg, side_pids, script = traced_pings(lab, config, f"cmp{i}", pings, interval)
-            trips = stage_times(parse(script), side_pids)
-            print(f"{config}: ping under tracing avg {avg:.3f} ms; {len(trips)} of {pings} round trips complete")
+            avg, side_pids, script = traced_pings(lab, config, f"cmp{i}", pings, interval, probe)
+            trips = stage_times(parse(script), side_pids, probe)
+            print(f"{config}: {probe} under tracing avg {avg:.3f} ms; {len(trips)} of {pings} round trips complete")
             if not trips:
                 return 1
             medians[config] = [statistics.median(t[k + 1] - t[k] for t in trips) for k in range(len(names))]
@@ -302,7 +336,8 @@ def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str
     """Wake-to-run times (us) by (waker, wakee, placed on the waker's CPU) from ``perf script`` with CPUs.
 
     A daemon thread is named by its side and its kernel name ("A:udp-rx:5582", see
-    ``core/threads.py``; the thread id where it has none of its own), ping as "ping", a wakeup from an
+    ``core/threads.py``; the thread id where it has none of its own), the probes by their names ("ping",
+    "udpecho-client", "udpecho-serve"), a wakeup from an
     interrupt or the idle task as "irq", anything else as "other"; only wakees of the daemons and ping
     count.  On a 2-vCPU virtual machine the kernel wakes almost everything on the waker's CPU, so the
     wakee runs only once the waker sleeps (or its slice ends): the time each thread keeps the CPU after
@@ -323,7 +358,8 @@ def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str
     def name(pid: int, tid: int | None = None) -> str:
         side = side_of.get(pid)
         if side is None:
-            return "irq" if pid == 0 else "other"
+            comm = comm_of.get(tid, "") if tid is not None else ""
+            return comm if comm in (*CLIENTS, SERVER) else "irq" if pid == 0 else "other"
         if tid is None:
             return side
         comm = comm_of.get(tid, "")
@@ -337,7 +373,7 @@ def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str
             if m is None:
                 continue
             comm, wtid, target = m.group(1), int(m.group(2)), int(m.group(3))
-            wakee = "ping" if comm == "ping" else name(pid_of.get(wtid, -1), wtid)
+            wakee = comm if comm in (*CLIENTS, SERVER) else name(pid_of.get(wtid, -1), wtid)
             if wakee not in ("irq", "other"):
                 pending[wtid] = (t, name(pid, tid), wakee, target == cpu)
         elif event.endswith("sched_switch"):
@@ -349,12 +385,12 @@ def wakeup_gaps(script_output: str, side_pids: dict[str, int]) -> dict[tuple[str
     return out
 
 
-def wakeups(pings: int, config: str, interval: float = 0.01) -> int:
-    """Trace one configuration's pair during pings and print :func:`wakeup_gaps` as a table."""
+def wakeups(pings: int, config: str, interval: float = 0.01, probe: str = "ping") -> int:
+    """Trace one configuration's pair during round trips and print :func:`wakeup_gaps` as a table."""
     with c.Lab(tag="latwake") as lab:
-        avg, side_pids, script = traced_pings(lab, config, "wk0", pings, interval)
+        avg, side_pids, script = traced_pings(lab, config, "wk0", pings, interval, probe)
     gaps = wakeup_gaps(script, side_pids)
-    print(f"{config}: ping under tracing avg {avg:.3f} ms; wake -> run, us (median)")
+    print(f"{config}: {probe} under tracing avg {avg:.3f} ms; wake -> run, us (median)")
     print(f"  {'waker':18s} {'wakee':18s} {'CPU':7s} {'count':>6s} {'median':>8s}")
     for (waker, wakee, same), times in sorted(gaps.items()):
         if len(times) >= pings // 10:
@@ -386,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=0.01, help="seconds between pings")
     p.add_argument("--cold", action="store_true", help="also measure cold versus hot AEAD calls")
     p.add_argument(
+        "--probe",
+        choices=("ping", "udp"),
+        default="ping",
+        help="with --compare or --wakeups: pings, or UDP requests a process answers (bench/udp_echo.py)",
+    )
+    p.add_argument(
         "--compare",
         nargs="*",
         metavar="CONFIG",
@@ -406,9 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         print("latency_trace needs perf (Debian: apt install linux-perf)", file=sys.stderr)
         return 2
     if args.wakeups:
-        return wakeups(args.pings, args.wakeups, args.interval)
+        return wakeups(args.pings, args.wakeups, args.interval, args.probe)
     if args.compare is not None:
-        return compare(args.pings, args.interval, tuple(args.compare) or ("wg", "ours"))
+        return compare(args.pings, args.interval, tuple(args.compare) or ("wg", "ours"), args.probe)
     return trace(args.pings)
 
 

@@ -130,3 +130,26 @@ def test_the_udp_probe_answers_and_is_read_as_ping_is() -> None:
     avg, p99, lost = common._round_trips(out, 20)
     assert lost == 0 and 0 < avg <= p99
     assert common._round_trips("seq=0 time=1.000 ms\nseq=1 time=3.000 ms\n", 4) == (2.0, 3.0, 0.5)
+
+
+def test_the_udp_probes_name_themselves_for_the_tracer() -> None:
+    """perf reports a process by its kernel name: latency_trace.py --probe udp tells the two ends apart by it."""
+    import subprocess
+    import time
+
+    import common
+    import latency_trace
+    import udp_echo
+
+    proc = subprocess.Popen([sys.executable, str(common.UDP_ECHO), "serve", "127.0.0.1", "0"])
+    try:
+        comm = Path(f"/proc/{proc.pid}/comm")
+        deadline = time.monotonic() + 30
+        while comm.read_text().strip() != udp_echo.SERVER_NAME and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert comm.read_text().strip() == udp_echo.SERVER_NAME
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(udp_echo.SERVER_NAME) <= 15 and len(udp_echo.CLIENT_NAME) <= 15  # the kernel keeps 15 characters
+    assert udp_echo.CLIENT_NAME in latency_trace.CLIENTS and udp_echo.SERVER_NAME == latency_trace.SERVER

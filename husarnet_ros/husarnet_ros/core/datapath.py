@@ -43,6 +43,7 @@ from .offload import (
     VIRTIO_NET_HDR_GSO_UDP_L4,
     VNET_HDR_LEN,
     OffloadError,
+    read_packet,
     split_for_send,
 )
 from .path import Path
@@ -315,8 +316,8 @@ class Datapath:
                 return False
             if buf[0]:
                 try:
-                    [pkt] = split_for_send(buf, True, self.mtu)
-                except (OffloadError, ValueError):
+                    pkt = read_packet(buf)
+                except OffloadError:
                     return False  # the batch loop counts it
             else:
                 pkt = buf[skip:]

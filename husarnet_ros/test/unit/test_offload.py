@@ -229,6 +229,37 @@ def test_split_needs_csum_single_packet() -> None:
         assert out[: 40 + off] == bytes(pkt[: 40 + off])
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([(6, 16), (17, 6)]), st.binary(max_size=1300), st.binary(min_size=32, max_size=32))
+def test_read_packet_completes_any_checksum_left_to_us(proto: tuple[int, int], payload: bytes, addrs: bytes) -> None:
+    """The lone send path's one-call completion agrees with the reference for TCP and UDP, odd and even lengths."""
+    nh, off = proto
+    if nh == 6:
+        body = tcp_hdr(40000, 5201, 1, 2, o.TCP_ACK | o.TCP_PSH) + payload
+    else:
+        body = struct.pack(">HHHH", 7400, 7401, 8 + len(payload), 0) + payload
+    pkt = bytearray(ipv6(nh, body, src=addrs[:16], dst=addrs[16:]))
+    partial_sum_field(pkt, 40, off)
+    hdr = o.build_vnet_hdr(o.VnetHdr(o.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 40, off))
+    out = o.read_packet(hdr + bytes(pkt))
+    assert isinstance(out, bytes) and len(out) == len(pkt)
+    assert ref_l4_valid(out)
+    assert out[: 40 + off] == pkt[: 40 + off] and out[42 + off :] == pkt[42 + off :]
+    assert out[40 + off : 42 + off] != b"\0\0"  # UDP: a computed 0 would mean "no checksum" (RFC 768)
+    assert o.read_packet(memoryview(hdr + bytes(pkt))) == out  # any bytes-like read
+
+
+def test_read_packet_without_needs_csum_and_bad_offsets() -> None:
+    pkt = with_checksum(ipv6(17, struct.pack(">HHHH", 1, 2, 12, 0) + b"udp!"), 6)
+    assert bytes(o.read_packet(o.PLAIN_VNET_HDR + pkt)) == pkt  # nothing left to us: the packet as it came
+    for start, off in ((40, 100), (20, 6), (40, len(pkt) - 41)):
+        hdr = o.build_vnet_hdr(o.VnetHdr(o.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, start, off))
+        with pytest.raises(o.OffloadError, match="outside"):
+            o.read_packet(hdr + pkt)
+    with pytest.raises(o.OffloadError, match="header needs"):
+        o.read_packet(b"\x01\x00\x00")
+
+
 def test_split_uso() -> None:
     payload = os.urandom(1200 * 5 + 7)
     body = struct.pack(">HHHH", 1111, 2222, 8 + len(payload), 0) + payload

@@ -72,13 +72,13 @@ def test_the_shadow_packet_is_udp_and_with_offloads_its_checksum_is_left_to_the_
     from husarnet_ros.core import datapath, offload
 
     completed: list[int] = []
-    complete = offload._complete_checksum
+    complete = offload.read_packet
 
-    def counting(pkt, start: int, offset: int) -> bytes:  # type: ignore[no-untyped-def]
-        completed.append(offset)
-        return complete(pkt, start, offset)
+    def counting(buf):  # type: ignore[no-untyped-def]
+        completed.append(offload.parse_vnet_hdr(buf).csum_offset)
+        return complete(buf)
 
-    monkeypatch.setattr(offload, "_complete_checksum", counting)
+    monkeypatch.setattr(datapath, "read_packet", counting)
     sh = shadow(vnet_hdr=vnet_hdr)
     written: list[bytes] = []
     deliver = sh.b.write_direct

@@ -118,6 +118,7 @@ def status_to_json(engine: Engine) -> dict[str, Any]:
     d["warm_rounds"] = engine.warm_rounds
     d["warm_paced_rounds"] = engine.warm_paced_rounds
     d["warm_deferred"] = engine.warm_deferred
+    d["warm_streaming"] = engine.warm_streaming
     return d
 
 
@@ -127,7 +128,8 @@ def handle_command(engine: Engine, req: dict[str, Any]) -> dict[str, Any]:
     Commands and replies (besides ``ok``):
     ``status`` -> ``status`` (StatusInfo fields, address as text, plus ``udp_port``, ``offload`` and
     ``warm_rounds``: the path warmer's runs so far, ``warm_paced_rounds``: those timed to periodic traffic,
-    ``warm_deferred``: warm-ups put off or cut short for a real packet);
+    ``warm_deferred``: warm-ups put off or cut short for a real packet, ``warm_streaming``: looks that
+    found traffic faster than the warmer, which keeps the path warm by itself);
     ``peers`` -> ``peers`` (list of PeerInfo fields, address as text);
     ``counters`` -> ``counters``;
     ``whitelist_add`` {address, hostname?} -> ``changed``;

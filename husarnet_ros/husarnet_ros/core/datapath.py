@@ -183,12 +183,13 @@ class Datapath:
         self.on_tun_failure: Callable[[Exception], None] | None = None
         self._tun_send_lock = threading.Lock()  # TUN reads and their sends: TUN thread or _write_and_answer
         self._lane_gen = 0  # bumped by drop_lanes (whitelist changes): a lane of an older generation is stale
-        #: How many exchanges of lone packets began, and when the latest did (``clock`` seconds), stamped
-        #: by the lone paths after their packet left: the path warmer learns the traffic's period from
-        #: them.  Either thread stamps; a race only blurs one stamp by the gap between two packets.
+        #: How many exchanges of lone packets began, when the latest did and when its latest packet left
+        #: (``clock`` seconds), stamped by the lone paths after their packet left: the path warmer learns
+        #: the traffic's period from them, and that traffic with no pause keeps the path warm by itself.
+        #: Either thread stamps; a race only blurs one stamp by the gap between two packets.
         self.bursts = 0
         self.burst_at = float("-inf")
-        self._lone_at = float("-inf")
+        self.lone_at = float("-inf")
         #: Packets that entered a lone path, and that count as of the last one through: unequal while a
         #: packet is on its way (or after one a lone path declined), so the path warmer does not start
         #: a warm-up that would take the GIL from it.  A hint: a lost race only costs one warm-up's wait.
@@ -375,12 +376,12 @@ class Datapath:
         self.lone_finished = self.lone_started
         if not data:
             return
-        if now - self._lone_at > BURST_GAP:
+        if now - self.lone_at > BURST_GAP:
             self.burst_at = now
             self.bursts += 1
             if self.on_exchange is not None:
                 self.on_exchange()
-        self._lone_at = now
+        self.lone_at = now
 
     def _make_lane(self, peer: Peer) -> Lane | None:
         """The peer's lane for its current keypair and direct path, if it may have one (else None).

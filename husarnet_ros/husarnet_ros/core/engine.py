@@ -475,6 +475,7 @@ class Engine:
             bursts=lambda: (dp.bursts, dp.burst_at),
             lone=lambda: (dp.lone_started, dp.lone_finished),
             handover=QuickHandover(),
+            lone_at=lambda: dp.lone_at,
         )
         self._warmer.start()
         dp.on_exchange = self._warmer.nudge
@@ -500,6 +501,11 @@ class Engine:
         """Warm-ups the path warmer put off, and cut short, because a real packet was on its way then."""
         w = self._warmer
         return w.deferred + w.yielded if w is not None else 0
+
+    @property
+    def warm_streaming(self) -> int:
+        """The path warmer's looks that left the path to traffic faster than itself (a 1 kHz loop): no warm-up."""
+        return self._warmer.streaming if self._warmer is not None else 0
 
     def _run_loop(self, ready: threading.Event) -> None:
         loop = self._loop

@@ -431,8 +431,11 @@ class PathWarmer:
     not take CPU time (or the GIL) from a bulk transfer.  ``bursts`` returns how many exchanges of
     light traffic began and when the latest did (:attr:`Datapath.bursts`, :attr:`Datapath.burst_at`):
     after an exchange the warmer sleeps until ``lead`` seconds before the next one can come (its
-    :class:`Cadence`), then warms every ``interval`` until it does.  :meth:`tick` is one step of the
-    thread's loop, callable directly (tests drive it with their own clock).
+    :class:`Cadence`), then warms every ``interval`` until it does.  ``lone_at`` returns when the
+    latest lone packet left (:attr:`Datapath.lone_at`): an exchange that has run for an ``interval``
+    with no pause and is still running is traffic faster than the warmer (a 1 kHz control loop), which
+    keeps the path warm by itself, and the warmer leaves it alone (:attr:`streaming`).  :meth:`tick` is
+    one step of the thread's loop, callable directly (tests drive it with their own clock).
     """
 
     def __init__(
@@ -450,6 +453,7 @@ class PathWarmer:
         lead: float = DEFAULT_LEAD,
         lone: Callable[[], tuple[int, int]] | None = None,
         handover: QuickHandover | None = None,
+        lone_at: Callable[[], float] | None = None,
     ) -> None:
         check_interval(interval)
         if not 0 < interval <= idle_check:
@@ -464,6 +468,8 @@ class PathWarmer:
         self.paced_rounds = 0  # of those, the ones timed to an expected exchange
         self.deferred = 0  # warm-ups put off because a real packet was on a lone path
         self.yielded = 0  # warm-ups cut short because a real packet came while they ran
+        self.streaming = 0  # ticks that left it to traffic faster than the warmer (no warm-up)
+        self._lone_at = lone_at  # None: not watched for
         self._lone = lone  # None: real packets are not watched for
         self._stale = -1  # the lone_started count a deferral was last made for
         self.handover = handover  # wanted while not busy: light traffic's packets get the GIL quickly
@@ -502,9 +508,11 @@ class PathWarmer:
         # overdue: a heartbeat every few seconds is as predictable as a 100 Hz topic, and as cold without us.
         quiet = now - self._last_traffic > self._idle_after
         due = None
+        started = None  # when the current exchange began
         if self._bursts is not None and not busy:
             cadence = self._cadence
-            cadence.observe(*self._bursts())
+            count, started = self._bursts()
+            cadence.observe(count, started)
             due = cadence.next_after(now - OVERDUE_GRACE, OVERDUE_GRACE) if quiet else cadence.next_at()
         self._idle = quiet and due is None
         if self._idle:
@@ -517,6 +525,15 @@ class PathWarmer:
             # idle_check at most, so that traffic which turns faster meanwhile is not left cold for long.
             self._pacing = True
             return min(due - self.lead - now, self._idle_check)
+        if started is not None and self._lone_at is not None:
+            last = self._lone_at()
+            if now - last < self.interval and last - started >= self.interval:
+                # One exchange with no pause of BURST_GAP for an interval and more, its latest packet within
+                # the last interval: packets come faster than warm-ups would, and each leaves the path warm.
+                # A warm-up would only take the CPU and the GIL from the next (1 kHz UDP requests side by
+                # side: 0.187 ms with the warmer off, 0.214 with it on).
+                self.streaming += 1
+                return self.interval
         if self._packet_on_its_way():
             self.deferred += 1
             return min(BUSY_DEFER, self.interval)

@@ -321,6 +321,13 @@ def test_path_warmer_runs_while_traffic_flows_stops_when_idle_and_can_be_switche
         # quiet part of a period before most pings (one such wake-up per ping at most, +1 for the one
         # that never came after the last).
         assert 10 <= status["warm_paced_rounds"] <= 41, status
+        assert status["warm_streaming"] == 0  # 20 Hz is slower than the warmer: it warms
+        # 1 kHz pings (a control loop) keep the path warm themselves: the warmer leaves them alone.
+        fast = in_ns(NS_A, "ping", "-6", "-c", "400", "-i", "0.001", "-W", "2", addr_b, check=False)
+        assert fast.returncode == 0, fast.stdout
+        after = control(a.ctl, "status")["status"]
+        assert after["warm_streaming"] >= 50, after
+        assert after["warm_rounds"] - during < after["warm_streaming"], after  # it mostly looked, not warmed
         b_status = control(b.ctl, "status")["status"]
         assert (b_status["warm_rounds"], b_status["warm_deferred"]) == (0, 0)  # ... B, switched off, never did
         # Idle for longer than the warmer's one second: it stops working.
@@ -334,7 +341,7 @@ def test_path_warmer_runs_while_traffic_flows_stops_when_idle_and_can_be_switche
         for d in daemons:
             counters = control(d.ctl, "counters")["counters"]
             assert {k: counters[k] for k in refused if counters[k]} == {}, counters
-            assert 41 <= counters["rx_packets"] < 200 and 41 <= counters["tx_packets"] < 200, counters
+            assert 441 <= counters["rx_packets"] < 600 and 441 <= counters["tx_packets"] < 600, counters
         for d in daemons:
             assert d.stop() == 0
     finally:

@@ -422,6 +422,48 @@ def simulate(
     return w, warmups
 
 
+@pytest.mark.parametrize(("period", "streams"), [(0.001, True), (0.0015, True), (0.003, False), (0.010, False)])
+def test_traffic_faster_than_the_warmer_is_left_to_keep_the_path_warm(period: float, streams: bool) -> None:
+    """A request and its answer every ``period``, stamped by a real data path (its BURST_GAP makes the exchanges).
+
+    Faster than the warm interval (a 1 kHz control loop) the packets keep the path warm themselves, and
+    warm-ups would only take the CPU and the GIL from them; at 333 Hz and 100 Hz the warmer works as before.
+    When the stream stops, the warmer warms again for whatever comes next.
+    """
+    clock, traffic = Clock(), Traffic()
+    start = clock.now
+    dp = shadow(clock).a  # only its stamps are used: _stamp_exchange, as both lone paths call it
+    w = PathWarmer(
+        shadow(clock),
+        traffic,
+        clock,
+        interval=0.002,
+        idle_after=1.0,
+        idle_check=0.1,
+        bursts=lambda: (dp.bursts, dp.burst_at),
+        lone_at=lambda: dp.lone_at,
+    )
+    warmups: list[float] = []
+    warm = w._warm
+    w._warm = lambda: warmups.append(clock.now - start) or warm()  # type: ignore[method-assign, func-returns-value]
+    packets = sorted(
+        [k * period for k in range(1, int(0.3 / period))] + [k * period + 0.0002 for k in range(1, int(0.3 / period))]
+    )
+    while clock.now - start < 0.4:
+        wake = clock.now + max(w.tick(), 1e-6)
+        while packets and start + packets[0] <= wake:
+            clock.now = start + packets.pop(0)
+            dp._stamp_exchange(clock.now)
+            traffic.packets += 1
+        clock.now = wake
+    during = [t for t in warmups if 0.02 < t < 0.3 - period]
+    if streams:
+        assert during == [] and w.streaming > 50
+    else:
+        assert len(during) > 0.25 / 0.010 and w.streaming == 0
+    assert [t for t in warmups if 0.3 < t < 0.3 + 3 * 0.002]  # stopped: warmed for the next exchange at once
+
+
 def last_warmup_before(warmups: list[float], t: float) -> float:
     return max((w for w in warmups if w <= t), default=float("-inf"))
 

@@ -530,8 +530,8 @@ class PathWarmer:
             if now - last < self.interval and last - started >= self.interval:
                 # One exchange with no pause of BURST_GAP for an interval and more, its latest packet within
                 # the last interval: packets come faster than warm-ups would, and each leaves the path warm.
-                # A warm-up would only take the CPU and the GIL from the next (1 kHz UDP requests side by
-                # side: 0.187 ms with the warmer off, 0.214 with it on).
+                # A warm-up would only take the CPU and the GIL from the next (1 kHz UDP requests: the warmer
+                # thread 3.3 -> 1.0-1.3 % of a core per daemon, latency side by side unchanged).
                 self.streaming += 1
                 return self.interval
         if self._packet_on_its_way():

@@ -384,6 +384,15 @@ def test_a_stray_exchange_after_a_flow_does_not_keep_the_warmer_from_idling() ->
     assert idle[-1] == pytest.approx(6.0, abs=0.11)
 
 
+def recorded(w: PathWarmer, clock: Clock) -> list[float]:
+    """The times of ``w``'s warm-ups from now on (seconds from now), filled in as it runs them."""
+    start = clock.now
+    warmups: list[float] = []
+    warm = w._warm
+    w._warm = lambda: warmups.append(clock.now - start) or warm()  # type: ignore[method-assign, func-returns-value]
+    return warmups
+
+
 def simulate(
     exchanges: list[float], *, lead: float = DEFAULT_LEAD, until: float, idle_ticks: list[float] | None = None
 ) -> tuple[PathWarmer, list[float]]:
@@ -394,19 +403,8 @@ def simulate(
     clock, traffic = Clock(), Traffic()
     start = clock.now
     burst = {"count": 0, "at": float("-inf")}
-    w = PathWarmer(
-        shadow(clock),
-        traffic,
-        clock,
-        interval=0.002,
-        idle_after=1.0,
-        idle_check=0.1,
-        bursts=lambda: (burst["count"], burst["at"]),
-        lead=lead,
-    )
-    warmups: list[float] = []
-    warm = w._warm
-    w._warm = lambda: warmups.append(clock.now - start) or warm()  # type: ignore[method-assign, func-returns-value]
+    w = warmer(clock, traffic, bursts=lambda: (burst["count"], burst["at"]), lead=lead)
+    warmups = recorded(w, clock)
     pending = sorted(exchanges)
     while clock.now - start < until:
         sleep = w.tick()
@@ -433,19 +431,8 @@ def test_traffic_faster_than_the_warmer_is_left_to_keep_the_path_warm(period: fl
     clock, traffic = Clock(), Traffic()
     start = clock.now
     dp = shadow(clock).a  # only its stamps are used: _stamp_exchange, as both lone paths call it
-    w = PathWarmer(
-        shadow(clock),
-        traffic,
-        clock,
-        interval=0.002,
-        idle_after=1.0,
-        idle_check=0.1,
-        bursts=lambda: (dp.bursts, dp.burst_at),
-        lone_at=lambda: dp.lone_at,
-    )
-    warmups: list[float] = []
-    warm = w._warm
-    w._warm = lambda: warmups.append(clock.now - start) or warm()  # type: ignore[method-assign, func-returns-value]
+    w = warmer(clock, traffic, bursts=lambda: (dp.bursts, dp.burst_at), lone_at=lambda: dp.lone_at)
+    warmups = recorded(w, clock)
     packets = sorted(
         [k * period for k in range(1, int(0.3 / period))] + [k * period + 0.0002 for k in range(1, int(0.3 / period))]
     )

@@ -175,7 +175,7 @@ def split_for_send(buf: bytes | bytearray | memoryview, vnet: bool, mss_limit: i
     if len(buf) < VNET_HDR_LEN:
         raise OffloadError(f"virtio-net header needs {VNET_HDR_LEN} bytes, got {len(buf)}")
     # Plain tuple unpack, not VnetHdr: this runs once per TUN read (also for every small packet).
-    flags, gso_type, _hdr_len, gso_size, csum_start, _csum_offset = _VNET.unpack_from(buf, 0)
+    _flags, gso_type, _hdr_len, gso_size, csum_start, _csum_offset = _VNET.unpack_from(buf, 0)
     pkt = memoryview(buf)[VNET_HDR_LEN:]
     if len(pkt) < IPV6_HDR_LEN or pkt[0] >> 4 != 6:
         if len(pkt) and pkt[0] >> 4 == 4:
@@ -185,9 +185,7 @@ def split_for_send(buf: bytes | bytearray | memoryview, vnet: bool, mss_limit: i
     if gso == VIRTIO_NET_HDR_GSO_NONE:
         if len(pkt) > mss_limit:
             raise OffloadError(f"packet of {len(pkt)} bytes exceeds the MTU {mss_limit}")
-        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            return [bytes(read_packet(buf))]
-        return [bytes(pkt)]
+        return [bytes(read_packet(buf))]  # its checksum completed if the kernel left it to us
     if gso == VIRTIO_NET_HDR_GSO_TCPV6:
         return _split_tcp(pkt, gso_size, csum_start, mss_limit)
     if gso == VIRTIO_NET_HDR_GSO_UDP_L4:

@@ -135,7 +135,7 @@ def _shadow_read(src: bytes, dst: bytes, vnet_hdr: bool) -> bytes:
 
     UDP, not an echo: ROS 2 traffic is UDP, and with offloads (``vnet_hdr``) the kernel leaves a local
     socket's UDP checksum to us (NEEDS_CSUM, the field holding the pseudo-header sum), so the lone send
-    runs the code that completes it (:func:`offload.split_for_send`) as well as what every packet runs.
+    runs the code that completes it (:func:`offload.read_packet`) as well as what every packet runs.
     An echo request's read is plain, a subset of this one's path.
     """
     length = UDP_HDR_LEN + _PAYLOAD_LEN
